@@ -1,0 +1,23 @@
+"""kvarena: a contiguous key/value cache for autoregressive decoding on NumPy.
+
+``from kvarena import KVCache`` replaces
+``from tinytorch.generation.kv_cache import KVCache``.
+"""
+
+from kvarena.attention import CachedMultiHeadAttention, cached_attention
+from kvarena.cache import CacheView, KVCache
+from kvarena.gpt import GPT
+from kvarena.integration import disable_kv_cache, enable_kv_cache
+from kvarena.reference import attend_reference
+
+__all__ = [
+    "CacheView",
+    "CachedMultiHeadAttention",
+    "GPT",
+    "KVCache",
+    "attend_reference",
+    "cached_attention",
+    "disable_kv_cache",
+    "enable_kv_cache",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,127 @@
+"""Attach a KVCache to an existing GPT-style model without editing its code."""
+
+import logging
+import numbers
+import warnings
+
+import numpy as np
+
+from kvarena.attention import cached_attention
+from kvarena.cache import KVCache, check_positive
+
+logger = logging.getLogger(__name__)
+
+MODEL_ATTRIBUTES = ("embed_dim", "num_layers", "num_heads", "max_seq_len", "blocks")
+ATTENTION_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads")
+
+
+def enable_kv_cache(*args, **kwargs):
+    """Create a KVCache, and attach it to a model when given one.
+
+    Two call forms, as TinyTorch code uses them:
+
+    ``enable_kv_cache(model, *, batch_size=1, dtype=float32, ...)``
+        Sizes a cache from ``model.embed_dim, num_layers, num_heads,
+        max_seq_len``, stores it as ``model._kv_cache``, sets
+        ``model._cache_enabled = True`` and patches each
+        ``model.blocks[i].attention`` so that every call (a prompt of T
+        tokens or one token) goes through the cache. The model's class is
+        not touched; ``disable_kv_cache`` undoes all of it. An attention
+        without ``q_proj, k_proj, v_proj, out_proj, num_heads`` is left as
+        it is, with a warning naming it.
+
+    ``enable_kv_cache(batch_size, max_seq_len, num_layers, num_heads, head_dim, **options)``
+        Positionally or by keyword: returns a bare ``KVCache``.
+
+    The caller of a patched model advances the cache once per forward
+    call: ``cache.advance(T)`` after the model has processed T tokens.
+    Patched attention ignores a ``mask`` argument; it is causal.
+
+    Returns
+    -------
+    KVCache
+
+    Raises
+    ------
+    AttributeError
+        The model lacks one of ``embed_dim, num_layers, num_heads,
+        max_seq_len, blocks``.
+    ValueError
+        Caching is already enabled on the model, or its sizes are invalid.
+    """
+    if args and not isinstance(args[0], numbers.Integral):
+        model, *rest = args
+        if rest:
+            raise TypeError("enable_kv_cache(model) takes options by keyword only; "
+                            f"got {len(rest)} extra positional argument(s)")
+        return _attach(model, **kwargs)
+    return KVCache(*args, **kwargs)
+
+
+def _attach(model, *, batch_size=1, **options):
+    missing = [name for name in MODEL_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise AttributeError(f"model must have {', '.join(MODEL_ATTRIBUTES)} to be cached; "
+                             f"{type(model).__name__} has no {', '.join(missing)}")
+    if getattr(model, "_cache_enabled", False):
+        raise ValueError("model already has a KV cache enabled; "
+                         "call disable_kv_cache(model) before enabling another")
+    embed_dim = check_positive("model.embed_dim", model.embed_dim)
+    num_heads = check_positive("model.num_heads", model.num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(f"model.embed_dim must be divisible by model.num_heads; "
+                         f"got {embed_dim} and {num_heads}")
+    blocks = list(model.blocks)
+    if len(blocks) != model.num_layers:
+        raise ValueError(f"model.blocks must hold model.num_layers = {model.num_layers} "
+                         f"blocks; got {len(blocks)}")
+    cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_heads,
+                    embed_dim // num_heads, **options)
+
+    patched = []
+    for layer_idx, block in enumerate(blocks):
+        attention = getattr(block, "attention", None)
+        lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
+        if lacking:
+            warnings.warn(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}) "
+                          f"has no {', '.join(lacking)}; it runs uncached", stacklevel=3)
+            continue
+        # an instance attribute shadows the class's forward; remember whether
+        # one was already there so that disable_kv_cache restores it exactly
+        own = attention.__dict__.get("forward", _ABSENT) if hasattr(attention, "__dict__") else _ABSENT
+        attention.forward = _cached_forward(attention, cache, layer_idx)
+        patched.append((attention, own))
+
+    model._kv_cache = cache
+    model._cache_enabled = True
+    model._kv_patched = patched
+    logger.info("kv cache enabled: %r, %.2f MiB", cache, cache.get_memory_usage()["total_mb"])
+    return cache
+
+
+_ABSENT = object()
+
+
+def _cached_forward(attention, cache, layer_idx):
+    def forward(x, mask=None):
+        return cached_attention(attention, x, cache, layer_idx)
+    return forward
+
+
+def disable_kv_cache(model):
+    """Undo ``enable_kv_cache(model)``: original attention, no cache attributes.
+
+    Raises
+    ------
+    ValueError
+        Caching is not enabled on ``model``.
+    """
+    if not getattr(model, "_cache_enabled", False):
+        raise ValueError(f"model ({type(model).__name__}) has no KV cache enabled")
+    for attention, own in model._kv_patched:
+        if own is _ABSENT:
+            del attention.forward
+        else:
+            attention.forward = own
+    del model._kv_cache, model._kv_patched
+    model._cache_enabled = False
