@@ -43,6 +43,8 @@ class CacheView(np.ndarray):
 
 def check_int(name, value):
     """``value`` as an int; bools, floats and other non-integers are TypeErrors."""
+    if type(value) is int:  # the common case, checked first: this runs per token
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {value!r} of type {type(value).__name__}")
     return int(value)
@@ -116,6 +118,7 @@ class KVCache:
         self.num_heads = check_positive("num_heads", num_heads)
         self.head_dim = check_positive("head_dim", head_dim)
         self.dtype = self._storage_dtype(dtype)
+        self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
         if num_threads is None:
             import os
             num_threads = os.cpu_count() or 1
@@ -174,7 +177,7 @@ class KVCache:
         dtype = self.dtype if dtype is None else dtype
         if self.check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} contains NaN or infinity (check_finite=True)")
-        if np.finfo(dtype).max < np.finfo(a.dtype).max:
+        if a.dtype.itemsize > dtype.itemsize:  # narrowing: finite values may overflow
             with np.errstate(invalid="ignore"):
                 big = np.abs(a[np.isfinite(a)]).max(initial=0)
             if big > np.finfo(dtype).max:
@@ -215,9 +218,6 @@ class KVCache:
         key = self._block("key", key)
         value = self._block("value", value, T=key.shape[2])
         self._room(key.shape[2])
-        self._write(layer_idx, key, value)
-
-    def _write(self, layer_idx, key, value):
         self._accessor.write(layer_idx, self._starts, key, value)
         self._written_end = max(self._written_end, self.seq_pos + key.shape[2])
 
@@ -305,17 +305,19 @@ class KVCache:
         key = self._block("k", k)
         T = key.shape[2]
         value = self._block("v", v, T=T)
-        compute = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
-        query = self._block("q", q, T=T, dtype=compute)
+        query = self._block("q", q, T=T, dtype=self._compute_dtype)
         self._room(T)
-        self._write(layer_idx, key, value)
         if self.dtype == np.float16:
-            # no C type for float16: NumPy path, computed in float32
+            # no C type for float16: write through the accessor, attend in
+            # NumPy, computing in float32
+            self._accessor.write(layer_idx, self._starts, key, value)
             keys = self._arena[layer_idx, 0, :, :, :self.seq_pos + T]
             values = self._arena[layer_idx, 1, :, :, :self.seq_pos + T]
-            return attend_reference(query, keys, values, self._starts, dtype=np.float32)
-        out = np.empty_like(query)
-        self._accessor.attend(layer_idx, self._starts, query, out)
+            out = attend_reference(query, keys, values, self._starts, dtype=np.float32)
+        else:
+            out = np.empty_like(query)
+            self._accessor.attend(layer_idx, self._starts, query, key, value, out)
+        self._written_end = max(self._written_end, self.seq_pos + T)
         return out
 
     def __repr__(self):

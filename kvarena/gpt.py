@@ -22,9 +22,15 @@ class LayerNorm:
         self.eps = eps
 
     def forward(self, x):
-        centred = x - x.mean(axis=-1, keepdims=True)
-        var = (centred * centred).mean(axis=-1, keepdims=True)
-        return centred / np.sqrt(var + self.eps) * self.gamma + self.beta
+        # np.add.reduce rather than ndarray.mean: the same sum without the
+        # Python-level wrapper, which dominates at decode sizes (1 x E)
+        n = x.shape[-1]
+        out = x - np.add.reduce(x, axis=-1, keepdims=True) / n
+        var = np.add.reduce(out * out, axis=-1, keepdims=True) / n
+        out *= 1.0 / np.sqrt(var + self.eps)
+        out *= self.gamma
+        out += self.beta
+        return out
 
 
 class MLP:
@@ -36,8 +42,17 @@ class MLP:
 
     def forward(self, x):
         h = self.fc1.forward(x)
-        h = 0.5 * h * (1.0 + np.tanh(0.7978846 * (h + 0.044715 * h * h * h)))
-        return self.fc2.forward(h)
+        # gelu(h) = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), in place
+        inner = h * h
+        inner *= 0.044715
+        inner += 1.0
+        inner *= h
+        inner *= 0.7978846
+        np.tanh(inner, out=inner)
+        inner += 1.0
+        inner *= h
+        inner *= 0.5
+        return self.fc2.forward(inner)
 
 
 class TransformerBlock:

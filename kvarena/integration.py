@@ -78,19 +78,23 @@ def _attach(model, *, batch_size=1, **options):
     cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_heads,
                     embed_dim // num_heads, **options)
 
-    patched = []
+    patched, uncached = [], []
     for layer_idx, block in enumerate(blocks):
         attention = getattr(block, "attention", None)
         lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
         if lacking:
-            warnings.warn(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}) "
-                          f"has no {', '.join(lacking)}; it runs uncached", stacklevel=3)
+            uncached.append((layer_idx, attention, lacking))
             continue
         # an instance attribute shadows the class's forward; remember whether
         # one was already there so that disable_kv_cache restores it exactly
-        own = attention.__dict__.get("forward", _ABSENT) if hasattr(attention, "__dict__") else _ABSENT
+        own = vars(attention).get("forward", _ABSENT)
         attention.forward = _cached_forward(attention, cache, layer_idx)
         patched.append((attention, own))
+    if uncached:
+        layer_idx, attention, lacking = uncached[0]
+        others = f" (and {len(uncached) - 1} more layers)" if len(uncached) > 1 else ""
+        warnings.warn(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}){others} "
+                      f"has no {', '.join(lacking)}: left uncached", stacklevel=3)
 
     model._kv_cache = cache
     model._cache_enabled = True

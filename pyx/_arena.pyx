@@ -82,34 +82,22 @@ cdef class ArenaAccessor:
             _write_block(self.raw, layer, 1, start, v)
 
     def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] cached,
-               q, out):
-        """Decode attention of ``q`` (B, H, T, D) over ``layer`` into ``out``.
+               q, key, value, out):
+        """Write ``key``, ``value`` at ``cached[b]``, then attend ``q`` into ``out``.
 
-        Query t of row b sees positions 0 .. cached[b] + t (all cached
-        positions, then causal within the new block), whose keys and values
-        must already be written.
+        All four are (B, H, T, D). Query t of row b sees positions
+        0 .. cached[b] + t: every cached position, then causal within the
+        new block.
 
         Caller checked: 0 <= layer < L; the arena is float32 or float64;
-        q and out are C-contiguous, (B, H, T, D), of the arena's dtype;
-        cached[b] + T <= S for all b.
+        q, key, value and out are C-contiguous, (B, H, T, D), of the
+        arena's dtype; cached[b] + T <= S for all b.
         """
-        cdef const float[:, :, :, ::1] q32
-        cdef float[:, :, :, ::1] out32
-        cdef const double[:, :, :, ::1] q64
-        cdef double[:, :, :, ::1] out64
         cdef int threads = self._threads_for(q.shape, cached)
         if self.is_double:
-            q64 = q
-            out64 = out
-            with nogil:
-                _attend(self.arena64, layer, cached, q64, self.scratch64,
-                        out64, threads)
+            _attend64(self, layer, cached, q, key, value, out, threads)
         else:
-            q32 = q
-            out32 = out
-            with nogil:
-                _attend(self.arena32, layer, cached, q32, self.scratch32,
-                        out32, threads)
+            _attend32(self, layer, cached, q, key, value, out, threads)
 
     cdef int _threads_for(self, tuple q_shape, const Py_ssize_t[::1] cached):
         cdef Py_ssize_t b, longest = 0
@@ -120,6 +108,22 @@ cdef class ArenaAccessor:
         if work < PARALLEL_MIN_WORK:
             return 1
         return <int>min(<Py_ssize_t>self.num_threads, rows)
+
+
+cdef _attend32(ArenaAccessor acc, Py_ssize_t layer, const Py_ssize_t[::1] cached,
+               const float[:, :, :, ::1] q, const float[:, :, :, ::1] key,
+               const float[:, :, :, ::1] value, float[:, :, :, ::1] out, int threads):
+    with nogil:
+        _write_and_attend(acc.arena32, layer, cached, q, key, value,
+                          acc.scratch32, out, threads)
+
+
+cdef _attend64(ArenaAccessor acc, Py_ssize_t layer, const Py_ssize_t[::1] cached,
+               const double[:, :, :, ::1] q, const double[:, :, :, ::1] key,
+               const double[:, :, :, ::1] value, double[:, :, :, ::1] out, int threads):
+    with nogil:
+        _write_and_attend(acc.arena64, layer, cached, q, key, value,
+                          acc.scratch64, out, threads)
 
 
 cdef inline const unsigned char[:, :, :, ::1] _as_bytes(block):
@@ -141,6 +145,25 @@ cdef void _write_block(
             # positions start[b] .. start[b] + T - 1 are adjacent in the arena
             memcpy(&raw[layer, kv, b, h, start[b], 0], &block[b, h, 0, 0],
                    T * row_bytes)
+
+
+cdef void _write_and_attend(
+        cython.floating[:, :, :, :, :, ::1] arena,  # IN/OUT (L, 2, B, H, S, D)
+        Py_ssize_t layer,
+        const Py_ssize_t[::1] cached,               # IN  (B,)
+        const cython.floating[:, :, :, ::1] q,      # IN  (B, H, T, D)
+        const cython.floating[:, :, :, ::1] key,    # IN  (B, H, T, D)
+        const cython.floating[:, :, :, ::1] value,  # IN  (B, H, T, D)
+        cython.floating[:, ::1] scratch,            # SCRATCH (B * H, S)
+        cython.floating[:, :, :, ::1] out,          # OUT (B, H, T, D)
+        int num_threads) noexcept nogil:
+    cdef Py_ssize_t b, h
+    cdef Py_ssize_t T = q.shape[2], row_bytes = q.shape[3] * sizeof(cython.floating)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            memcpy(&arena[layer, 0, b, h, cached[b], 0], &key[b, h, 0, 0], T * row_bytes)
+            memcpy(&arena[layer, 1, b, h, cached[b], 0], &value[b, h, 0, 0], T * row_bytes)
+    _attend(arena, layer, cached, q, scratch, out, num_threads)
 
 
 cdef void _attend(

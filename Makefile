@@ -1,0 +1,41 @@
+# Every target sets up what it needs: a virtualenv in .venv with the build
+# tools, the test tools and kvarena itself, built in place.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvarena-installed
+
+.PHONY: install test test-debug bench bench-quick memory clean
+
+$(STAMP): pyproject.toml setup.py pyx/_arena.pyx
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "setuptools>=64" "cython>=3.0" "numpy>=1.25" \
+	    pytest hypothesis memory-profiler
+	$(PY) -m pip install --quiet --no-build-isolation --editable .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# the whole suite against an extension built with bounds checks on, then
+# the release build back in place
+test-debug: $(STAMP)
+	KVARENA_CYTHON_DEBUG=1 $(PY) -m pip install --quiet --no-build-isolation --editable .
+	$(PY) -c "import kvarena._arena as a; assert a.BOUNDSCHECK, 'debug build expected'"
+	$(PY) -m pytest -q; status=$$?; \
+	$(PY) -m pip install --quiet --no-build-isolation --editable . && exit $$status
+
+bench: $(STAMP)
+	$(PY) bench/sweep.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/sweep.py --quick
+
+memory: $(STAMP)
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvarena/*.so .pytest_cache

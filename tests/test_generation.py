@@ -1,0 +1,176 @@
+"""Cached generation equals uncached generation, on kvarena's GPT and a TinyTorch-shaped model."""
+
+import numpy as np
+import pytest
+
+from conftest import Tensor
+from kvarena import GPT, CachedMultiHeadAttention, KVCache, disable_kv_cache, enable_kv_cache
+
+
+def relative_error(got, want):
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return GPT(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, max_seq_len=260, seed=3)
+
+
+def cached_logits(model, tokens, prefill):
+    """Logits of ``tokens`` computed through the cache: a prefill block, then one token per call."""
+    cache = enable_kv_cache(model, batch_size=tokens.shape[0])
+    try:
+        steps = [tokens[:, :prefill]] if prefill else []
+        steps += [tokens[:, t:t + 1] for t in range(prefill, tokens.shape[1])]
+        logits = []
+        for step in steps:
+            logits.append(model.forward(step))
+            cache.advance(step.shape[1])
+        return np.concatenate(logits, axis=1)
+    finally:
+        disable_kv_cache(model)
+
+
+@pytest.mark.parametrize("prefill", [0, 1, 9])
+def test_cached_logits_equal_full_forward_at_every_step(gpt, prefill, rng):
+    tokens = rng.integers(0, gpt.vocab_size, size=(2, 40))
+    got = cached_logits(gpt, tokens, prefill)
+    for t in range(tokens.shape[1]):
+        # the uncached model sees the whole prefix at every step
+        want = gpt.forward(tokens[:, :t + 1])[:, -1]
+        assert relative_error(got[:, t], want) <= 1e-5, f"step {t}"
+
+
+def test_greedy_tokens_identical_over_250_new_tokens(gpt):
+    prompt = np.array([5, 17, 2, 40, 33])
+    cached = gpt.generate(prompt, 250, use_cache=True)
+    uncached = gpt.generate(prompt, 250, use_cache=False)
+    assert cached.shape == (255,)
+    np.testing.assert_array_equal(cached[:5], prompt)
+    np.testing.assert_array_equal(cached, uncached)
+    assert len(np.unique(cached[5:])) > 3, "a degenerate sequence would prove little"
+
+
+def test_sampled_tokens_identical_with_the_same_seed(gpt):
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    cached = gpt.generate(prompt, 30, temperature=0.8, seed=11)
+    uncached = gpt.generate(prompt, 30, use_cache=False, temperature=0.8, seed=11)
+    np.testing.assert_array_equal(cached, uncached)
+    assert not np.array_equal(cached, gpt.generate(prompt, 30, temperature=0.8, seed=12))
+
+
+def test_generate_reuses_an_enabled_cache_and_leaves_it_enabled(gpt):
+    prompt = np.array([3, 1, 4])
+    expected = gpt.generate(prompt, 12)
+    cache = enable_kv_cache(gpt)
+    try:
+        np.testing.assert_array_equal(gpt.generate(prompt, 12), expected)
+        np.testing.assert_array_equal(gpt.generate(prompt, 12), expected)  # reset in between
+        assert gpt._kv_cache is cache and cache.seq_pos == 3 + 11
+    finally:
+        disable_kv_cache(gpt)
+
+
+def test_disable_restores_bit_identical_uncached_outputs(gpt, rng):
+    tokens = rng.integers(0, gpt.vocab_size, size=(1, 12))
+    before = gpt.forward(tokens)
+    forwards = [vars(block.attention).get("forward") for block in gpt.blocks]
+    enable_kv_cache(gpt)
+    gpt.forward(tokens)
+    disable_kv_cache(gpt)
+    np.testing.assert_array_equal(gpt.forward(tokens), before)
+    assert [vars(block.attention).get("forward") for block in gpt.blocks] == forwards
+
+
+def test_cached_multi_head_attention_with_and_without_cache(rng):
+    attention = CachedMultiHeadAttention(embed_dim=24, num_heads=3, rng=5)
+    x = rng.standard_normal((2, 10, 24)).astype(np.float32)
+    full = attention.forward(x)
+    cache = KVCache(2, 16, 1, 3, 8)
+    outputs = [attention.forward(x[:, :6], cache=cache, layer_idx=0)]
+    cache.advance(6)
+    for t in range(6, 10):
+        outputs.append(attention.forward(x[:, t:t + 1], cache=cache, layer_idx=0))
+        cache.advance()
+    assert relative_error(np.concatenate(outputs, axis=1), full) <= 1e-5
+
+
+# -- a model with TinyTorch's attribute layout and tensor type --------------------
+
+class Linear:
+    def __init__(self, n_in, n_out, rng):
+        self.weight = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
+        self.bias = rng.standard_normal(n_out).astype(np.float32) * 0.1
+
+    def forward(self, x):
+        return Tensor(x.data @ self.weight + self.bias)
+
+
+class MultiHeadAttention:
+    """Plain full-sequence causal attention, written as TinyTorch students write it."""
+
+    def __init__(self, embed_dim, num_heads, rng):
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            Linear(embed_dim, embed_dim, rng) for _ in range(4))
+
+    def forward(self, x, mask=None):
+        B, T, E = x.shape
+        heads = [p.forward(x).data.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+                 for p in (self.q_proj, self.k_proj, self.v_proj)]
+        q, k, v = heads
+        scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(self.head_dim)
+        scores = scores + mask.data * -1e9
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        merged = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, E)
+        return self.out_proj.forward(Tensor(merged))
+
+
+class Block:
+    def __init__(self, embed_dim, num_heads, rng):
+        self.attention = MultiHeadAttention(embed_dim, num_heads, rng)
+
+    def forward(self, x, mask):
+        return Tensor(x.data + self.attention.forward(x, mask).data)
+
+
+class TinyGPT:
+    """TinyTorch's GPT layout; positions start at ``start_pos`` (0 without a cache)."""
+
+    def __init__(self, vocab_size=50, embed_dim=32, num_layers=3, num_heads=4, max_seq_len=64):
+        rng = np.random.default_rng(7)
+        self.vocab_size, self.embed_dim, self.num_layers = vocab_size, embed_dim, num_layers
+        self.num_heads, self.max_seq_len = num_heads, max_seq_len
+        self.embedding = rng.standard_normal((vocab_size, embed_dim)).astype(np.float32)
+        self.positions = rng.standard_normal((max_seq_len, embed_dim)).astype(np.float32) * 0.1
+        self.blocks = [Block(embed_dim, num_heads, rng) for _ in range(num_layers)]
+        self.head = Linear(embed_dim, vocab_size, rng)
+
+    def forward(self, tokens, start_pos=0):
+        T = tokens.shape[1]
+        x = Tensor(self.embedding[tokens] + self.positions[start_pos:start_pos + T])
+        mask = Tensor(np.triu(np.ones((T, T)), k=1))
+        for block in self.blocks:
+            x = block.forward(x, mask)
+        return self.head.forward(x)
+
+
+def test_tinytorch_shaped_model_cached_equals_uncached(rng):
+    model = TinyGPT()
+    tokens = rng.integers(0, model.vocab_size, size=(1, 30))
+    uncached = [model.forward(tokens[:, :t + 1]).data[:, -1] for t in range(30)]
+
+    cache = enable_kv_cache(model)
+    prefill = model.forward(tokens[:, :8], start_pos=0)
+    assert isinstance(prefill, Tensor), "patched attention must keep the model's tensor type"
+    cache.advance(8)
+    got = list(prefill.data.transpose(1, 0, 2))
+    for t in range(8, 30):
+        got.append(model.forward(tokens[:, t:t + 1], start_pos=cache.seq_pos).data[:, -1])
+        cache.advance()
+    for t in range(30):
+        assert relative_error(got[t], uncached[t]) <= 1e-5, f"step {t}"
+
+    disable_kv_cache(model)
+    np.testing.assert_array_equal(model.forward(tokens).data[:, -1], uncached[-1])
