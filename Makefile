@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.kvarena-installed
 $(STAMP): pyproject.toml setup.py pyx/_arena.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "setuptools>=64" "cython>=3.0" "numpy>=1.25" \
+	$(PY) -m pip install --quiet "setuptools>=64" wheel "cython>=3.0" "numpy>=1.25" \
 	    pytest hypothesis memory-profiler
 	$(PY) -m pip install --quiet --no-build-isolation --editable .
 	touch $(STAMP)
