@@ -70,12 +70,26 @@ def cached_attention(attention, x, cache, layer_idx):
     The output projection's result, shape (batch_size, T, embed_dim), in
     the tensor type the projections return.
     """
+    x_data = as_ndarray(x, "x")
+    check_x(x_data, cache.num_heads * cache.head_dim, cache.batch_size)
+    cache._room("x", x_data.shape[1])
     H = attention.num_heads
     q = as_ndarray(attention.q_proj.forward(x), "q")
     k = as_ndarray(attention.k_proj.forward(x), "k")
     v = as_ndarray(attention.v_proj.forward(x), "v")
     out = cache.attend(layer_idx, _split_heads(q, H), _split_heads(k, H), _split_heads(v, H))
     return attention.out_proj.forward(_like(x, _merge_heads(out)))
+
+
+def check_x(x, embed_dim, batch_size=None):
+    """Raise unless ``x`` is real floating point of shape (batch_size, T >= 1, embed_dim)."""
+    if x.dtype.kind != "f":
+        raise TypeError(f"x must hold real floating-point values; got dtype {x.dtype}")
+    batch = "batch_size" if batch_size is None else f"batch_size={batch_size}"
+    if x.ndim != 3 or x.shape[1] < 1 or x.shape[2] != embed_dim \
+            or batch_size not in (None, x.shape[0]):
+        raise ValueError(f"x must have shape ({batch}, T >= 1, embed_dim={embed_dim}); "
+                         f"got {x.shape}")
 
 
 def causal_attention(q, k, v):
@@ -135,12 +149,10 @@ class CachedMultiHeadAttention:
         """
         if mask is not None:
             raise ValueError("mask must be None: CachedMultiHeadAttention is always causal")
-        x_data = as_ndarray(x, "x")
-        if x_data.ndim != 3 or x_data.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch_size, T, embed_dim={self.embed_dim}); "
-                             f"got {x_data.shape}")
         if cache is not None:
             return cached_attention(self, x, cache, layer_idx)
+        x_data = as_ndarray(x, "x")
+        check_x(x_data, self.embed_dim)
         H = self.num_heads
         q, k, v = (_split_heads(p.forward(x_data), H)
                    for p in (self.q_proj, self.k_proj, self.v_proj))

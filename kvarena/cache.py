@@ -88,9 +88,12 @@ class KVCache:
         By default every page of the arena is written at construction, so
         the process holds the whole footprint from the start. ``lazy=True``
         leaves pages to the OS until first touched.
-    num_threads : int, optional
-        Threads for the attention kernel (default: ``os.cpu_count()``).
-        Small problems run on one thread regardless.
+    num_threads : int, default 1
+        Threads for the attention kernel; small problems run on one thread
+        regardless. More threads pay off only for attention on its own over
+        long contexts: inside a model whose matmuls use a threaded BLAS,
+        OpenMP's spinning workers and BLAS's fight over the same cores (on
+        2 cores, decoding with 2 kernel threads was up to 10x slower).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
 
@@ -111,7 +114,7 @@ class KVCache:
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                 *, dtype=np.float32, lazy=False, num_threads=None, check_finite=False):
+                 *, dtype=np.float32, lazy=False, num_threads=1, check_finite=False):
         self.batch_size = check_positive("batch_size", batch_size)
         self.max_seq_len = check_positive("max_seq_len", max_seq_len)
         self.num_layers = check_positive("num_layers", num_layers)
@@ -119,9 +122,6 @@ class KVCache:
         self.head_dim = check_positive("head_dim", head_dim)
         self.dtype = self._storage_dtype(dtype)
         self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
-        if num_threads is None:
-            import os
-            num_threads = os.cpu_count() or 1
         self.num_threads = check_positive("num_threads", num_threads)
         self.check_finite = bool(check_finite)
 
@@ -147,6 +147,8 @@ class KVCache:
 
     @staticmethod
     def _storage_dtype(dtype):
+        if dtype is None:  # np.dtype(None) would silently mean float64
+            raise TypeError("dtype must be one of float16, float32, float64; got None")
         try:
             dt = np.dtype(dtype)
         except TypeError as exc:
@@ -185,10 +187,10 @@ class KVCache:
                                  f"{dtype} range (max {np.finfo(dtype).max:g})")
         return np.ascontiguousarray(a, dtype=dtype)
 
-    def _room(self, T):
+    def _room(self, name, T):
         if self.seq_pos + T > self.max_seq_len:
-            raise ValueError(f"cannot write {T} position(s) at seq_pos {self.seq_pos}: "
-                             f"max_seq_len is {self.max_seq_len}")
+            raise ValueError(f"{name} holds T = {T} positions, but seq_pos {self.seq_pos} + T "
+                             f"must not exceed max_seq_len = {self.max_seq_len}")
 
     def _read_only(self, a):
         view = a.view(CacheView)
@@ -217,7 +219,7 @@ class KVCache:
         layer_idx = self._layer(layer_idx)
         key = self._block("key", key)
         value = self._block("value", value, T=key.shape[2])
-        self._room(key.shape[2])
+        self._room("key", key.shape[2])
         self._accessor.write(layer_idx, self._starts, key, value)
         self._written_end = max(self._written_end, self.seq_pos + key.shape[2])
 
@@ -236,8 +238,8 @@ class KVCache:
         """Commit ``n`` more positions (after every layer has been updated)."""
         n = check_positive("n", n)
         if self.seq_pos + n > self.max_seq_len:
-            raise ValueError(f"cannot advance by {n} from seq_pos {self.seq_pos}: "
-                             f"max_seq_len is {self.max_seq_len}")
+            raise ValueError(f"n = {n} would advance seq_pos {self.seq_pos} past "
+                             f"max_seq_len = {self.max_seq_len}")
         self.seq_pos += n
         self._starts.fill(self.seq_pos)
 
@@ -306,7 +308,7 @@ class KVCache:
         T = key.shape[2]
         value = self._block("v", v, T=T)
         query = self._block("q", q, T=T, dtype=self._compute_dtype)
-        self._room(T)
+        self._room("k", T)
         if self.dtype == np.float16:
             # no C type for float16: write through the accessor, attend in
             # NumPy, computing in float32

@@ -6,6 +6,8 @@ the model of the demo, the tests and the benchmarks, not a trained model
 and not a training framework (no autograd).
 """
 
+import numbers
+
 import numpy as np
 
 from kvarena.attention import CachedMultiHeadAttention, Linear
@@ -171,6 +173,10 @@ class GPT:
         """
         prompt = self._check_tokens(prompt_tokens, "prompt_tokens", ndim=(1, 2))
         max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
+        if not isinstance(use_cache, (bool, np.bool_)):
+            raise TypeError(f"use_cache must be a bool; got {use_cache!r}")
+        if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a real number; got {temperature!r}")
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
         batch = np.atleast_2d(prompt).astype(np.int64)

@@ -49,7 +49,7 @@ def enable_kv_cache(*args, **kwargs):
     ValueError
         Caching is already enabled on the model, or its sizes are invalid.
     """
-    if args and not isinstance(args[0], numbers.Integral):
+    if args and not isinstance(args[0], numbers.Number):
         model, *rest = args
         if rest:
             raise TypeError("enable_kv_cache(model) takes options by keyword only; "

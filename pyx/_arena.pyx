@@ -131,13 +131,16 @@ cdef inline const unsigned char[:, :, :, ::1] _as_bytes(block):
     return block.view(np.uint8)
 
 
-cdef void _write_block(
+# the two writes index the arena first: declared ``except -1`` so that a
+# checked build (KVARENA_CYTHON_DEBUG=1) raises IndexError for a bad layer
+# or position instead of printing it and carrying on
+cdef int _write_block(
         unsigned char[:, :, :, :, :, ::1] raw,   # OUT (L, 2, B, H, S, D * itemsize)
         Py_ssize_t layer,
         Py_ssize_t kv,                            # 0 = keys, 1 = values
         const Py_ssize_t[::1] start,              # IN  (B,)
         const unsigned char[:, :, :, ::1] block,  # IN  (B, H, T, D * itemsize)
-        ) noexcept nogil:
+        ) except -1 nogil:
     cdef Py_ssize_t b, h
     cdef Py_ssize_t T = block.shape[2], row_bytes = block.shape[3]
     for b in range(block.shape[0]):
@@ -145,9 +148,10 @@ cdef void _write_block(
             # positions start[b] .. start[b] + T - 1 are adjacent in the arena
             memcpy(&raw[layer, kv, b, h, start[b], 0], &block[b, h, 0, 0],
                    T * row_bytes)
+    return 0
 
 
-cdef void _write_and_attend(
+cdef int _write_and_attend(
         cython.floating[:, :, :, :, :, ::1] arena,  # IN/OUT (L, 2, B, H, S, D)
         Py_ssize_t layer,
         const Py_ssize_t[::1] cached,               # IN  (B,)
@@ -156,7 +160,7 @@ cdef void _write_and_attend(
         const cython.floating[:, :, :, ::1] value,  # IN  (B, H, T, D)
         cython.floating[:, ::1] scratch,            # SCRATCH (B * H, S)
         cython.floating[:, :, :, ::1] out,          # OUT (B, H, T, D)
-        int num_threads) noexcept nogil:
+        int num_threads) except -1 nogil:
     cdef Py_ssize_t b, h
     cdef Py_ssize_t T = q.shape[2], row_bytes = q.shape[3] * sizeof(cython.floating)
     for b in range(q.shape[0]):
@@ -164,6 +168,7 @@ cdef void _write_and_attend(
             memcpy(&arena[layer, 0, b, h, cached[b], 0], &key[b, h, 0, 0], T * row_bytes)
             memcpy(&arena[layer, 1, b, h, cached[b], 0], &value[b, h, 0, 0], T * row_bytes)
     _attend(arena, layer, cached, q, scratch, out, num_threads)
+    return 0
 
 
 cdef void _attend(
