@@ -4,8 +4,6 @@ import logging
 import numbers
 import warnings
 
-import numpy as np
-
 from kvarena.attention import cached_attention
 from kvarena.cache import KVCache, check_positive
 
