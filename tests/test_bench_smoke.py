@@ -18,26 +18,22 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(name, out):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, name), "--quick", "--out", str(out)],
+    """Run bench/<name>.py --quick into ``out``; its JSON, stdout and ``out``."""
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, f"{name}.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{name} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    with open(out / f"{name}.json") as f:
+        return json.load(f), proc.stdout, out
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    stdout = run_script("sweep.py", out)
-    with open(out / "sweep.json") as f:
-        return json.load(f), stdout, out
+    return run_script("sweep", tmp_path_factory.mktemp("sweep"))
 
 
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory")
-    stdout = run_script("memory.py", out)
-    with open(out / "memory.json") as f:
-        return json.load(f), stdout, out
+    return run_script("memory", tmp_path_factory.mktemp("memory"))
 
 
 def test_sweep_writes_every_section(sweep):
