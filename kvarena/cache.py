@@ -93,7 +93,7 @@ class KVCache:
         regardless. More threads pay off only for attention on its own over
         long contexts: inside a model whose matmuls use a threaded BLAS,
         OpenMP's spinning workers and BLAS's fight over the same cores (on
-        2 cores, decoding with 2 kernel threads was up to 10x slower).
+        2 cores, decoding with 2 kernel threads was up to 12x slower).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
 
