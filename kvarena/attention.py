@@ -7,7 +7,7 @@ cache: ``enable_kv_cache`` patches it into existing models, and
 
 import numpy as np
 
-from kvarena.cache import as_ndarray, check_positive
+from kvarena.checks import as_ndarray, check_positive
 
 
 class Linear:

@@ -9,10 +9,9 @@ it. This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
 trusts what it is given and computes.
 """
 
-import numbers
-
 import numpy as np
 
+from kvarena.checks import as_ndarray, check_int, check_positive, check_storage_dtype
 from kvarena.reference import attend_reference
 
 try:
@@ -24,7 +23,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "an editable development build)."
     ) from exc
 
-SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 MIB = 1024 * 1024
 
 
@@ -39,36 +37,6 @@ class CacheView(np.ndarray):
     @property
     def data(self):
         return self.view(np.ndarray)
-
-
-def check_int(name, value):
-    """``value`` as an int; bools, floats and other non-integers are TypeErrors."""
-    if type(value) is int:  # the common case, checked first: this runs per token
-        return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {value!r} of type {type(value).__name__}")
-    return int(value)
-
-
-def check_positive(name, value):
-    """``value`` as an int >= 1."""
-    value = check_int(name, value)
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value}")
-    return value
-
-
-def as_ndarray(x, name):
-    """The ndarray behind ``x``: an ndarray, a ``.data``-holding tensor, or array-like."""
-    if isinstance(x, np.ndarray):
-        return x
-    data = getattr(x, "data", None)
-    if isinstance(data, np.ndarray):
-        return data
-    try:
-        return np.asarray(x)
-    except Exception as exc:
-        raise TypeError(f"{name} must be array-like; got {type(x).__name__}") from exc
 
 
 class KVCache:
@@ -120,7 +88,7 @@ class KVCache:
         self.num_layers = check_positive("num_layers", num_layers)
         self.num_heads = check_positive("num_heads", num_heads)
         self.head_dim = check_positive("head_dim", head_dim)
-        self.dtype = self._storage_dtype(dtype)
+        self.dtype = check_storage_dtype(dtype)
         self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
         self.num_threads = check_positive("num_threads", num_threads)
         self.check_finite = bool(check_finite)
@@ -144,18 +112,6 @@ class KVCache:
         self._starts = np.zeros(self.batch_size, dtype=np.intp)
 
     # -- validation ----------------------------------------------------------
-
-    @staticmethod
-    def _storage_dtype(dtype):
-        if dtype is None:  # np.dtype(None) would silently mean float64
-            raise TypeError("dtype must be one of float16, float32, float64; got None")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError as exc:
-            raise TypeError(f"dtype must be one of float16, float32, float64; got {dtype!r}") from exc
-        if dt.newbyteorder("=") not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of float16, float32, float64; got {dt}")
-        return dt.newbyteorder("=")
 
     def _layer(self, layer_idx):
         layer_idx = check_int("layer_idx", layer_idx)

@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 from kvarena.attention import CachedMultiHeadAttention, Linear
-from kvarena.cache import check_int, check_positive
+from kvarena.checks import check_int, check_positive
 from kvarena.integration import disable_kv_cache, enable_kv_cache
 
 

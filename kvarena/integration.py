@@ -5,7 +5,8 @@ import numbers
 import warnings
 
 from kvarena.attention import cached_attention
-from kvarena.cache import KVCache, check_positive
+from kvarena.cache import KVCache
+from kvarena.checks import check_positive
 
 logger = logging.getLogger(__name__)
 
