@@ -13,7 +13,7 @@ The arena is (L, 2, B, H, S, D), C-contiguous; axis 1: 0 = keys, 1 = values.
 cimport cython
 from cython.parallel cimport prange
 from libc.math cimport exp, expf, sqrt
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 import numpy as np
 
@@ -80,6 +80,18 @@ cdef class ArenaAccessor:
         with nogil:
             _write_block(self.raw, layer, 0, start, k)
             _write_block(self.raw, layer, 1, start, v)
+
+    def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
+             const Py_ssize_t[::1] count):
+        """In row b, move positions src[b] .. src[b] + count[b] - 1 to dst[b] onwards.
+
+        Every layer, keys and values, every head; the ranges may overlap.
+
+        Caller checked: src, dst, count have length B; count[b] >= 0 and
+        src[b] + count[b] <= S and dst[b] + count[b] <= S for all b.
+        """
+        with nogil:
+            _move_rows(self.raw, src, dst, count)
 
     def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] cached,
                q, key, value, out):
@@ -148,6 +160,25 @@ cdef int _write_block(
             # positions start[b] .. start[b] + T - 1 are adjacent in the arena
             memcpy(&raw[layer, kv, b, h, start[b], 0], &block[b, h, 0, 0],
                    T * row_bytes)
+    return 0
+
+
+cdef int _move_rows(
+        unsigned char[:, :, :, :, :, ::1] raw,   # IN/OUT (L, 2, B, H, S, D * itemsize)
+        const Py_ssize_t[::1] src,                # IN  (B,)
+        const Py_ssize_t[::1] dst,                # IN  (B,)
+        const Py_ssize_t[::1] count,              # IN  (B,)
+        ) except -1 nogil:
+    cdef Py_ssize_t layer, kv, b, h, row_bytes = raw.shape[5]
+    for layer in range(raw.shape[0]):
+        for kv in range(2):
+            for b in range(raw.shape[2]):
+                if count[b] == 0 or src[b] == dst[b]:
+                    continue
+                for h in range(raw.shape[3]):
+                    memmove(&raw[layer, kv, b, h, dst[b], 0],
+                            &raw[layer, kv, b, h, src[b], 0],
+                            count[b] * row_bytes)
     return 0
 
 
