@@ -277,10 +277,10 @@ def bench_kernel(args):
             out = np.empty_like(q)
             keys, values = cache._arena[0, 0], cache._arena[0, 1]   # (B, H, n, D) views
             serial = _arena.ArenaAccessor(cache._arena, 1)
-            kernel = raw_kernel(cache._accessor, cache._starts, q, k_new, v_new, out)
+            kernel = raw_kernel(cache._accessor, cache._seq_lens, q, k_new, v_new, out)
             methods = {
                 "kernel": kernel,
-                "kernel_1thr": raw_kernel(serial, cache._starts, q, k_new, v_new, out),
+                "kernel_1thr": raw_kernel(serial, cache._seq_lens, q, k_new, v_new, out),
                 "attend": lambda: cache.attend(0, q, k_new, v_new),
                 "numpy": lambda: numpy_attention(q, keys, values),
             }

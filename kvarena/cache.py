@@ -9,8 +9,11 @@ it. This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
 trusts what it is given and computes.
 """
 
+import os
+
 import numpy as np
 
+from kvarena import storage
 from kvarena.checks import as_ndarray, check_int, check_positive, check_storage_dtype
 from kvarena.reference import attend_reference
 
@@ -45,6 +48,10 @@ class KVCache:
     Drop-in for ``tinytorch.generation.kv_cache.KVCache``: the same
     constructor, members and call protocol (``update`` every layer, then
     ``advance``), with zero-copy reads and a typed attention kernel.
+    Beyond TinyTorch: rows of different lengths (``seq_lens``), beam-search
+    reordering and forking, cropping, a sliding window with attention
+    sinks, snapshots (``save``/``load``) and file-backed arenas
+    (``path=``, ``open``).
 
     Parameters
     ----------
@@ -52,6 +59,17 @@ class KVCache:
         Positive sizes of the cache.
     dtype : float16, float32 (default) or float64
         Storage type of the arena. Inputs are cast to it on write.
+    n_sink : int, optional
+        Make the cache a sliding window with ``n_sink`` attention sinks
+        (StreamingLLM): a write that would run past ``max_seq_len`` first
+        evicts the oldest positions after the sinks, so a row keeps its
+        first ``n_sink`` positions and its latest ``window = max_seq_len -
+        n_sink``. See ``attend`` for what a query sees. Default: no window;
+        writing past ``max_seq_len`` is an error.
+    path : str or os.PathLike, optional
+        Put the arena in a new memory-mapped file at ``path`` (which must
+        not exist) instead of in anonymous memory; reopen it with
+        ``KVCache.open``.
     lazy : bool, default False
         By default every page of the arena is written at construction, so
         the process holds the whole footprint from the start. ``lazy=True``
@@ -67,8 +85,18 @@ class KVCache:
 
     Attributes
     ----------
+    seq_lens : ndarray of intp, shape (batch_size,), read-only
+        Committed length of each row.
     seq_pos : int
-        Committed length: how many positions ``get`` returns.
+        The longest row's committed length; with rows of equal length (all
+        TinyTorch usage), the length of every row. Assigning it sets every
+        row's length.
+    evicted : ndarray of intp, shape (batch_size,), read-only
+        Positions a sliding window has dropped from each row: position
+        ``j >= n_sink`` of row ``b`` holds the token at absolute position
+        ``j + evicted[b]``.
+    window : int or None
+        ``max_seq_len - n_sink`` for a sliding-window cache, else None.
     caches : list of (CacheView, CacheView)
         Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views.
     arena : CacheView
@@ -82,34 +110,57 @@ class KVCache:
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                 *, dtype=np.float32, lazy=False, num_threads=1, check_finite=False):
-        self.batch_size = check_positive("batch_size", batch_size)
-        self.max_seq_len = check_positive("max_seq_len", max_seq_len)
-        self.num_layers = check_positive("num_layers", num_layers)
-        self.num_heads = check_positive("num_heads", num_heads)
-        self.head_dim = check_positive("head_dim", head_dim)
-        self.dtype = check_storage_dtype(dtype)
-        self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
-        self.num_threads = check_positive("num_threads", num_threads)
-        self.check_finite = bool(check_finite)
-
-        shape = (self.num_layers, 2, self.batch_size, self.num_heads,
-                 self.max_seq_len, self.head_dim)
-        if lazy:
-            arena = np.zeros(shape, dtype=self.dtype)   # calloc: pages come on first touch
+                 *, dtype=np.float32, n_sink=None, path=None, lazy=False,
+                 num_threads=1, check_finite=False):
+        shape = (check_positive("num_layers", num_layers), 2,
+                 check_positive("batch_size", batch_size),
+                 check_positive("num_heads", num_heads),
+                 check_positive("max_seq_len", max_seq_len),
+                 check_positive("head_dim", head_dim))
+        dtype = check_storage_dtype(dtype)
+        n_sink = check_sinks(n_sink, shape[4])
+        num_threads = check_positive("num_threads", num_threads)
+        if path is not None:
+            arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
         else:
-            arena = np.empty(shape, dtype=self.dtype)
-            arena.fill(0)                                # touch every page now
+            state = new_state(shape[2])
+            if lazy:
+                arena = np.zeros(shape, dtype=dtype)   # calloc: pages come on first touch
+            else:
+                arena = np.empty(shape, dtype=dtype)
+                arena.fill(0)                           # touch every page now
+        self._adopt(arena, state, n_sink, path, num_threads, check_finite)
+
+    def _adopt(self, arena, state, n_sink, path, num_threads, check_finite):
+        """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
+
+        ``state`` is the cache's only mutable bookkeeping, one intp array
+        laid out ``[seq_lens (B) | evicted (B) | written_end]``, so that a
+        file-backed cache persists it beside its arena. Everything passed
+        in has been validated.
+        """
+        (self.num_layers, _, self.batch_size, self.num_heads,
+         self.max_seq_len, self.head_dim) = arena.shape
+        B = self.batch_size
+        self.dtype = arena.dtype
+        self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+        self.n_sink = n_sink
+        self.window = None if n_sink is None else self.max_seq_len - n_sink
+        self.path = None if path is None else os.fspath(path)
+        self.num_threads = num_threads
+        self.check_finite = bool(check_finite)
         self._arena = arena
-        self._accessor = _arena.ArenaAccessor(arena, self.num_threads)
-        self.arena = self._read_only(arena)
+        self._accessor = _arena.ArenaAccessor(arena, num_threads)
+        self.arena = read_only(arena)
         self.caches = [(self.arena[layer, 0], self.arena[layer, 1])
                        for layer in range(self.num_layers)]
-        self.seq_pos = 0
+        self._state = state
+        self._seq_lens = state[:B]          # also the kernel's per-row write positions
+        self._evicted = state[B:2 * B]
         # positions written since the last reset, committed or not: reset()
-        # wipes [0, _written_end) so nothing of a previous sequence survives
-        self._written_end = 0
-        self._starts = np.zeros(self.batch_size, dtype=np.intp)
+        # wipes [0, written_end) so nothing of a previous sequence survives
+        self._written = state[2 * B:]
+        self._lengths_changed()
 
     # -- validation ----------------------------------------------------------
 
@@ -118,6 +169,22 @@ class KVCache:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx must be in [0, {self.num_layers}); got {layer_idx}")
         return layer_idx
+
+    def _row(self, name, row):
+        row = check_int(name, row)
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"{name} must be a batch row in [0, {self.batch_size}); got {row}")
+        return row
+
+    def _per_row(self, name, values):
+        """``values`` as a C-contiguous intp array of one int per batch row."""
+        a = np.asarray(values)
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold ints, one per batch row; got dtype {a.dtype}")
+        if a.shape != (self.batch_size,):
+            raise ValueError(f"{name} must have shape (batch_size,) = ({self.batch_size},); "
+                             f"got {a.shape}")
+        return np.ascontiguousarray(a, dtype=np.intp)
 
     def _block(self, name, x, T=None, dtype=None):
         """``x`` checked as (B, H, T, D) and returned C-contiguous in ``dtype``."""
@@ -144,21 +211,73 @@ class KVCache:
         return np.ascontiguousarray(a, dtype=dtype)
 
     def _room(self, name, T):
-        if self.seq_pos + T > self.max_seq_len:
-            raise ValueError(f"{name} holds T = {T} positions, but seq_pos {self.seq_pos} + T "
+        """Check that a block of ``T`` new positions can be written."""
+        if self.window is not None:
+            if T > self.window:
+                raise ValueError(f"{name} holds T = {T} positions, more than the window of "
+                                 f"max_seq_len - n_sink = {self.window} that this "
+                                 f"sliding-window cache can hold at once")
+        elif self._seq_pos + T > self.max_seq_len:
+            raise ValueError(f"{name} holds T = {T} positions, but seq_pos {self._seq_pos} + T "
                              f"must not exceed max_seq_len = {self.max_seq_len}")
 
-    def _read_only(self, a):
-        view = a.view(CacheView)
-        view.flags.writeable = False
-        return view
+    # -- bookkeeping -----------------------------------------------------------
+
+    def _lengths_changed(self):
+        # seq_pos is read per token (models take positions from it): keep it
+        # as a Python int rather than reducing seq_lens on every read
+        self._seq_pos = int(self._seq_lens.max())
+        self._uniform = bool((self._seq_lens == self._seq_pos).all())
+
+    def _make_room(self, T):
+        """Sliding window: evict, in every row that needs it, enough of the
+        oldest non-sink positions for ``T`` new ones (``_room`` passed)."""
+        if self.window is None or self._seq_pos + T <= self.max_seq_len:
+            return
+        drop = np.maximum(self._seq_lens + T - self.max_seq_len, 0)
+        src = self.n_sink + drop
+        keep = np.where(drop > 0, self._seq_lens - src, 0)
+        self._accessor.move(src, np.full_like(src, self.n_sink), keep)
+        self._seq_lens -= drop
+        self._evicted += drop
+        self._lengths_changed()
+
+    def _wrote(self, T):
+        end = self._seq_pos + T
+        if end > self._written[0]:
+            self._written[0] = end
 
     # -- the TinyTorch API ---------------------------------------------------
 
-    def update(self, layer_idx, key, value):
-        """Write ``key`` and ``value`` at positions ``seq_pos .. seq_pos + T - 1``.
+    @property
+    def seq_pos(self):
+        return self._seq_pos
 
+    @seq_pos.setter
+    def seq_pos(self, value):
+        value = check_int("seq_pos", value)
+        if not 0 <= value <= self.max_seq_len:
+            raise ValueError(f"seq_pos must be in [0, max_seq_len = {self.max_seq_len}]; "
+                             f"got {value}")
+        self._seq_lens.fill(value)
+        self._written[0] = max(self._written[0], value)
+        self._lengths_changed()
+
+    @property
+    def seq_lens(self):
+        return read_only(self._seq_lens)
+
+    @property
+    def evicted(self):
+        return read_only(self._evicted)
+
+    def update(self, layer_idx, key, value):
+        """Write ``key`` and ``value`` after each row's committed positions.
+
+        Row ``b`` gets positions ``seq_lens[b] .. seq_lens[b] + T - 1``.
         Does not advance: call ``advance(T)`` once every layer is updated.
+        A sliding-window cache first evicts what the block needs (once per
+        step: the first layer's write makes room for all layers).
 
         Parameters
         ----------
@@ -174,41 +293,77 @@ class KVCache:
         """
         layer_idx = self._layer(layer_idx)
         key = self._block("key", key)
-        value = self._block("value", value, T=key.shape[2])
-        self._room("key", key.shape[2])
-        self._accessor.write(layer_idx, self._starts, key, value)
-        self._written_end = max(self._written_end, self.seq_pos + key.shape[2])
+        T = key.shape[2]
+        value = self._block("value", value, T=T)
+        self._room("key", T)
+        self._make_room(T)
+        self._accessor.write(layer_idx, self._seq_lens, key, value)
+        self._wrote(T)
 
-    def get(self, layer_idx):
-        """Cached keys and values of one layer.
+    def get(self, layer_idx, row=None):
+        """Cached keys and values of one layer: all rows, or one.
+
+        Parameters
+        ----------
+        layer_idx : int
+        row : int, optional
+            One batch row. Required when rows hold different lengths.
 
         Returns
         -------
         keys, values : CacheView, shape (batch_size, num_heads, seq_pos, head_dim)
             Read-only views of the arena (no copy), in the arena's dtype.
+            With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
         """
         key_view, value_view = self.caches[self._layer(layer_idx)]
-        return key_view[:, :, :self.seq_pos], value_view[:, :, :self.seq_pos]
+        if row is None:
+            if not self._uniform:
+                raise ValueError(f"row must be given when rows hold different lengths; "
+                                 f"seq_lens = {self._seq_lens.tolist()}")
+            return key_view[:, :, :self._seq_pos], value_view[:, :, :self._seq_pos]
+        row = self._row("row", row)
+        n = self._seq_lens[row]
+        return key_view[row:row + 1, :, :n], value_view[row:row + 1, :, :n]
 
     def advance(self, n=1):
-        """Commit ``n`` more positions (after every layer has been updated)."""
-        n = check_positive("n", n)
-        if self.seq_pos + n > self.max_seq_len:
-            raise ValueError(f"n = {n} would advance seq_pos {self.seq_pos} past "
-                             f"max_seq_len = {self.max_seq_len}")
-        self.seq_pos += n
-        self._starts.fill(self.seq_pos)
+        """Commit written positions, in every row or per row.
+
+        Parameters
+        ----------
+        n : int or sequence of int, default 1
+            An int ``>= 1`` commits that many positions in every row; a
+            sequence of ``batch_size`` ints ``>= 0`` commits ``n[b]`` in
+            row ``b`` (prefill right-padded prompts, then commit each
+            prompt's true length: the padding is never attended to).
+        """
+        if np.ndim(n) == 0:
+            n = check_positive("n", n)
+            if self._seq_pos + n > self.max_seq_len:
+                raise ValueError(f"n = {n} would advance seq_pos {self._seq_pos} past "
+                                 f"max_seq_len = {self.max_seq_len}")
+            self._seq_lens += n
+            self._seq_pos += n
+            return
+        n = self._per_row("n", n)
+        if (n < 0).any():
+            raise ValueError(f"n must hold ints >= 0; got {n.tolist()}")
+        over = np.flatnonzero(self._seq_lens + n > self.max_seq_len)
+        if over.size:
+            b = over[0]
+            raise ValueError(f"n[{b}] = {n[b]} would advance row {b} from {self._seq_lens[b]} "
+                             f"past max_seq_len = {self.max_seq_len}")
+        self._seq_lens += n
+        self._lengths_changed()
 
     def reset(self):
-        """Forget the sequence: ``seq_pos = 0`` and every written position zeroed.
+        """Forget every sequence: all lengths 0 and every written position zeroed.
 
         Only the positions written since the last reset are cleared, so the
         cost is proportional to what was used, not to the arena.
         """
-        self._arena[..., :self._written_end, :] = 0
-        self._written_end = 0
-        self.seq_pos = 0
-        self._starts.fill(0)
+        self._arena[..., :self._written[0], :] = 0
+        self._state.fill(0)
+        self._lengths_changed()
 
     def get_memory_usage(self):
         """Memory held by the arena, from its real size and dtype.
@@ -218,29 +373,41 @@ class KVCache:
         dict
             ``total_bytes``, ``total_mb`` (MiB), ``per_layer_mb``,
             ``cache_tensors`` (2 per layer), ``total_elements``, ``used_mb``
-            (the committed ``seq_pos`` positions), ``utilization``
-            (``seq_pos / max_seq_len``) and ``dtype`` (its name).
+            (the committed positions of all rows), ``utilization`` (their
+            share of the capacity, ``seq_pos / max_seq_len`` when rows are
+            equal) and ``dtype`` (its name). A file-backed cache adds
+            ``path`` and ``resident_bytes``: how much of the mapped arena
+            this process has in memory now (None where the OS does not
+            tell).
         """
         total_bytes = self._arena.nbytes
-        return {
+        utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
+        usage = {
             "total_bytes": total_bytes,
             "total_mb": total_bytes / MIB,
             "per_layer_mb": total_bytes / MIB / self.num_layers,
             "cache_tensors": 2 * self.num_layers,
             "total_elements": self._arena.size,
-            "used_mb": total_bytes * self.seq_pos / self.max_seq_len / MIB,
-            "utilization": self.seq_pos / self.max_seq_len,
+            "used_mb": total_bytes * utilization / MIB,
+            "utilization": utilization,
             "dtype": self.dtype.name,
         }
+        if self.path is not None:
+            usage["path"] = self.path
+            usage["resident_bytes"] = storage.resident_bytes(self._arena)
+        return usage
 
     # -- beyond TinyTorch ----------------------------------------------------
 
     def attend(self, layer_idx, q, k, v):
         """Write ``k``, ``v`` and return the attention of ``q`` over the cache.
 
-        Query ``t`` attends to every cached position and to the new ones up
-        to its own (``0 .. seq_pos + t``): causal within the new block. Like
-        ``update``, this does not advance.
+        Query ``t`` of row ``b`` attends to the row's cached positions and
+        to the new ones up to its own: ``seq_lens[b] + t + 1`` positions,
+        causal within the new block. In a sliding-window cache that is at
+        most ``max_seq_len - T + t + 1``: for decoding (``T = 1``) the
+        ``n_sink`` sinks and the latest ``window`` positions, the new one
+        included. Like ``update``, this does not advance.
 
         Parameters
         ----------
@@ -265,20 +432,176 @@ class KVCache:
         value = self._block("v", v, T=T)
         query = self._block("q", q, T=T, dtype=self._compute_dtype)
         self._room("k", T)
+        self._make_room(T)
         if self.dtype == np.float16:
             # no C type for float16: write through the accessor, attend in
             # NumPy, computing in float32
-            self._accessor.write(layer_idx, self._starts, key, value)
-            keys = self._arena[layer_idx, 0, :, :, :self.seq_pos + T]
-            values = self._arena[layer_idx, 1, :, :, :self.seq_pos + T]
-            out = attend_reference(query, keys, values, self._starts, dtype=np.float32)
+            self._accessor.write(layer_idx, self._seq_lens, key, value)
+            keys = self._arena[layer_idx, 0, :, :, :self._seq_pos + T]
+            values = self._arena[layer_idx, 1, :, :, :self._seq_pos + T]
+            out = attend_reference(query, keys, values, self._seq_lens, dtype=np.float32)
         else:
             out = np.empty_like(query)
-            self._accessor.attend(layer_idx, self._starts, query, key, value, out)
-        self._written_end = max(self._written_end, self.seq_pos + T)
+            self._accessor.attend(layer_idx, self._seq_lens, query, key, value, out)
+        self._wrote(T)
         return out
 
+    def reorder(self, beam_idx):
+        """Reorder the rows in place: row ``b`` becomes old row ``beam_idx[b]``.
+
+        As ``reorder_cache`` in beam search: a row may be taken several
+        times and others dropped. Rows that stay put are not copied; each
+        moved layer goes through one temporary of the moved rows' used
+        positions.
+
+        Parameters
+        ----------
+        beam_idx : sequence of int, shape (batch_size,)
+            Values in ``[0, batch_size)``.
+        """
+        idx = self._per_row("beam_idx", beam_idx)
+        bad = np.flatnonzero((idx < 0) | (idx >= self.batch_size))
+        if bad.size:
+            raise ValueError(f"beam_idx must hold rows in [0, {self.batch_size}); "
+                             f"got beam_idx[{bad[0]}] = {idx[bad[0]]}")
+        moved = np.flatnonzero(idx != np.arange(self.batch_size))
+        if not moved.size:
+            return
+        n = int(self._seq_lens[idx[moved]].max())
+        for layer in range(self.num_layers):
+            block = self._arena[layer, :, :, :, :n]
+            block[:, moved] = block[:, idx[moved]]   # the right side is a copy
+        self._seq_lens[:] = self._seq_lens[idx]
+        self._evicted[:] = self._evicted[idx]
+        self._lengths_changed()
+
+    def copy_sequence(self, src, dst, length=None):
+        """Fork: make row ``dst`` a copy of row ``src``'s first ``length`` positions.
+
+        Parameters
+        ----------
+        src, dst : int
+            Batch rows.
+        length : int, optional
+            In ``[0, seq_lens[src]]``; default all of ``src``.
+        """
+        src = self._row("src", src)
+        dst = self._row("dst", dst)
+        held = int(self._seq_lens[src])
+        if length is None:
+            length = held
+        length = check_int("length", length)
+        if not 0 <= length <= held:
+            raise ValueError(f"length must be in [0, seq_lens[src] = {held}]; got {length}")
+        self._arena[:, :, dst, :, :length] = self._arena[:, :, src, :, :length]
+        self._seq_lens[dst] = length
+        self._evicted[dst] = self._evicted[src]
+        self._lengths_changed()
+
+    def crop(self, length):
+        """Drop positions from the end of every row.
+
+        Parameters
+        ----------
+        length : int
+            ``>= 0``: keep at most ``length`` positions per row; negative:
+            drop ``-length`` positions from every row. In
+            ``[-min(seq_lens), max_seq_len]``.
+        """
+        length = check_int("length", length)
+        shortest = int(self._seq_lens.min())
+        if not -shortest <= length <= self.max_seq_len:
+            raise ValueError(f"length must be in [-min(seq_lens), max_seq_len] = "
+                             f"[{-shortest}, {self.max_seq_len}]; got {length}")
+        if length >= 0:
+            np.minimum(self._seq_lens, length, out=self._seq_lens)
+        else:
+            self._seq_lens += length
+        self._lengths_changed()
+
+    def save(self, path):
+        """Write a checksummed snapshot of the committed positions to ``path``.
+
+        See ``kvarena.storage`` for the format. The file appears complete
+        or not at all (written beside ``path``, then renamed over it).
+        """
+        storage.save(self, path)
+
+    @classmethod
+    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=1, check_finite=False):
+        """A new in-memory cache holding the snapshot at ``path`` (bit-exact).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        max_seq_len : int, optional
+            Capacity of the new cache; default the saved cache's. At least
+            the longest saved row.
+        lazy, num_threads, check_finite
+            As for the constructor.
+
+        Raises
+        ------
+        kvarena.storage.CacheFileError
+            The file is not a kvarena snapshot, is of another format
+            version, is truncated or fails its checksum. Nothing is created.
+        """
+        num_threads = check_positive("num_threads", num_threads)
+        arena, state, n_sink = storage.load(path, max_seq_len, lazy)
+        cache = cls.__new__(cls)
+        cache._adopt(arena, state, n_sink, None, num_threads, check_finite)
+        return cache
+
+    @classmethod
+    def open(cls, path, mode="r+", *, num_threads=1, check_finite=False):
+        """Reopen the file-backed cache at ``path`` without reading its arena.
+
+        Pages come from the file as they are touched.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file made by ``KVCache(..., path=path)``.
+        mode : {"r+", "c"}
+            ``"r+"``: writes (and lengths) go to the file. ``"c"``:
+            copy-on-write, the file is opened read-only and never changed;
+            this process's writes stay private to it, so several processes
+            can share one cached prefix and extend it independently.
+        """
+        num_threads = check_positive("num_threads", num_threads)
+        arena, state, n_sink = storage.open_mapped(path, mode)
+        cache = cls.__new__(cls)
+        cache._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        return cache
+
     def __repr__(self):
+        lengths = (f"seq_pos={self._seq_pos}" if self._uniform
+                   else f"seq_lens={self._seq_lens.tolist()}")
+        extra = "" if self.n_sink is None else f", n_sink={self.n_sink}"
+        extra += "" if self.path is None else f", path={self.path!r}"
         return (f"KVCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"num_layers={self.num_layers}, num_heads={self.num_heads}, "
-                f"head_dim={self.head_dim}, dtype={self.dtype.name}, seq_pos={self.seq_pos})")
+                f"head_dim={self.head_dim}, dtype={self.dtype.name}{extra}, {lengths})")
+
+
+def check_sinks(n_sink, max_seq_len):
+    """``n_sink`` as None or an int in ``[0, max_seq_len)``."""
+    if n_sink is None:
+        return None
+    n_sink = check_int("n_sink", n_sink)
+    if not 0 <= n_sink < max_seq_len:
+        raise ValueError(f"n_sink must be None or in [0, max_seq_len = {max_seq_len}); "
+                         f"got {n_sink}")
+    return n_sink
+
+
+def new_state(batch_size):
+    """Zeroed bookkeeping of a cache: ``[seq_lens | evicted | written_end]``."""
+    return np.zeros(2 * batch_size + 1, dtype=np.intp)
+
+
+def read_only(a):
+    """``a`` as a read-only ``CacheView`` (no copy)."""
+    view = a.view(CacheView)
+    view.flags.writeable = False
+    return view

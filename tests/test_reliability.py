@@ -265,8 +265,8 @@ def test_accessor_out_of_range_layer_raises_in_debug_build(layer):
     block = np.ones((1, 1, 1, 2), np.float32)
     before = cache._arena.tobytes()
     with pytest.raises(IndexError):
-        cache._accessor.write(layer, cache._starts, block, block)
+        cache._accessor.write(layer, cache._seq_lens, block, block)
     assert cache._arena.tobytes() == before
     with pytest.raises(IndexError):
-        cache._accessor.attend(layer, cache._starts, block, block, block, np.empty_like(block))
+        cache._accessor.attend(layer, cache._seq_lens, block, block, block, np.empty_like(block))
     assert cache._arena.tobytes() == before
