@@ -93,7 +93,8 @@ SUBJECTS = {
 # -- the unchanged-state check -----------------------------------------------
 
 def cache_state(cache):
-    return cache._arena.tobytes(), cache.seq_pos
+    # _state holds seq_lens, evicted and written_end: all the bookkeeping
+    return cache._arena.tobytes(), cache._state.tobytes()
 
 
 def state(subject):
