@@ -105,14 +105,15 @@ class GPT:
         self.lm_head = Linear(embed_dim, vocab_size, rng, dtype)
 
     def forward(self, tokens, start_pos=None):
-        """Logits for ``tokens`` at positions ``start_pos .. start_pos + T - 1``.
+        """Logits for ``tokens``; row ``b`` at positions ``start_pos[b] ..``.
 
         Parameters
         ----------
         tokens : array of int, shape (batch_size, T)
-        start_pos : int, optional
-            Position of the first token. Default: the enabled cache's
-            ``seq_pos``, or 0 without a cache.
+        start_pos : int or sequence of int, optional
+            Position of the first token, for all rows or per row. Default:
+            the enabled cache's ``seq_lens`` (each row continues where it
+            stands), or 0 without a cache.
 
         Returns
         -------
@@ -120,16 +121,30 @@ class GPT:
         """
         tokens = self._check_tokens(tokens, "tokens", ndim=(2,))
         if start_pos is None:
-            start_pos = self._kv_cache.seq_pos if getattr(self, "_cache_enabled", False) else 0
-        start_pos = check_int("start_pos", start_pos)
-        T = tokens.shape[1]
-        if not 0 <= start_pos <= self.max_seq_len - T:
-            raise ValueError(f"start_pos must be in [0, max_seq_len - T] = [0, {self.max_seq_len - T}]"
-                             f" for T = {T}; got {start_pos}")
-        x = self.token_embedding[tokens] + self.position_embedding[start_pos:start_pos + T]
+            start_pos = self._kv_cache.seq_lens if getattr(self, "_cache_enabled", False) else 0
+        positions = self._positions(start_pos, *tokens.shape)
+        x = self.token_embedding[tokens] + self.position_embedding[positions]
         for block in self.blocks:
             x = block.forward(x)
         return self.lm_head.forward(self.ln_f.forward(x))
+
+    def _positions(self, start_pos, B, T):
+        """Index into ``position_embedding``: a slice, or (B, T) per-row positions."""
+        last = self.max_seq_len - T
+        if np.ndim(start_pos) == 0:
+            start = check_int("start_pos", start_pos)
+            if not 0 <= start <= last:
+                raise ValueError(f"start_pos must be in [0, max_seq_len - T] = [0, {last}] "
+                                 f"for T = {T}; got {start}")
+            return slice(start, start + T)
+        start = np.asarray(start_pos)
+        if start.dtype.kind not in "iu" or start.shape != (B,):
+            raise ValueError(f"start_pos must be an int or {B} ints, one per row; "
+                             f"got {start_pos!r}")
+        if start.min() < 0 or start.max() > last:
+            raise ValueError(f"start_pos must be in [0, max_seq_len - T] = [0, {last}] "
+                             f"for T = {T}; got {start.tolist()}")
+        return start[:, None] + np.arange(T)
 
     def _check_tokens(self, tokens, name, ndim):
         tokens = np.asarray(tokens)
@@ -146,17 +161,24 @@ class GPT:
         return tokens
 
     def generate(self, prompt_tokens, max_new_tokens, use_cache=True, temperature=0.0, seed=None):
-        """Extend ``prompt_tokens`` by ``max_new_tokens`` sampled tokens.
+        """Extend each prompt by ``max_new_tokens`` sampled tokens.
 
-        With the cache, the prompt is processed in one forward call
+        With the cache, the prompts are processed in one forward call
         (prefill), then one token per call. Without it, every step runs
         the whole sequence. Both give the same tokens.
 
+        Prompts of different lengths decode in one batch: the prefill is
+        right-padded, each row commits only its own prompt
+        (``advance(lengths)``) and continues from its own position, so no
+        real token ever attends to padding.
+
         Parameters
         ----------
-        prompt_tokens : array of int, shape (T,) or (batch_size, T)
+        prompt_tokens : array of int, shape (T,) or (batch_size, T), or a list of 1-D prompts
+            A list of prompts of different lengths is a ragged batch.
         max_new_tokens : int
-            ``T + max_new_tokens`` must not exceed ``max_seq_len``.
+            The longest prompt plus ``max_new_tokens`` must not exceed
+            ``max_seq_len``.
         use_cache : bool, default True
             Uses the model's enabled cache if there is one (reset first),
             otherwise a temporary one.
@@ -168,10 +190,11 @@ class GPT:
 
         Returns
         -------
-        ndarray of int64, the prompt followed by the new tokens, with the
-        prompt's number of dimensions.
+        The prompts followed by their new tokens, as int64: an array with
+        the prompt's number of dimensions, or for a ragged batch a list of
+        1-D arrays.
         """
-        prompt = self._check_tokens(prompt_tokens, "prompt_tokens", ndim=(1, 2))
+        prompts, ragged = self._prompts(prompt_tokens)
         max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
         if not isinstance(use_cache, (bool, np.bool_)):
             raise TypeError(f"use_cache must be a bool; got {use_cache!r}")
@@ -179,8 +202,8 @@ class GPT:
             raise TypeError(f"temperature must be a real number; got {temperature!r}")
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
-        batch = np.atleast_2d(prompt).astype(np.int64)
-        B, T = batch.shape
+        lengths = np.array([len(p) for p in prompts])
+        B, T = len(prompts), int(lengths.max())
         if T + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt length + max_new_tokens must be <= max_seq_len = "
                              f"{self.max_seq_len}; got {T} + {max_new_tokens}")
@@ -192,25 +215,46 @@ class GPT:
             raise ValueError(f"prompt_tokens has batch size {B}; the model's enabled cache "
                              f"has batch_size {self._kv_cache.batch_size}")
         rng = np.random.default_rng(seed)
-        out = np.empty((B, T + max_new_tokens), dtype=np.int64)
-        out[:, :T] = batch
-        if not use_cache:
-            for t in range(T, T + max_new_tokens):
-                out[:, t] = _sample(self.forward(out[:, :t])[:, -1], temperature, rng)
-        else:
+        out = np.zeros((B, T + max_new_tokens), dtype=np.int64)   # right-padded with 0
+        for row, prompt in zip(out, prompts):
+            row[:len(prompt)] = prompt
+        rows, ends = np.arange(B), lengths.copy()     # ends[b]: row b's length so far
+        if use_cache:
             cache = self._kv_cache if enabled else enable_kv_cache(self, batch_size=B)
             try:
                 cache.reset()
-                step = batch
-                for t in range(T, T + max_new_tokens):
-                    logits = self.forward(step, start_pos=cache.seq_pos)
-                    cache.advance(step.shape[1])
-                    out[:, t] = _sample(logits[:, -1], temperature, rng)
-                    step = out[:, t:t + 1]
+                logits = self.forward(out[:, :T], start_pos=0)[rows, ends - 1]
+                cache.advance(lengths if ragged else T)
+                for step in range(max_new_tokens):
+                    out[rows, ends] = _sample(logits, temperature, rng)
+                    ends += 1
+                    if step < max_new_tokens - 1:
+                        logits = self.forward(out[rows, ends - 1][:, None])[:, -1]
+                        cache.advance(1)
             finally:
                 if not enabled:
                     disable_kv_cache(self)
-        return out if prompt.ndim == 2 else out[0]
+        else:
+            for _ in range(max_new_tokens):
+                if ragged:   # each row on its own: no padding in any forward pass
+                    logits = np.stack([self.forward(out[b:b + 1, :ends[b]])[0, -1]
+                                       for b in range(B)])
+                else:
+                    logits = self.forward(out[:, :ends[0]])[:, -1]
+                out[rows, ends] = _sample(logits, temperature, rng)
+                ends += 1
+        if ragged:
+            return [row[:end] for row, end in zip(out, ends)]
+        return out if np.ndim(prompt_tokens) == 2 else out[0]
+
+    def _prompts(self, prompt_tokens):
+        """``(list of 1-D prompts, ragged)``, each checked."""
+        if isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) > 0 \
+                and all(np.ndim(p) == 1 for p in prompt_tokens) \
+                and len({len(p) for p in prompt_tokens}) > 1:
+            return [self._check_tokens(p, "prompt_tokens", ndim=(1,)) for p in prompt_tokens], True
+        batch = self._check_tokens(prompt_tokens, "prompt_tokens", ndim=(1, 2))
+        return list(np.atleast_2d(batch)), False
 
 
 def _sample(logits, temperature, rng):

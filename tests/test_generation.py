@@ -51,6 +51,45 @@ def test_greedy_tokens_identical_over_250_new_tokens(gpt):
     assert len(np.unique(cached[5:])) > 3, "a degenerate sequence would prove little"
 
 
+RAGGED = [np.array([5, 17, 2, 40, 33, 9, 1]), np.array([8]), np.array([60, 3, 3, 12])]
+
+
+def test_ragged_batch_equals_each_prompt_alone(gpt):
+    # one batch of prompts of lengths 7, 1 and 4 decodes as if each ran alone:
+    # no real token attends to the prefill's padding
+    batch = gpt.generate(RAGGED, 40)
+    assert [len(row) for row in batch] == [47, 41, 44]
+    for prompt, row in zip(RAGGED, batch):
+        np.testing.assert_array_equal(row[:len(prompt)], prompt)
+        np.testing.assert_array_equal(row, gpt.generate(prompt, 40))
+
+
+def test_ragged_batch_logits_equal_full_forward_per_row(gpt, rng):
+    lengths = [6, 2, 9]
+    tokens = rng.integers(0, gpt.vocab_size, size=(3, 9 + 12))
+    uncached = GPT(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, max_seq_len=260, seed=3)
+    cache = enable_kv_cache(gpt, batch_size=3)
+    try:
+        gpt.forward(tokens[:, :9], start_pos=0)           # right-padded prefill
+        cache.advance(lengths)
+        for step in range(12):
+            ends = np.array(lengths) + step
+            got = gpt.forward(tokens[np.arange(3), ends][:, None])[:, -1]
+            cache.advance(1)
+            for b in range(3):
+                want = uncached.forward(tokens[b:b + 1, :ends[b] + 1])[0, -1]
+                assert relative_error(got[b], want) <= 1e-5, f"row {b} step {step}"
+    finally:
+        disable_kv_cache(gpt)
+
+
+def test_ragged_sampling_cached_equals_uncached(gpt):
+    cached = gpt.generate(RAGGED, 25, temperature=0.9, seed=4)
+    uncached = gpt.generate(RAGGED, 25, use_cache=False, temperature=0.9, seed=4)
+    for got, want in zip(cached, uncached, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_sampled_tokens_identical_with_the_same_seed(gpt):
     prompt = np.array([[1, 2, 3], [4, 5, 6]])
     cached = gpt.generate(prompt, 30, temperature=0.8, seed=11)
