@@ -8,16 +8,22 @@ from kvarena.attention import CachedMultiHeadAttention, cached_attention
 from kvarena.cache import CacheView, KVCache
 from kvarena.gpt import GPT
 from kvarena.integration import disable_kv_cache, enable_kv_cache
+from kvarena.planner import Footprint, footprint, plan
 from kvarena.reference import attend_reference
+from kvarena.storage import CacheFileError
 
 __all__ = [
+    "CacheFileError",
     "CacheView",
     "CachedMultiHeadAttention",
+    "Footprint",
     "GPT",
     "KVCache",
     "attend_reference",
     "cached_attention",
     "disable_kv_cache",
     "enable_kv_cache",
+    "footprint",
+    "plan",
 ]
 __version__ = "0.1.0"
