@@ -56,6 +56,20 @@ def make_cache(dtype=np.float32, **options):
     return cache
 
 
+RAGGED = [3, 5]                     # seq_lens of the ragged subject
+
+
+def make_ragged_cache(dtype=np.float32):
+    """A cache whose rows hold RAGGED positions in every layer, and one more written to layer 0."""
+    cache = KVCache(B, S, L, H, D, dtype=dtype)
+    T = max(RAGGED)
+    for layer in range(L):
+        cache.update(layer, block(T, seed=layer), block(T, seed=10 + layer))
+    cache.advance(RAGGED)
+    cache.update(0, block(1, seed=20), block(1, seed=21))
+    return cache
+
+
 def make_gpt():
     return GPT(VOCAB, EMBED, LAYERS, HEADS, POSITIONS, seed=0)
 
@@ -84,6 +98,7 @@ SUBJECTS = {
     "cache": make_cache,
     "cache_f16": lambda: make_cache(np.float16),
     "cache_checked": lambda: make_cache(check_finite=True),
+    "ragged": make_ragged_cache,
     "gpt": make_gpt,
     "gpt_enabled": make_gpt_enabled,
     "attention": make_attention,
@@ -319,6 +334,80 @@ MODEL += [
 ]
 
 CATALOGUE = CONSTRUCTOR + write_cases("update") + GET + ADVANCE + write_cases("attend") + MODEL + ATTENTION
+
+
+# -- rows of different lengths: per-row advance, get(row), reorder, forks, crop --
+# "cache" holds seq_lens [3, 3]; "ragged" holds RAGGED = [3, 5]; both have B = 2, S = 8.
+
+def set_seq_pos(value):
+    return lambda c: setattr(c, "seq_pos", value)
+
+
+ROWS = [
+    case("cache", lambda c: c.advance([1, 1, 1]), ValueError, r"^n must have shape \(batch_size,\) = \(2,\); got \(3,\)", "advance-rows-too-many"),
+    case("cache", lambda c: c.advance([1]), ValueError, r"^n must have shape \(batch_size,\) = \(2,\); got \(1,\)", "advance-rows-too-few"),
+    case("cache", lambda c: c.advance([[1, 1]]), ValueError, r"^n must have shape \(batch_size,\)", "advance-rows-rank-2"),
+    case("cache", lambda c: c.advance([1.0, 1.0]), TypeError, r"^n must hold ints, one per batch row; got dtype float64", "advance-rows-float"),
+    case("cache", lambda c: c.advance(np.array([1, 2], np.float32)), TypeError, r"^n must hold ints", "advance-rows-float32"),
+    case("cache", lambda c: c.advance([True, False]), TypeError, r"^n must hold ints.*got dtype bool", "advance-rows-bool"),
+    case("cache", lambda c: c.advance([]), TypeError, r"^n must hold ints", "advance-rows-empty"),
+    case("cache", lambda c: c.advance([1, -1]), ValueError, r"^n must hold ints >= 0; got \[1, -1\]", "advance-rows-negative"),
+    case("cache", lambda c: c.advance([0, ROOM + 1]), ValueError,
+         r"^n\[1\] = 6 would advance row 1 from 3 past max_seq_len = 8", "advance-rows-one-row-past"),
+    # row 0 fits (3 + 5 = 8); row 1 does not (5 + 4): the message names the row that overflows
+    case("ragged", lambda c: c.advance([S - RAGGED[0], S - RAGGED[1] + 1]), ValueError,
+         r"^n\[1\] = 4 would advance row 1 from 5 past max_seq_len = 8", "advance-rows-ragged-past"),
+    case("ragged", lambda c: c.advance(1 + S - RAGGED[1]), ValueError, r"^n = 4 would advance seq_pos 5 past", "advance-ragged-int-past"),
+    pytest.param("cache", lambda c: c.advance([2**63 - 1, 0]), ValueError, r"^n\[0\] = 9223372036854775807 would advance row 0",
+                 marks=pytest.mark.xfail(strict=True, reason="BUG: seq_lens + n wraps around in intp, the overflow check "
+                                                             "passes and seq_lens turns negative"),
+                 id="advance-rows-intp-wraparound"),
+
+    case("cache", lambda c: c.get(0, row=B), ValueError, r"^row must be a batch row in \[0, 2\); got 2", "get-row-too-large"),
+    case("cache", lambda c: c.get(0, row=-1), ValueError, r"^row must be a batch row in \[0, 2\); got -1", "get-row-negative"),
+    case("cache", lambda c: c.get(0, row=True), TypeError, r"^row must be an int", "get-row-bool"),
+    case("cache", lambda c: c.get(0, row=1.0), TypeError, r"^row must be an int", "get-row-float"),
+    case("cache", lambda c: c.get(0, row=np.float64(1)), TypeError, r"^row must be an int", "get-row-np.float64"),
+    case("ragged", lambda c: c.get(0), ValueError, r"^row must be given when rows hold different lengths; seq_lens = \[3, 5\]", "get-ragged-without-row"),
+    case("ragged", lambda c: c.get(L, row=0), ValueError, r"^layer_idx must be in", "get-ragged-layer_idx"),
+
+    case("cache", lambda c: c.reorder([0]), ValueError, r"^beam_idx must have shape \(batch_size,\) = \(2,\); got \(1,\)", "reorder-too-few"),
+    case("cache", lambda c: c.reorder([[0, 1]]), ValueError, r"^beam_idx must have shape", "reorder-rank-2"),
+    case("cache", lambda c: c.reorder(0), ValueError, r"^beam_idx must have shape .*got \(\)", "reorder-scalar"),
+    case("cache", lambda c: c.reorder([0.0, 1.0]), TypeError, r"^beam_idx must hold ints, one per batch row; got dtype float64", "reorder-float"),
+    case("cache", lambda c: c.reorder([True, False]), TypeError, r"^beam_idx must hold ints", "reorder-bool"),
+    case("cache", lambda c: c.reorder([0, 2]), ValueError, r"^beam_idx must hold rows in \[0, 2\); got beam_idx\[1\] = 2", "reorder-too-large"),
+    case("cache", lambda c: c.reorder([-1, 0]), ValueError, r"^beam_idx must hold rows in \[0, 2\); got beam_idx\[0\] = -1", "reorder-negative"),
+    case("ragged", lambda c: c.reorder([1, 5]), ValueError, r"^beam_idx must hold rows in .*beam_idx\[1\] = 5", "reorder-ragged-too-large"),
+
+    case("cache", lambda c: c.copy_sequence(B, 0), ValueError, r"^src must be a batch row in \[0, 2\); got 2", "copy-src-too-large"),
+    case("cache", lambda c: c.copy_sequence(-1, 0), ValueError, r"^src must be a batch row", "copy-src-negative"),
+    case("cache", lambda c: c.copy_sequence(0.0, 1), TypeError, r"^src must be an int", "copy-src-float"),
+    case("cache", lambda c: c.copy_sequence(0, B), ValueError, r"^dst must be a batch row in \[0, 2\); got 2", "copy-dst-too-large"),
+    case("cache", lambda c: c.copy_sequence(0, -1), ValueError, r"^dst must be a batch row", "copy-dst-negative"),
+    case("cache", lambda c: c.copy_sequence(0, True), TypeError, r"^dst must be an int", "copy-dst-bool"),
+    case("cache", lambda c: c.copy_sequence(0, 1, COMMITTED + 1), ValueError,
+         r"^length must be in \[0, seq_lens\[src\] = 3\]; got 4", "copy-length-past-src"),
+    # the bound is the source row's length, not seq_pos
+    case("ragged", lambda c: c.copy_sequence(0, 1, RAGGED[0] + 1), ValueError,
+         r"^length must be in \[0, seq_lens\[src\] = 3\]; got 4", "copy-ragged-length-past-src"),
+    case("cache", lambda c: c.copy_sequence(0, 1, -1), ValueError, r"^length must be in \[0, seq_lens\[src\] = 3\]; got -1", "copy-length-negative"),
+    case("cache", lambda c: c.copy_sequence(0, 1, 2.0), TypeError, r"^length must be an int", "copy-length-float"),
+
+    case("cache", lambda c: c.crop(-COMMITTED - 1), ValueError,
+         r"^length must be in \[-min\(seq_lens\), max_seq_len\] = \[-3, 8\]; got -4", "crop-too-negative"),
+    # the bound is the shortest row
+    case("ragged", lambda c: c.crop(-RAGGED[0] - 1), ValueError, r"^length must be in .* = \[-3, 8\]; got -4", "crop-ragged-too-negative"),
+    case("cache", lambda c: c.crop(S + 1), ValueError, r"^length must be in .* = \[-3, 8\]; got 9", "crop-past-max_seq_len"),
+    case("cache", lambda c: c.crop(1.0), TypeError, r"^length must be an int", "crop-float"),
+    case("cache", lambda c: c.crop(None), TypeError, r"^length must be an int", "crop-None"),
+
+    case("cache", set_seq_pos(-1), ValueError, r"^seq_pos must be in \[0, max_seq_len = 8\]; got -1", "seq_pos-negative"),
+    case("ragged", set_seq_pos(S + 1), ValueError, r"^seq_pos must be in \[0, max_seq_len = 8\]; got 9", "seq_pos-past-max_seq_len"),
+    case("cache", set_seq_pos(2.0), TypeError, r"^seq_pos must be an int", "seq_pos-float"),
+    case("cache", set_seq_pos(True), TypeError, r"^seq_pos must be an int", "seq_pos-bool"),
+]
+CATALOGUE += ROWS
 
 
 @pytest.mark.parametrize("subject_name, call, exc, match", CATALOGUE)
