@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvarena-installed
 
-.PHONY: install test test-debug bench bench-quick memory clean
+.PHONY: install test test-debug bench bench-quick memory ops clean
 
 $(STAMP): pyproject.toml setup.py pyx/_arena.pyx
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-quick: $(STAMP)
 
 memory: $(STAMP)
 	$(PY) bench/memory.py
+
+ops: $(STAMP)
+	$(PY) bench/ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvarena/*.so .pytest_cache

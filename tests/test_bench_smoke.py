@@ -81,3 +81,18 @@ def test_memory_matches_prediction(memory):
     assert get["traced_per_call"] < 0.01 * get["view_nbytes"], get
     # the contrast row shows that the measurement does see a copy
     assert copy["traced_per_call"] >= copy["view_nbytes"], copy
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    return run_script("ops", tmp_path_factory.mktemp("ops"))
+
+
+def test_ops_times_every_operation_and_round_trips(ops):
+    result, stdout, out = ops
+    times = {row["op"]: row["median_ms"] for row in result["rows"]}
+    for op in ("floor: copyto", "reorder: all rows", "crop(-1)", "copy_sequence(0, 1)",
+               "save", "load", "open", "window: attend+evict"):
+        assert times[op] > 0, op
+    assert result["checks"]["load_bit_exact"], result["checks"]
+    assert (out / "ops.csv").exists() and "Whole-arena operations" in stdout
