@@ -179,11 +179,14 @@ class KVCache:
     def _per_row(self, name, values):
         """``values`` as a C-contiguous intp array of one int per batch row."""
         a = np.asarray(values)
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold ints, one per batch row; got dtype {a.dtype}")
         if a.shape != (self.batch_size,):
             raise ValueError(f"{name} must have shape (batch_size,) = ({self.batch_size},); "
                              f"got {a.shape}")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold ints, one per batch row; got dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.max() > np.iinfo(np.intp).max:
+            raise ValueError(f"{name} must hold ints of at most {np.iinfo(np.intp).max}; "
+                             f"got {a.tolist()}")
         return np.ascontiguousarray(a, dtype=np.intp)
 
     def _block(self, name, x, T=None, dtype=None):
@@ -277,7 +280,10 @@ class KVCache:
         Row ``b`` gets positions ``seq_lens[b] .. seq_lens[b] + T - 1``.
         Does not advance: call ``advance(T)`` once every layer is updated.
         A sliding-window cache first evicts what the block needs (once per
-        step: the first layer's write makes room for all layers).
+        step: the first layer's write makes room for all layers). Eviction
+        happens at the write: positions written and then not committed
+        (a rejected draft, a finished row in a batch) have still pushed
+        old positions out.
 
         Parameters
         ----------
@@ -347,7 +353,7 @@ class KVCache:
         n = self._per_row("n", n)
         if (n < 0).any():
             raise ValueError(f"n must hold ints >= 0; got {n.tolist()}")
-        over = np.flatnonzero(self._seq_lens + n > self.max_seq_len)
+        over = np.flatnonzero(n > self.max_seq_len - self._seq_lens)   # no overflow
         if over.size:
             b = over[0]
             raise ValueError(f"n[{b}] = {n[b]} would advance row {b} from {self._seq_lens[b]} "
@@ -450,9 +456,10 @@ class KVCache:
         """Reorder the rows in place: row ``b`` becomes old row ``beam_idx[b]``.
 
         As ``reorder_cache`` in beam search: a row may be taken several
-        times and others dropped. Rows that stay put are not copied; each
-        moved layer goes through one temporary of the moved rows' used
-        positions.
+        times and others dropped. Whole rows move, positions written but
+        not yet committed included. Rows that stay put are not copied; the
+        moved ones go through one temporary the size of one layer's
+        moved rows, reused for every layer.
 
         Parameters
         ----------
@@ -467,10 +474,13 @@ class KVCache:
         moved = np.flatnonzero(idx != np.arange(self.batch_size))
         if not moved.size:
             return
-        n = int(self._seq_lens[idx[moved]].max())
+        # beyond the written end every row is zero: copying up to it moves whole rows
+        end = int(self._written[0])
+        gathered = np.empty((2, moved.size, self.num_heads, end, self.head_dim), self.dtype)
         for layer in range(self.num_layers):
-            block = self._arena[layer, :, :, :, :n]
-            block[:, moved] = block[:, idx[moved]]   # the right side is a copy
+            block = self._arena[layer, :, :, :, :end]
+            np.take(block, idx[moved], axis=1, out=gathered)
+            block[:, moved] = gathered
         self._seq_lens[:] = self._seq_lens[idx]
         self._evicted[:] = self._evicted[idx]
         self._lengths_changed()
@@ -493,7 +503,10 @@ class KVCache:
         length = check_int("length", length)
         if not 0 <= length <= held:
             raise ValueError(f"length must be in [0, seq_lens[src] = {held}]; got {length}")
-        self._arena[:, :, dst, :, :length] = self._arena[:, :, src, :, :length]
+        for layer in range(self.num_layers):
+            # per layer: NumPy cannot prove two rows of one array disjoint and
+            # copies through a temporary, which should stay small
+            self._arena[layer, :, dst, :, :length] = self._arena[layer, :, src, :, :length]
         self._seq_lens[dst] = length
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()
