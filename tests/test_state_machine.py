@@ -1,19 +1,28 @@
 """Random call sequences against a plain NumPy model of the cache.
 
 A Hypothesis state machine drives one small KVCache through update /
-advance / get / attend / reset, valid and invalid (out-of-range layer,
-T = 0 or past max_seq_len, n <= 0 or past capacity, wrong head_dim), and after
-every step compares it with a model: a zeroed array of the arena's shape
-holding what was written, and seq_pos.
+advance (all rows or per row) / get (all rows or one) / attend / reorder /
+copy_sequence / crop / reset, valid and invalid (out-of-range layer, row or
+index, T = 0 or past capacity, n past capacity, wrong head_dim), with or
+without a sliding window, and after every step compares it with a model: a
+zeroed array of the arena's shape holding what was written, and each row's
+length and evicted count.
 
-Model rules, from the SPEC:
-- update and attend write positions seq_pos .. seq_pos + T - 1 of one layer
-  (in the arena's dtype) and do not advance;
-- advance(n) adds n to seq_pos; reset zeroes everything written and sets
-  seq_pos to 0 (the arena was zero at construction, so the model is zero);
+Model rules, from the docstrings:
+- update and attend write row b at positions seq_lens[b] .. seq_lens[b] + T - 1
+  of one layer (in the arena's dtype) and do not advance; in a sliding-window
+  cache they first drop, from each row that would overflow, the oldest
+  positions after the n_sink sinks, in every layer;
+- advance(n) adds n to every row, or n[b] to row b; reset zeroes everything
+  written and sets every length to 0 (the arena was zero at construction,
+  so after a reset the whole arena must be zero again);
+- reorder, copy_sequence and crop act on rows as their docstrings say;
 - attend returns attend_reference over the model's layer in float64, to a
   float32 tolerance (float16 arenas compute in float32);
 - an invalid call raises and changes neither the cache nor the model.
+Only committed positions are compared after each step: beyond a row's
+length the arena holds whatever it held (reset then proves none of it
+survives).
 
 Statistics: ``--hypothesis-show-statistics`` shows, per example, which
 steps ran valid and invalid, the run length and whether seq_pos reached max_seq_len;
@@ -34,7 +43,8 @@ from kvarena import KVCache, attend_reference
 MAX_EXAMPLES = 1000
 STEPS = 30
 
-STATS = {"examples": 0, "longest_run": 0, "max_seq_pos": 0, "full": 0, "outcomes": Counter()}
+STATS = {"examples": 0, "longest_run": 0, "max_seq_pos": 0, "full": 0, "evictions": 0,
+         "outcomes": Counter()}
 
 # half the draws from a range that is mostly valid, half from one with edges
 # that are always invalid (L <= 2 layers, S <= 8 positions)
@@ -43,16 +53,22 @@ lengths = st.integers(1, 3) | st.integers(0, 9)
 seeds = st.integers(0, 2**32 - 1)
 
 
+rows = st.integers(0, 1) | st.integers(-1, 2)
+
+
 class CacheMachine(RuleBasedStateMachine):
 
     @initialize(B=st.integers(1, 2), H=st.integers(1, 2), S=st.integers(1, 8),
                 D=st.integers(1, 4), L=st.integers(1, 2),
                 dtype=st.sampled_from(["float32", "float64", "float16"]),
-                num_threads=st.sampled_from([1, 2]))
-    def build(self, B, H, S, D, L, dtype, num_threads):
-        self.cache = KVCache(B, S, L, H, D, dtype=dtype, num_threads=num_threads)
+                num_threads=st.sampled_from([1, 2]),
+                n_sink=st.none() | st.none() | st.integers(0, 3))
+    def build(self, B, H, S, D, L, dtype, num_threads, n_sink):
+        n_sink = n_sink if n_sink is None or n_sink < S else None
+        self.cache = KVCache(B, S, L, H, D, dtype=dtype, num_threads=num_threads, n_sink=n_sink)
         self.model = np.zeros((L, 2, B, H, S, D), dtype=dtype)
-        self.seq_pos = 0
+        self.lens = np.zeros(B, dtype=np.intp)
+        self.evicted = np.zeros(B, dtype=np.intp)
         self.steps = 0
         self.longest = 0
 
@@ -64,10 +80,15 @@ class CacheMachine(RuleBasedStateMachine):
         return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
     def fits(self, T):
-        return 1 <= T <= self.cache.max_seq_len - self.seq_pos
+        c = self.cache
+        room = c.max_seq_len - (self.lens.max() if c.n_sink is None else c.n_sink)
+        return 1 <= T <= room
 
     def layer_ok(self, layer):
         return 0 <= layer < self.cache.num_layers
+
+    def row_ok(self, row):
+        return 0 <= row < self.cache.batch_size
 
     def record(self, name, valid):
         self.steps += 1
@@ -75,17 +96,25 @@ class CacheMachine(RuleBasedStateMachine):
         STATS["outcomes"][outcome] += 1
         event(outcome)
 
-    def rejects(self, call):
-        """``call`` raises ValueError and leaves the cache as it was."""
-        before = self.cache._arena.tobytes(), self.cache.seq_pos
-        with pytest.raises(ValueError):
+    def rejects(self, call, exc=ValueError):
+        """``call`` raises ``exc`` and leaves the cache as it was."""
+        before = self.cache._arena.tobytes(), self.cache._state.tobytes()
+        with pytest.raises(exc):
             call()
-        assert (self.cache._arena.tobytes(), self.cache.seq_pos) == before
+        assert (self.cache._arena.tobytes(), self.cache._state.tobytes()) == before
 
     def write_model(self, layer, k, v):
-        T = k.shape[2]
-        self.model[layer, 0, :, :, self.seq_pos:self.seq_pos + T] = k
-        self.model[layer, 1, :, :, self.seq_pos:self.seq_pos + T] = v
+        T, S, sinks = k.shape[2], self.cache.max_seq_len, self.cache.n_sink
+        for b in range(len(self.lens)):
+            drop = self.lens[b] + T - S
+            if sinks is not None and drop > 0:   # evict from every layer
+                kept = self.model[:, :, b, :, sinks + drop:self.lens[b]].copy()
+                self.model[:, :, b, :, sinks:self.lens[b] - drop] = kept
+                self.lens[b] -= drop
+                self.evicted[b] += drop
+                STATS["evictions"] += 1
+            self.model[layer, 0, b, :, self.lens[b]:self.lens[b] + T] = k[b]
+            self.model[layer, 1, b, :, self.lens[b]:self.lens[b] + T] = v[b]
 
     # -- rules ---------------------------------------------------------------
 
@@ -108,28 +137,53 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 3) | st.integers(-1, 9))
     def advance(self, n):
-        valid = 1 <= n <= self.cache.max_seq_len - self.seq_pos
+        valid = 1 <= n <= self.cache.max_seq_len - self.lens.max()
         self.record("advance", valid)
         if not valid:
             self.rejects(lambda: self.cache.advance(n))
             return
         self.cache.advance(n)
-        self.seq_pos += n
+        self.lens += n
+
+    @rule(n=st.lists(st.integers(0, 3) | st.integers(-1, 9), min_size=1, max_size=3))
+    def advance_rows(self, n):
+        n = np.array(n)
+        valid = (n.shape == self.lens.shape and (n >= 0).all()
+                 and (self.lens + n <= self.cache.max_seq_len).all())
+        self.record("advance per row", valid)
+        if not valid:
+            self.rejects(lambda: self.cache.advance(n))
+            return
+        self.cache.advance(n)
+        self.lens += n
 
     @rule(layer=layers)
     def get(self, layer):
-        valid = self.layer_ok(layer)
+        uniform = (self.lens == self.lens[0]).all()
+        valid = self.layer_ok(layer) and uniform
         self.record("get", valid)
         if not valid:
             self.rejects(lambda: self.cache.get(layer))
             return
+        n = self.lens[0]
         keys, values = self.cache.get(layer)
-        assert keys.shape == values.shape == self.model.shape[2:4] + (self.seq_pos, self.model.shape[-1])
-        assert np.array_equal(keys, self.model[layer, 0, :, :, :self.seq_pos])
-        assert np.array_equal(values, self.model[layer, 1, :, :, :self.seq_pos])
+        assert keys.shape == values.shape == self.model.shape[2:4] + (n, self.model.shape[-1])
+        assert np.array_equal(keys, self.model[layer, 0, :, :, :n])
+        assert np.array_equal(values, self.model[layer, 1, :, :, :n])
         assert not keys.flags.writeable and not values.flags.writeable
-        if self.seq_pos:   # an empty view shares no memory with anything
+        if n:   # an empty view shares no memory with anything
             assert np.shares_memory(keys, self.cache.arena)
+
+    @rule(layer=layers, row=rows)
+    def get_row(self, layer, row):
+        valid = self.layer_ok(layer) and self.row_ok(row)
+        self.record("get row", valid)
+        if not valid:
+            self.rejects(lambda: self.cache.get(layer, row=row))
+            return
+        keys, values = self.cache.get(layer, row=row)
+        assert np.array_equal(keys[0], self.model[layer, 0, row, :, :self.lens[row]])
+        assert np.array_equal(values[0], self.model[layer, 1, row, :, :self.lens[row]])
 
     @rule(layer=layers, T=lengths, seed=seeds, scale=st.sampled_from([1.0, 8.0]))
     def attend(self, layer, T, seed, scale):
@@ -142,8 +196,7 @@ class CacheMachine(RuleBasedStateMachine):
             return
         out = self.cache.attend(layer, q, k, v)
         self.write_model(layer, k, v)
-        B = self.cache.batch_size
-        want = attend_reference(q, self.model[layer, 0], self.model[layer, 1], [self.seq_pos] * B)
+        want = attend_reference(q, self.model[layer, 0], self.model[layer, 1], self.lens)
         if self.cache.dtype == np.float64:
             assert out.dtype == np.float64
             np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
@@ -151,20 +204,60 @@ class CacheMachine(RuleBasedStateMachine):
             assert out.dtype == np.float32
             np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
+    @rule(idx=st.lists(st.integers(0, 1) | st.integers(-1, 2), min_size=1, max_size=3))
+    def reorder(self, idx):
+        idx = np.array(idx)
+        valid = idx.shape == self.lens.shape and all(map(self.row_ok, idx))
+        self.record("reorder", valid)
+        if not valid:
+            self.rejects(lambda: self.cache.reorder(idx))
+            return
+        self.cache.reorder(idx)
+        self.model[:, :] = self.model[:, :, idx]
+        self.lens, self.evicted = self.lens[idx], self.evicted[idx]
+
+    @rule(src=rows, dst=rows, length=st.none() | st.integers(-1, 9))
+    def copy_sequence(self, src, dst, length):
+        valid = self.row_ok(src) and self.row_ok(dst) and (
+            length is None or 0 <= length <= self.lens[src])
+        self.record("copy_sequence", valid)
+        if not valid:
+            self.rejects(lambda: self.cache.copy_sequence(src, dst, length))
+            return
+        self.cache.copy_sequence(src, dst, length)
+        n = self.lens[src] if length is None else length
+        self.model[:, :, dst, :, :n] = self.model[:, :, src, :, :n]
+        self.lens[dst], self.evicted[dst] = n, self.evicted[src]
+
+    @rule(length=st.integers(-9, 9))
+    def crop(self, length):
+        valid = -self.lens.min() <= length <= self.cache.max_seq_len
+        self.record("crop", valid)
+        if not valid:
+            self.rejects(lambda: self.cache.crop(length))
+            return
+        self.cache.crop(length)
+        self.lens = np.minimum(self.lens, length) if length >= 0 else self.lens + length
+
     @rule()
     def reset(self):
         self.record("reset", True)
         self.cache.reset()
+        assert not self.cache.arena.any(), "reset left written data in the arena"
         self.model[...] = 0
-        self.seq_pos = 0
+        self.lens[:] = 0
+        self.evicted[:] = 0
 
     # -- checked after every step ---------------------------------------------
 
     @invariant()
     def matches_model(self):
-        assert self.cache.seq_pos == self.seq_pos
-        assert self.cache.arena.tobytes() == self.model.tobytes()
-        self.longest = max(self.longest, self.seq_pos)
+        assert np.array_equal(self.cache.seq_lens, self.lens)
+        assert np.array_equal(self.cache.evicted, self.evicted)
+        assert self.cache.seq_pos == self.lens.max()
+        for b, n in enumerate(self.lens):
+            assert self.cache.arena[:, :, b, :, :n].tobytes() == self.model[:, :, b, :, :n].tobytes()
+        self.longest = max(self.longest, self.lens.max())
 
     def teardown(self):
         if not hasattr(self, "cache"):
@@ -190,12 +283,14 @@ def test_statistics():
         pytest.skip("run together with TestCacheMachine")
     print(f"\nstate machine: {STATS['examples']} examples, longest run {STATS['longest_run']} "
           f"steps, highest seq_pos {STATS['max_seq_pos']}, {STATS['full']} examples filled "
-          f"their cache")
+          f"their cache, {STATS['evictions']} row evictions")
     for outcome, count in sorted(STATS["outcomes"].items()):
         print(f"  {outcome:28} {count}")
     assert STATS["examples"] >= MAX_EXAMPLES
     assert STATS["longest_run"] >= STEPS - 1
     assert STATS["max_seq_pos"] == 8
-    for name in ("update", "advance", "get", "attend"):
+    assert STATS["evictions"] > 0
+    for name in ("update", "advance", "advance per row", "get", "get row", "attend", "reorder",
+                 "copy_sequence", "crop"):
         assert STATS["outcomes"][f"{name} valid"] > 0
         assert STATS["outcomes"][f"{name} invalid"] > 0
