@@ -7,14 +7,14 @@ describes the arena (``shape``, ``dtype`` as ``numpy.dtype.str``,
 
 Snapshot (``KVCache.save`` / ``KVCache.load``)::
 
-    b"KVASNAP\\0" | version | header length | crc32 | header | payload
+    b"KVASNAP\\0" | version | header length | header crc32 | payload crc32 | header | payload
 
 The header adds ``seq_lens``, ``evicted`` and ``payload_bytes``. The
 payload is the committed positions only: for each layer, keys then values,
 for each row ``b``, the ``(num_heads, seq_lens[b], head_dim)`` block in C
-order. The crc32 covers the header and the payload, so a flipped byte
-anywhere after the first 20 is caught; the file's size must match the
-header exactly.
+order. The header has its own crc32, checked before anything is allocated;
+the payload's is checked before anything is returned. The file's size must
+match the header exactly.
 
 Mapped arena (``KVCache(..., path=...)`` / ``KVCache.open``)::
 
@@ -27,6 +27,7 @@ runs. A live arena has no checksum.
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -40,7 +41,7 @@ from kvarena.checks import SUPPORTED_DTYPES, check_int
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"KVASNAP\0"
 MAPPED_MAGIC = b"KVAMMAP\0"
-SNAPSHOT_PREFIX = struct.Struct("<8sIII")   # magic, version, header length, crc32
+SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header and payload crc32
 MAPPED_PREFIX = struct.Struct("<8sII")      # magic, version, header length
 MAX_HEADER_BYTES = 1 << 20
 STATE_DTYPE = np.dtype("<i8")
@@ -62,13 +63,14 @@ def save(cache, path):
         "seq_lens": seq_lens, "evicted": cache._evicted.tolist(),
         "payload_bytes": 2 * L * H * D * arena.itemsize * sum(seq_lens),
     }).encode()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode(path))      # mkstemp's 0600 would stick after the rename
         with os.fdopen(fd, "wb") as f:
             f.write(bytes(SNAPSHOT_PREFIX.size))    # filled in once the crc is known
             f.write(header)
-            crc = zlib.crc32(header)
+            crc = 0
             for layer in range(L):
                 for kv in range(2):
                     for b, n in enumerate(seq_lens):
@@ -76,11 +78,15 @@ def save(cache, path):
                         crc = zlib.crc32(block, crc)
                         f.write(block)
             f.seek(0)
-            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, len(header), crc))
+            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, len(header),
+                                         zlib.crc32(header), crc))
+            f.flush()
+            os.fsync(f.fileno())                 # the data is on disk before the name is
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_directory(directory)
 
 
 def load(path, max_seq_len, lazy):
@@ -93,9 +99,11 @@ def load(path, max_seq_len, lazy):
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        magic, version, header_len, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
-                                                       SNAPSHOT_MAGIC, "snapshot")
+        _, _, header_len, header_crc, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
+                                                         SNAPSHOT_MAGIC, "snapshot")
         header = f.read(header_len)
+        if zlib.crc32(header) != header_crc:
+            raise CacheFileError(f"{path}: header checksum mismatch; the file is corrupted")
         meta = _parse_header(header, path)
         shape, dtype, n_sink = _check_arena(meta, path)
         L, _, B, H, S, D = shape
@@ -120,7 +128,7 @@ def load(path, max_seq_len, lazy):
         arena = np.zeros(shape, dtype) if lazy else np.empty(shape, dtype)
         if not lazy:
             arena.fill(0)
-        crc_seen = zlib.crc32(header)
+        crc_seen = 0
         for layer in range(L):
             for kv in range(2):
                 for b, n in enumerate(seq_lens.tolist()):
@@ -129,8 +137,8 @@ def load(path, max_seq_len, lazy):
                     crc_seen = zlib.crc32(block, crc_seen)
                     arena[layer, kv, b, :, :n] = block
     if crc_seen != crc:
-        raise CacheFileError(f"{path}: checksum mismatch (file says {crc:#010x}, contents "
-                             f"give {crc_seen:#010x}); the file is corrupted")
+        raise CacheFileError(f"{path}: payload checksum mismatch (file says {crc:#010x}, "
+                             f"contents give {crc_seen:#010x}); the file is corrupted")
     state = np.concatenate([seq_lens, evicted, [seq_lens.max()]]).astype(np.intp)
     return arena, state, n_sink
 
@@ -148,7 +156,7 @@ def create_mapped(path, shape, dtype, n_sink, lazy):
     path = os.fspath(path)
     header = json.dumps({"shape": list(shape), "dtype": dtype.str, "n_sink": n_sink}).encode()
     state_offset, arena_offset = _mapped_offsets(len(header), shape[2])
-    arena_bytes = int(np.prod(shape)) * dtype.itemsize
+    arena_bytes = math.prod(shape) * dtype.itemsize
     with open(path, "xb") as f:   # FileExistsError rather than overwrite a cache
         try:
             f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, FORMAT_VERSION, len(header)))
@@ -184,7 +192,7 @@ def open_mapped(path, mode):
         meta = _parse_header(f.read(header_len), path)
     shape, dtype, n_sink = _check_arena(meta, path)
     state_offset, arena_offset = _mapped_offsets(header_len, shape[2])
-    expected = arena_offset + int(np.prod(shape)) * dtype.itemsize
+    expected = arena_offset + math.prod(shape) * dtype.itemsize
     if size != expected:
         raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
                              f"{expected}; it is truncated or has trailing data")
@@ -241,7 +249,7 @@ def _read_prefix(f, path, size, layout, magic, kind):
 def _parse_header(raw, path):
     try:
         meta = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:   # bad UTF-8 or JSON, absurd nesting or digits
         raise CacheFileError(f"{path}: header is not valid JSON ({exc}); the file is "
                              f"corrupted") from None
     if not isinstance(meta, dict):
@@ -256,8 +264,8 @@ def _check_arena(meta, path):
             and all(type(n) is int and n >= 1 for n in shape)):
         raise CacheFileError(f"{path}: header shape must be 6 positive ints "
                              f"(L, 2, B, H, S, D); got {shape!r}")
-    try:
-        dtype = np.dtype(meta.get("dtype"))
+    try:   # a str: np.dtype(None) would mean float64
+        dtype = np.dtype(meta["dtype"]) if isinstance(meta.get("dtype"), str) else None
     except TypeError:
         dtype = None
     if dtype is None or dtype not in SUPPORTED_DTYPES or dtype.byteorder == ">":
@@ -293,6 +301,28 @@ def _map(path, mode, shape, dtype, state_offset, arena_offset):
     state = np.memmap(path, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
     arena = np.memmap(path, dtype, mode, arena_offset, shape)
     return arena.view(np.ndarray), state.view(np.ndarray)
+
+
+def _new_file_mode(path):
+    """The mode ``path`` has, or the one a new file would get under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_directory(directory):
+    # make the rename itself durable; not every platform can open a directory
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_state_dtype():
