@@ -479,7 +479,8 @@ class KVCache:
         gathered = np.empty((2, moved.size, self.num_heads, end, self.head_dim), self.dtype)
         for layer in range(self.num_layers):
             block = self._arena[layer, :, :, :, :end]
-            np.take(block, idx[moved], axis=1, out=gathered)
+            # mode="clip": the indices are checked, and "raise" would buffer `out`
+            np.take(block, idx[moved], axis=1, out=gathered, mode="clip")
             block[:, moved] = gathered
         self._seq_lens[:] = self._seq_lens[idx]
         self._evicted[:] = self._evicted[idx]
