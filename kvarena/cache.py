@@ -123,12 +123,7 @@ class KVCache:
         if path is not None:
             arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
         else:
-            state = new_state(shape[2])
-            if lazy:
-                arena = np.zeros(shape, dtype=dtype)   # calloc: pages come on first touch
-            else:
-                arena = np.empty(shape, dtype=dtype)
-                arena.fill(0)                           # touch every page now
+            arena, state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite)
 
     def _adopt(self, arena, state, n_sink, path, num_threads, check_finite):
@@ -607,11 +602,6 @@ def check_sinks(n_sink, max_seq_len):
         raise ValueError(f"n_sink must be None or in [0, max_seq_len = {max_seq_len}); "
                          f"got {n_sink}")
     return n_sink
-
-
-def new_state(batch_size):
-    """Zeroed bookkeeping of a cache: ``[seq_lens | evicted | written_end]``."""
-    return np.zeros(2 * batch_size + 1, dtype=np.intp)
 
 
 def read_only(a):

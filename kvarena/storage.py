@@ -51,17 +51,33 @@ class CacheFileError(ValueError):
     """A file is not a readable kvarena cache: wrong kind, version, size or checksum."""
 
 
+# -- memory ---------------------------------------------------------------------
+
+def new_arena(shape, dtype, lazy):
+    """A zeroed in-memory arena; unless ``lazy``, with every page touched now."""
+    if lazy:
+        return np.zeros(shape, dtype=dtype)    # calloc: pages come on first touch
+    arena = np.empty(shape, dtype=dtype)
+    arena.fill(0)                               # touch every page now
+    return arena
+
+
+def new_state(batch_size):
+    """Zeroed bookkeeping of a cache: intp ``[seq_lens | evicted | written_end]``."""
+    return np.zeros(2 * batch_size + 1, dtype=np.intp)
+
+
 # -- snapshots ---------------------------------------------------------------
 
 def save(cache, path):
     """Write ``cache``'s committed positions to ``path`` (format above)."""
     path = os.fspath(path)
     arena, seq_lens = cache._arena, cache._seq_lens.tolist()
-    L, _, B, H, S, D = arena.shape
+    L = arena.shape[0]
     header = json.dumps({
         "shape": list(arena.shape), "dtype": arena.dtype.str, "n_sink": cache.n_sink,
         "seq_lens": seq_lens, "evicted": cache._evicted.tolist(),
-        "payload_bytes": 2 * L * H * D * arena.itemsize * sum(seq_lens),
+        "payload_bytes": _payload_bytes(arena.shape, arena.dtype, seq_lens),
     }).encode()
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -71,12 +87,10 @@ def save(cache, path):
             f.write(bytes(SNAPSHOT_PREFIX.size))    # filled in once the crc is known
             f.write(header)
             crc = 0
-            for layer in range(L):
-                for kv in range(2):
-                    for b, n in enumerate(seq_lens):
-                        block = np.ascontiguousarray(arena[layer, kv, b, :, :n])
-                        crc = zlib.crc32(block, crc)
-                        f.write(block)
+            for layer, kv, b, n in _payload_blocks(L, seq_lens):
+                block = np.ascontiguousarray(arena[layer, kv, b, :, :n])
+                crc = zlib.crc32(block, crc)
+                f.write(block)
             f.seek(0)
             f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, len(header),
                                          zlib.crc32(header), crc))
@@ -109,7 +123,7 @@ def load(path, max_seq_len, lazy):
         L, _, B, H, S, D = shape
         seq_lens = _check_lengths(meta, "seq_lens", B, S, path)
         evicted = _check_lengths(meta, "evicted", B, None, path)
-        payload = 2 * L * H * D * dtype.itemsize * int(seq_lens.sum())
+        payload = _payload_bytes(shape, dtype, seq_lens.tolist())
         if meta.get("payload_bytes") != payload:
             raise CacheFileError(f"{path}: header says payload_bytes = "
                                  f"{meta.get('payload_bytes')!r}, but seq_lens give {payload}")
@@ -124,22 +138,18 @@ def load(path, max_seq_len, lazy):
         if max_seq_len < least:
             raise ValueError(f"max_seq_len must be at least {least} to hold this snapshot "
                              f"(longest row, and more than n_sink); got {max_seq_len}")
-        shape = (L, 2, B, H, max_seq_len, D)
-        arena = np.zeros(shape, dtype) if lazy else np.empty(shape, dtype)
-        if not lazy:
-            arena.fill(0)
+        arena = new_arena((L, 2, B, H, max_seq_len, D), dtype, lazy)
         crc_seen = 0
-        for layer in range(L):
-            for kv in range(2):
-                for b, n in enumerate(seq_lens.tolist()):
-                    block = np.empty((H, n, D), dtype)
-                    f.readinto(block)
-                    crc_seen = zlib.crc32(block, crc_seen)
-                    arena[layer, kv, b, :, :n] = block
+        for layer, kv, b, n in _payload_blocks(L, seq_lens.tolist()):
+            block = np.empty((H, n, D), dtype)
+            f.readinto(block)
+            crc_seen = zlib.crc32(block, crc_seen)
+            arena[layer, kv, b, :, :n] = block
     if crc_seen != crc:
         raise CacheFileError(f"{path}: payload checksum mismatch (file says {crc:#010x}, "
                              f"contents give {crc_seen:#010x}); the file is corrupted")
-    state = np.concatenate([seq_lens, evicted, [seq_lens.max()]]).astype(np.intp)
+    state = new_state(B)
+    state[:B], state[B:2 * B], state[2 * B] = seq_lens, evicted, seq_lens.max()
     return arena, state, n_sink
 
 
@@ -227,6 +237,19 @@ def resident_bytes(array):
 
 
 # -- helpers -------------------------------------------------------------------
+
+def _payload_blocks(num_layers, seq_lens):
+    """``(layer, kv, row, length)`` of each payload block, in file order."""
+    for layer in range(num_layers):
+        for kv in range(2):
+            for b, n in enumerate(seq_lens):
+                yield layer, kv, b, n
+
+
+def _payload_bytes(shape, dtype, seq_lens):
+    L, _, _, H, _, D = shape
+    return 2 * L * H * D * dtype.itemsize * sum(seq_lens)
+
 
 def _read_prefix(f, path, size, layout, magic, kind):
     raw = f.read(layout.size)
