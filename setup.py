@@ -25,36 +25,37 @@ DIRECTIVES = {
 }
 
 
-class OpenMPBuildExt(build_ext):
-    """Add the compiler's OpenMP flag; build serial kernels if it has none."""
+class KernelBuildExt(build_ext):
+    """Compiler flags for the kernel (pyx/kernel.h), by compiler family.
+
+    The kernel's instruction sets are chosen at run time (kernel.h compiles
+    its body for AVX-512, AVX2 and the baseline), so nothing here depends on
+    the build machine: no -march.
+    """
 
     def build_extensions(self):
         # the checked and release builds share file names: always rebuild
         self.force = True
-        msvc = self.compiler.compiler_type == "msvc"
-        openmp = ["/openmp"] if msvc else ["-fopenmp"]
-        # let the compiler vectorise the dot-product reductions
-        fast = [] if msvc else ["-O3", "-fno-math-errno", "-fassociative-math",
-                                "-fno-signed-zeros", "-fno-trapping-math"]
+        if self.compiler.compiler_type == "msvc":
+            compile_args, link_args = ["/O2"], []
+        else:
+            # -fopenmp-simd: honour the kernel's `omp simd` loops (no OpenMP
+            # runtime); reassociation lets a dot product end in a shuffle
+            # tree instead of W dependent scalar adds (3x faster decoding)
+            compile_args = ["-O3", "-fopenmp-simd", "-pthread", "-fno-math-errno",
+                            "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+            link_args = ["-pthread"]
         for ext in self.extensions:
-            ext.extra_compile_args += fast
-        try:
-            self._build_with(openmp, link=not msvc)
-        except Exception as exc:  # a compiler or linker without OpenMP
-            self.warn(f"building without OpenMP ({exc}); the kernel runs on one thread")
-            self._build_with([], link=False)
-
-    def _build_with(self, openmp, link):
-        for ext in self.extensions:
-            ext.extra_compile_args = [a for a in ext.extra_compile_args if "openmp" not in a] + openmp
-            ext.extra_link_args = openmp if link else []
+            ext.extra_compile_args += compile_args
+            ext.extra_link_args += link_args
         super().build_extensions()
 
 
 extension = Extension(
     "kvarena._arena",
     ["pyx/_arena.pyx"],
-    include_dirs=[np.get_include()],
+    include_dirs=[np.get_include(), "pyx"],
+    depends=["pyx/kernel.h", "pyx/kernel_impl.h", "pyx/pool.h"],
     define_macros=[
         ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
         ("KVARENA_BOUNDSCHECK", "1" if DEBUG else "0"),
@@ -67,5 +68,5 @@ setup(
         compiler_directives=DIRECTIVES,
         build_dir="build/cython-debug" if DEBUG else "build/cython",
     ),
-    cmdclass={"build_ext": OpenMPBuildExt},
+    cmdclass={"build_ext": KernelBuildExt},
 )

@@ -1,21 +1,25 @@
-"""Typed access to the kvarena arena: block writes and decode attention.
+"""Typed access to the kvarena arena: attention and in-place moves.
 
 Everything here trusts its caller. ``kvarena.cache.KVCache`` validates every
-index, shape, dtype and capacity before calling in; with bounds checks off
-(the release build) a bad index here corrupts memory instead of raising.
+index, shape, dtype, stride and capacity before calling in; with bounds
+checks off (the release build) a bad index here corrupts memory instead of
+raising. The debug build (KVARENA_CYTHON_DEBUG=1) re-checks the full extent
+of every access and raises IndexError.
 
 Legend, used in every shape below:
-    L  layers          B  batch rows      H  heads
+    L  layers          B  batch rows      H  key/value heads
     S  max_seq_len     D  head_dim        T  new positions in this call
+    G  query heads per key/value head (Hq = G * H)
 The arena is (L, 2, B, H, S, D), C-contiguous; axis 1: 0 = keys, 1 = values.
+The kernel itself is C: pyx/kernel.h (and kernel_impl.h, pool.h).
 """
 
-cimport cython
-from cython.parallel cimport prange
-from libc.math cimport exp, expf, sqrt
-from libc.string cimport memcpy, memmove
+cimport numpy as cnp
+from libc.string cimport memmove
 
 import numpy as np
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -25,61 +29,113 @@ cdef extern from *:
     """
     int KVARENA_BOUNDSCHECK
 
+cdef extern from "kernel.h" nogil:
+    enum:
+        KV_F16, KV_F32, KV_F64, KV_I8
+    ctypedef struct kv_layer:
+        int dtype
+        const void *data[2]
+        const float *scale[2]
+        Py_ssize_t B, H, S, D
+        Py_ssize_t n_sink
+        const Py_ssize_t *ring_head
+        const float *rope_cos
+        const float *rope_sin
+        int rope_interleaved
+    ctypedef struct kv_query:
+        const void *q
+        void *out
+        Py_ssize_t qs[4]
+        Py_ssize_t os[4]
+        int q_f64, out_f64
+        Py_ssize_t Hq, T
+        const Py_ssize_t *base
+    int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+    int kv_best_isa()
+
 #: True when this extension was built with KVARENA_CYTHON_DEBUG=1.
 BOUNDSCHECK = bool(KVARENA_BOUNDSCHECK)
 
-# below this many multiply-adds a call runs on one thread: waking the
-# OpenMP team costs more than it saves
-cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 16
+#: Instruction sets the kernel is compiled for, narrowest first; the index is the code.
+ISA_NAMES = ("baseline", "avx2", "avx512")
+
+#: The widest instruction set this CPU runs (an index into ISA_NAMES).
+BEST_ISA = kv_best_isa()
+
+_STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
+                  np.dtype(np.float64): KV_F64}
+
+# below this many bytes of K and V a call runs on one thread: waking a
+# worker costs about as much as it saves (bench/kernel.py)
+cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
 
 
 cdef class ArenaAccessor:
-    """Typed view of one arena; owns the attention scratch buffer.
+    """Typed view of one arena.
 
-    Caller guarantees: ``arena`` is C-contiguous, 6-d, of a native-order
-    float16/float32/float64 dtype, and outlives nothing it is not kept
-    alive by (this object holds a reference).
+    Caller guarantees: ``arena`` is C-contiguous, 6-d (L, 2, B, H, S, D), of
+    a native-order float16/float32/float64 dtype, and ``num_threads >= 1``.
     """
 
     cdef readonly object arena
     cdef unsigned char[:, :, :, :, :, ::1] raw   # (L, 2, B, H, S, D * itemsize)
-    cdef float[:, :, :, :, :, ::1] arena32
-    cdef double[:, :, :, :, :, ::1] arena64
-    cdef float[:, ::1] scratch32                 # (B * H, S) softmax weights
-    cdef double[:, ::1] scratch64
-    cdef readonly bint is_double
+    cdef int storage
     cdef readonly int num_threads
 
     def __cinit__(self, arena, int num_threads):
-        # caller checked: arena as above, num_threads >= 1
         self.arena = arena
         self.num_threads = num_threads
-        shape = arena.shape
         self.raw = arena.view(np.uint8)
-        self.is_double = arena.dtype == np.float64
-        scratch_shape = (shape[2] * shape[3], shape[4])
-        if self.is_double:
-            self.arena64 = arena
-            self.scratch64 = np.empty(scratch_shape, dtype=np.float64)
-        else:
-            if arena.dtype == np.float32:
-                self.arena32 = arena
-            # float16 arenas have no typed view: attention for them runs
-            # in NumPy (kvarena.reference); only writes come through here
-            self.scratch32 = np.empty(scratch_shape, dtype=np.float32)
+        self.storage = _STORAGE_CODES[arena.dtype]
 
-    def write(self, Py_ssize_t layer, const Py_ssize_t[::1] start,
-              key, value):
-        """Copy key/value blocks (B, H, T, D) into ``layer`` at ``start[b]``.
+    def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] base, cnp.ndarray q,
+               cnp.ndarray out, int isa):
+        """Attention of ``q`` over ``layer`` into ``out``.
 
-        Caller checked: 0 <= layer < L; key and value are C-contiguous, of
-        the arena's dtype, shaped (B, H, T, D); start[b] + T <= S for all b.
+        q and out are (B, Hq, T, D), Hq = G * H; query head h attends with
+        K/V head h // G. Query t of row b sees positions 0 .. base[b] + t:
+        the row's cached positions, then causal within the new block (whose
+        keys and values the caller has written at base[b] ..).
+
+        Caller checked: 0 <= layer < L; q and out are float32 or float64,
+        native order, 4-d, with strides that are multiples of their
+        itemsize; out is writable and overlaps neither q nor the arena;
+        Hq is a multiple of H; base[b] + T <= S; 0 <= isa <= BEST_ISA.
         """
-        cdef const unsigned char[:, :, :, ::1] k = _as_bytes(key)
-        cdef const unsigned char[:, :, :, ::1] v = _as_bytes(value)
+        cdef kv_layer c
+        cdef kv_query qq
+        cdef Py_ssize_t i, b, work
+        cdef int status, threads
+        shape = self.arena.shape
+        c.dtype = self.storage
+        c.B, c.H, c.S, c.D = shape[2], shape[3], shape[4], shape[5]
+        c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
+        c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
+        c.scale[0] = c.scale[1] = NULL
+        c.n_sink = 0
+        c.ring_head = NULL
+        c.rope_cos = c.rope_sin = NULL
+        c.rope_interleaved = 0
+        qq.q = cnp.PyArray_DATA(q)
+        qq.out = cnp.PyArray_DATA(out)
+        qq.q_f64 = q.dtype.itemsize == 8
+        qq.out_f64 = out.dtype.itemsize == 8
+        for i in range(4):
+            qq.qs[i] = q.strides[i] // q.dtype.itemsize
+            qq.os[i] = out.strides[i] // out.dtype.itemsize
+        qq.Hq, qq.T = q.shape[1], q.shape[2]
+        qq.base = &base[0]
+        if KVARENA_BOUNDSCHECK:
+            _check_extent(c, qq, q, out, base, layer, shape[0])
+        work = 0
+        for b in range(c.B):
+            work += base[b] + qq.T
+        work *= 2 * c.H * c.D * self.arena.dtype.itemsize
+        threads = 1 if work < PARALLEL_MIN_BYTES else self.num_threads
         with nogil:
-            _write_block(self.raw, layer, 0, start, k)
-            _write_block(self.raw, layer, 1, start, v)
+            status = kv_attend(&c, &qq, isa, threads)
+        if status != 0:
+            raise MemoryError("kvarena: no memory for the attention kernel's scratch")
 
     def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
              const Py_ssize_t[::1] count):
@@ -90,178 +146,38 @@ cdef class ArenaAccessor:
         Caller checked: src, dst, count have length B; count[b] >= 0 and
         src[b] + count[b] <= S and dst[b] + count[b] <= S for all b.
         """
+        cdef Py_ssize_t layer, kv, b, h, S = self.raw.shape[4]
+        cdef Py_ssize_t row_bytes = self.raw.shape[5]
+        if KVARENA_BOUNDSCHECK:
+            for b in range(self.raw.shape[2]):
+                if count[b] < 0 or src[b] < 0 or dst[b] < 0 \
+                        or src[b] + count[b] > S or dst[b] + count[b] > S:
+                    raise IndexError(f"move: row {b} range out of bounds")
         with nogil:
-            _move_rows(self.raw, src, dst, count)
-
-    def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] cached,
-               q, key, value, out):
-        """Write ``key``, ``value`` at ``cached[b]``, then attend ``q`` into ``out``.
-
-        All four are (B, H, T, D). Query t of row b sees positions
-        0 .. cached[b] + t: every cached position, then causal within the
-        new block.
-
-        Caller checked: 0 <= layer < L; the arena is float32 or float64;
-        q, key, value and out are C-contiguous, (B, H, T, D), of the
-        arena's dtype; cached[b] + T <= S for all b.
-        """
-        cdef int threads = self._threads_for(q.shape, cached)
-        if self.is_double:
-            _attend64(self, layer, cached, q, key, value, out, threads)
-        else:
-            _attend32(self, layer, cached, q, key, value, out, threads)
-
-    cdef int _threads_for(self, tuple q_shape, const Py_ssize_t[::1] cached):
-        cdef Py_ssize_t b, longest = 0
-        for b in range(cached.shape[0]):
-            longest = max(longest, cached[b])
-        cdef Py_ssize_t rows = q_shape[0] * q_shape[1]
-        cdef Py_ssize_t work = rows * q_shape[2] * (longest + q_shape[2]) * q_shape[3]
-        if work < PARALLEL_MIN_WORK:
-            return 1
-        return <int>min(<Py_ssize_t>self.num_threads, rows)
+            for layer in range(self.raw.shape[0]):
+                for kv in range(2):
+                    for b in range(self.raw.shape[2]):
+                        if count[b] == 0 or src[b] == dst[b]:
+                            continue
+                        for h in range(self.raw.shape[3]):
+                            memmove(&self.raw[layer, kv, b, h, dst[b], 0],
+                                    &self.raw[layer, kv, b, h, src[b], 0],
+                                    count[b] * row_bytes)
 
 
-cdef _attend32(ArenaAccessor acc, Py_ssize_t layer, const Py_ssize_t[::1] cached,
-               const float[:, :, :, ::1] q, const float[:, :, :, ::1] key,
-               const float[:, :, :, ::1] value, float[:, :, :, ::1] out, int threads):
-    with nogil:
-        _write_and_attend(acc.arena32, layer, cached, q, key, value,
-                          acc.scratch32, out, threads)
-
-
-cdef _attend64(ArenaAccessor acc, Py_ssize_t layer, const Py_ssize_t[::1] cached,
-               const double[:, :, :, ::1] q, const double[:, :, :, ::1] key,
-               const double[:, :, :, ::1] value, double[:, :, :, ::1] out, int threads):
-    with nogil:
-        _write_and_attend(acc.arena64, layer, cached, q, key, value,
-                          acc.scratch64, out, threads)
-
-
-cdef inline const unsigned char[:, :, :, ::1] _as_bytes(block):
-    # a (B, H, T, D) array seen as (B, H, T, D * itemsize) bytes: zero-copy
-    return block.view(np.uint8)
-
-
-# the two writes index the arena first: declared ``except -1`` so that a
-# checked build (KVARENA_CYTHON_DEBUG=1) raises IndexError for a bad layer
-# or position instead of printing it and carrying on
-cdef int _write_block(
-        unsigned char[:, :, :, :, :, ::1] raw,   # OUT (L, 2, B, H, S, D * itemsize)
-        Py_ssize_t layer,
-        Py_ssize_t kv,                            # 0 = keys, 1 = values
-        const Py_ssize_t[::1] start,              # IN  (B,)
-        const unsigned char[:, :, :, ::1] block,  # IN  (B, H, T, D * itemsize)
-        ) except -1 nogil:
-    cdef Py_ssize_t b, h
-    cdef Py_ssize_t T = block.shape[2], row_bytes = block.shape[3]
-    for b in range(block.shape[0]):
-        for h in range(block.shape[1]):
-            # positions start[b] .. start[b] + T - 1 are adjacent in the arena
-            memcpy(&raw[layer, kv, b, h, start[b], 0], &block[b, h, 0, 0],
-                   T * row_bytes)
-    return 0
-
-
-cdef int _move_rows(
-        unsigned char[:, :, :, :, :, ::1] raw,   # IN/OUT (L, 2, B, H, S, D * itemsize)
-        const Py_ssize_t[::1] src,                # IN  (B,)
-        const Py_ssize_t[::1] dst,                # IN  (B,)
-        const Py_ssize_t[::1] count,              # IN  (B,)
-        ) except -1 nogil:
-    cdef Py_ssize_t layer, kv, b, h, row_bytes = raw.shape[5]
-    for layer in range(raw.shape[0]):
-        for kv in range(2):
-            for b in range(raw.shape[2]):
-                if count[b] == 0 or src[b] == dst[b]:
-                    continue
-                for h in range(raw.shape[3]):
-                    memmove(&raw[layer, kv, b, h, dst[b], 0],
-                            &raw[layer, kv, b, h, src[b], 0],
-                            count[b] * row_bytes)
-    return 0
-
-
-cdef int _write_and_attend(
-        cython.floating[:, :, :, :, :, ::1] arena,  # IN/OUT (L, 2, B, H, S, D)
-        Py_ssize_t layer,
-        const Py_ssize_t[::1] cached,               # IN  (B,)
-        const cython.floating[:, :, :, ::1] q,      # IN  (B, H, T, D)
-        const cython.floating[:, :, :, ::1] key,    # IN  (B, H, T, D)
-        const cython.floating[:, :, :, ::1] value,  # IN  (B, H, T, D)
-        cython.floating[:, ::1] scratch,            # SCRATCH (B * H, S)
-        cython.floating[:, :, :, ::1] out,          # OUT (B, H, T, D)
-        int num_threads) except -1 nogil:
-    cdef Py_ssize_t b, h
-    cdef Py_ssize_t T = q.shape[2], row_bytes = q.shape[3] * sizeof(cython.floating)
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            memcpy(&arena[layer, 0, b, h, cached[b], 0], &key[b, h, 0, 0], T * row_bytes)
-            memcpy(&arena[layer, 1, b, h, cached[b], 0], &value[b, h, 0, 0], T * row_bytes)
-    _attend(arena, layer, cached, q, scratch, out, num_threads)
-    return 0
-
-
-cdef void _attend(
-        const cython.floating[:, :, :, :, :, ::1] arena,  # IN  (L, 2, B, H, S, D)
-        Py_ssize_t layer,
-        const Py_ssize_t[::1] cached,                     # IN  (B,)
-        const cython.floating[:, :, :, ::1] q,            # IN  (B, H, T, D)
-        cython.floating[:, ::1] scratch,                  # SCRATCH (B * H, S)
-        cython.floating[:, :, :, ::1] out,                # OUT (B, H, T, D)
-        int num_threads) noexcept nogil:
-    cdef Py_ssize_t H = q.shape[1], T = q.shape[2], D = q.shape[3]
-    cdef Py_ssize_t bh, b, h, t, j, d, n
-    cdef cython.floating scale = <cython.floating>(1.0 / sqrt(<double>D))
-    cdef cython.floating score, best, weight
-    cdef double total
-    cdef cython.floating* w
-    cdef const cython.floating* key
-    cdef const cython.floating* val
-    cdef const cython.floating* query
-    cdef cython.floating* o
-
-    for bh in prange(q.shape[0] * H, nogil=True, schedule='static',
-                     num_threads=num_threads):
-        b = bh // H
-        h = bh % H
-        w = &scratch[bh, 0]
-        for t in range(T):
-            # iterate over all cached positions and the new ones up to t
-            n = cached[b] + t + 1
-            query = &q[b, h, t, 0]
-
-            # 1. scores: q . k_j / sqrt(D), tracking the maximum
-            best = -1.0
-            for j in range(n):
-                key = &arena[layer, 0, b, h, j, 0]
-                score = 0
-                for d in range(D):
-                    score = score + query[d] * key[d]
-                score = score * scale
-                w[j] = score
-                if j == 0 or score > best:
-                    best = score
-
-            # 2. softmax weights, max-subtracted for stability
-            total = 0
-            for j in range(n):
-                if cython.floating is float:
-                    weight = expf(w[j] - best)
-                else:
-                    weight = exp(w[j] - best)
-                w[j] = weight
-                total = total + weight
-
-            # 3. weighted sum of values into a zeroed output row
-            o = &out[b, h, t, 0]
-            for d in range(D):
-                o[d] = 0
-            for j in range(n):
-                val = &arena[layer, 1, b, h, j, 0]
-                weight = w[j]
-                for d in range(D):
-                    o[d] = o[d] + weight * val[d]
-            weight = <cython.floating>(1.0 / total)
-            for d in range(D):
-                o[d] = o[d] * weight
+cdef _check_extent(kv_layer c, kv_query qq, q, out, const Py_ssize_t[::1] base,
+                   Py_ssize_t layer, Py_ssize_t L):
+    # the debug build's re-check of everything the kernel will touch
+    cdef Py_ssize_t b
+    if not 0 <= layer < L:
+        raise IndexError(f"attend: layer {layer} out of [0, {L})")
+    if base.shape[0] != c.B or qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
+            or out.shape != q.shape:
+        raise IndexError(f"attend: q {q.shape} / out {out.shape} do not fit the arena")
+    for b in range(c.B):
+        if base[b] < 0 or base[b] + qq.T > c.S:
+            raise IndexError(f"attend: row {b} positions [0, {base[b] + qq.T}) "
+                             f"out of [0, {c.S})")
+    for a in (q, out):
+        if any(s % a.dtype.itemsize for s in a.strides) or a.dtype.itemsize not in (4, 8):
+            raise IndexError("attend: q or out has an unaligned stride or a bad dtype")

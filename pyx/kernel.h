@@ -1,0 +1,290 @@
+/* kernel.h: kvarena's attention kernel, for decoding (T = 1) and prefill (T > 1).
+ *
+ * One kernel, four orthogonal parts:
+ *   row reader    stored rows -> compute type, a block at a time: float16,
+ *                 float32, float64, or int8 with one scale per row
+ *   position map  a row's logical position -> its slot in the arena: linear,
+ *                 or n_sink sinks followed by a ring (a sliding window)
+ *   rotation      optional rotary positions, applied to keys as they are read
+ *                 and to each query, by logical position
+ *   group loop    the G query heads of one K/V head (and a tile of query
+ *                 positions) share every K/V block that is read
+ * Keys and values are read once per query tile, in one pass, with an online
+ * softmax; a long row is split into chunks whose partial (max, sum,
+ * accumulator) are merged afterwards (flash-decoding), so one row can use
+ * every thread.
+ *
+ * The body (kernel_impl.h) is compiled for AVX-512, AVX2+FMA and the x86-64
+ * baseline; kv_best_isa() picks the widest the CPU has at run time, so an
+ * extension built on one machine runs on an older one.
+ *
+ * Everything here trusts its caller (kvarena.cache checks every input).
+ */
+#ifndef KVARENA_KERNEL_H
+#define KVARENA_KERNEL_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KV_F16 = 0, KV_F32 = 1, KV_F64 = 2, KV_I8 = 3 };            /* storage types */
+enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instruction sets */
+
+#ifndef KV_BLK
+#define KV_BLK 32   /* rows per block: a float32 K and V tile of D = 64 is 16 KiB */
+#endif
+
+/* one layer of the arena as the kernel reads it */
+typedef struct {
+    int dtype;                   /* KV_F16 .. KV_I8 */
+    const void *data[2];         /* keys, values: (B, H, S, D), C-contiguous */
+    const float *scale[2];       /* int8 only: (B, H, S), else NULL */
+    ptrdiff_t B, H, S, D;
+    /* position map: ring_head NULL is linear (slot = position); else row b
+       keeps n_sink sinks in slots [0, n_sink) and its window in a ring of
+       S - n_sink slots whose oldest position sits at slot n_sink + ring_head[b] */
+    ptrdiff_t n_sink;
+    const ptrdiff_t *ring_head;
+    /* rotation: cos and sin of position * frequency, (S, D / 2); NULL: none */
+    const float *rope_cos, *rope_sin;
+    int rope_interleaved;        /* pairs (2i, 2i+1); else (i, i + D/2) */
+} kv_layer;
+
+/* the queries of one call and where their outputs go */
+typedef struct {
+    const void *q;               /* (B, Hq, T, D), element strides qs */
+    void *out;                   /* (B, Hq, T, D), element strides os */
+    ptrdiff_t qs[4], os[4];
+    int q_f64, out_f64;          /* float64, else float32 */
+    ptrdiff_t Hq, T;             /* Hq = G * H */
+    const ptrdiff_t *base;       /* (B,): query t of row b sits at position base[b] + t
+                                    and sees positions [0, base[b] + t] */
+} kv_query;
+
+/* how one call is cut into work items: (row * H + head, query tile, chunk) */
+typedef struct {
+    const kv_layer *c;
+    const kv_query *q;
+    ptrdiff_t G, Tq, n_qtiles, n_chunks, chunk_len;
+    void *partial;               /* n_chunks > 1: (B, Hq, T, n_chunks, 2 + D) */
+} kv_job;
+
+static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+
+/* position map: the slot of logical position pos in row b */
+static inline ptrdiff_t kv_slot(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos)
+{
+    if (!c->ring_head || pos < c->n_sink) return pos;
+    const ptrdiff_t window = c->S - c->n_sink, r = c->ring_head[b] + (pos - c->n_sink);
+    return c->n_sink + (r >= window ? r - window : r);
+}
+
+/* causal: how many of the n positions from j0 on a query at position p
+ * sees (those up to its own); each query sums exactly these, so its result
+ * does not depend on the other queries of its tile or on padding */
+static inline ptrdiff_t kv_seen(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t n)
+{
+    return p < j0 ? 0 : kv_min(n, p + 1 - j0);
+}
+
+/* how many of the n positions from pos on lie in consecutive slots */
+static inline ptrdiff_t kv_run(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos, ptrdiff_t n)
+{
+    if (!c->ring_head) return n;
+    if (pos < c->n_sink) return kv_min(n, c->n_sink - pos);
+    return kv_min(n, c->S - kv_slot(c, b, pos));
+}
+
+static inline ptrdiff_t kv_partial_index(const kv_job *job, ptrdiff_t b, ptrdiff_t head,
+                                         ptrdiff_t t, ptrdiff_t chunk)
+{
+    return (((b * job->q->Hq + head) * job->q->T + t) * job->n_chunks + chunk) * (2 + job->c->D);
+}
+
+/* IEEE half -> float without branches (so it vectorises on every ISA): the
+ * 15 low bits shifted into a float are the value times 2^-112, subnormals
+ * included; infinities and NaNs are patched afterwards */
+static inline float kv_half_to_float(uint16_t h)
+{
+    const uint32_t magnitude = h & 0x7fffu;
+    union { uint32_t u; float f; } v = { .u = magnitude << 13 };
+    v.f *= 0x1p112f;
+    const uint32_t special = 0x7f800000u | (magnitude & 0x3ffu) << 13;
+    v.u = (magnitude >= 0x7c00u ? special : v.u) | (uint32_t)(h & 0x8000u) << 16;
+    return v.f;
+}
+
+#include "pool.h"
+
+/* -- the body, once per instruction set and compute type -------------------- */
+
+#define KV_CAT_(a, b) a##b
+#define KV_CAT(a, b) KV_CAT_(a, b)
+#define KV_FN(name) KV_CAT(name, KV_SUFFIX)
+
+/* float compute (float16, float32 and int8 storage) */
+#define KV_REAL float
+#define KV_DOUBLE 0
+#define KV_BIG 3.0e38f
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define KV_HAVE_X86 1
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#define KV_SUFFIX _f_avx512
+#define KV_F16C 16
+#define KV_VBYTES 64
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_SUFFIX _f_avx2
+#define KV_F16C 8
+#define KV_VBYTES 32
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#pragma GCC pop_options
+#else
+#define KV_HAVE_X86 0
+#endif
+#define KV_SUFFIX _f_baseline
+#define KV_F16C 0
+#define KV_VBYTES 16
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#undef KV_REAL
+#undef KV_DOUBLE
+#undef KV_BIG
+
+/* double compute (float64 storage) */
+#define KV_REAL double
+#define KV_DOUBLE 1
+#define KV_BIG 1.0e300
+#if KV_HAVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#define KV_SUFFIX _d_avx512
+#define KV_F16C 16
+#define KV_VBYTES 64
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_SUFFIX _d_avx2
+#define KV_F16C 8
+#define KV_VBYTES 32
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#pragma GCC pop_options
+#endif
+#define KV_SUFFIX _d_baseline
+#define KV_F16C 0
+#define KV_VBYTES 16
+#include "kernel_impl.h"
+#undef KV_SUFFIX
+#undef KV_VBYTES
+#undef KV_F16C
+#undef KV_REAL
+#undef KV_DOUBLE
+#undef KV_BIG
+
+typedef int (*kv_item_fn)(const kv_job *, ptrdiff_t);
+
+/* [isa][0 = float compute, 1 = double] */
+static const kv_item_fn kv_items[3][2] = {
+    {attend_item_f_baseline, attend_item_d_baseline},
+#if KV_HAVE_X86
+    {attend_item_f_avx2, attend_item_d_avx2},
+    {attend_item_f_avx512, attend_item_d_avx512},
+#else
+    {attend_item_f_baseline, attend_item_d_baseline},
+    {attend_item_f_baseline, attend_item_d_baseline},
+#endif
+};
+
+/* the widest instruction set this CPU runs */
+static int kv_best_isa(void)
+{
+#if KV_HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        return KV_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return KV_ISA_AVX2;
+#endif
+    return KV_ISA_BASELINE;
+}
+
+typedef struct {
+    const kv_job *job;
+    kv_item_fn fn;
+} kv_task_ctx;
+
+static int kv_run_item(void *ctx, ptrdiff_t item)
+{
+    const kv_task_ctx *t = (const kv_task_ctx *)ctx;
+    return t->fn(t->job, item);
+}
+
+/* attention of q over one layer, into q->out; 0, or -1 when scratch memory
+ * could not be had (out is then incomplete) */
+static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+{
+    const int dbl = c->dtype == KV_F64;
+    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL};
+    ptrdiff_t longest = 0;
+    for (ptrdiff_t b = 0; b < c->B; b++)
+        if (q->base[b] + q->T > longest) longest = q->base[b] + q->T;
+
+    /* query tile: up to 64 queries share each K/V block */
+    job.Tq = kv_min(q->T, job.G >= 64 ? 1 : 64 / job.G);
+    job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
+    /* chunks: enough work items to keep every thread busy, none shorter than 256 */
+    const ptrdiff_t units = c->B * c->H * job.n_qtiles;
+    if (num_threads > 1 && units < 4 * num_threads)
+        job.n_chunks = kv_min((4 * num_threads + units - 1) / units, (longest + 255) / 256);
+    if (job.n_chunks < 1) job.n_chunks = 1;
+    job.chunk_len = (longest + job.n_chunks - 1) / job.n_chunks;
+    job.chunk_len = (job.chunk_len + KV_BLK - 1) / KV_BLK * KV_BLK;
+    job.n_chunks = (longest + job.chunk_len - 1) / job.chunk_len;
+
+    const size_t real = dbl ? sizeof(double) : sizeof(float);
+    if (job.n_chunks > 1) {
+        job.partial = malloc((size_t)(c->B * q->Hq * q->T * job.n_chunks * (2 + c->D)) * real);
+        if (!job.partial) return -1;
+    }
+    kv_task_ctx task = {&job, kv_items[isa][dbl]};
+    int status = kv_parallel(units * job.n_chunks, num_threads, kv_run_item, &task);
+    if (status == 0 && job.n_chunks > 1) {
+        void *acc = malloc((size_t)c->D * real);
+        status = acc ? 0 : -1;
+        for (ptrdiff_t b = 0; acc && b < c->B; b++)
+            for (ptrdiff_t head = 0; head < q->Hq; head++)
+                for (ptrdiff_t t = 0; t < q->T; t++) {
+                    if (dbl) merge_d_baseline(&job, b, head, t, (double *)acc);
+                    else merge_f_baseline(&job, b, head, t, (float *)acc);
+                }
+        free(acc);
+    }
+    free(job.partial);
+    return status;
+}
+
+#endif /* KVARENA_KERNEL_H */

@@ -1,0 +1,190 @@
+/* pool.h: a small thread pool for the attention kernel.
+ *
+ * Why not OpenMP: its idle workers spin on the cores, and next to NumPy's
+ * threaded BLAS in the same process the two pools fought over 2 cores
+ * (a 2-thread decode step took 12 ms instead of 0.1 ms). Here:
+ *   - the caller works too, and items are claimed one at a time from a
+ *     shared counter, so a worker the OS has not scheduled yet claims
+ *     nothing and is never waited for: a call on n threads cannot take
+ *     much longer than on one;
+ *   - a worker with nothing to do spins for a few microseconds (the next
+ *     layer's call comes soon) and then sleeps on a condition variable;
+ *   - one job at a time: a second caller (another thread, another cache)
+ *     runs its job on its own thread rather than queueing.
+ * A forked child starts with no workers (pthread_atfork).
+ */
+#ifndef KVARENA_POOL_H
+#define KVARENA_POOL_H
+
+typedef int (*kv_task)(void *ctx, ptrdiff_t item);
+
+#if defined(_WIN32)
+
+static void *kv_scratch(size_t bytes) { return malloc(bytes); }
+static void kv_scratch_done(void *p) { free(p); }
+
+static int kv_parallel(ptrdiff_t n_items, int num_threads, kv_task fn, void *ctx)
+{
+    (void)num_threads;
+    for (ptrdiff_t i = 0; i < n_items; i++)
+        if (fn(ctx, i)) return -1;
+    return 0;
+}
+
+#else
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+
+/* Scratch for one work item, kept per thread and grown as needed: a
+ * malloc and free per item made glibc trim and regrow its heap every time
+ * (two brk calls and fresh zeroed pages per item, half the time of a small
+ * call). Freed when its thread ends. */
+static pthread_key_t kv_scratch_key;
+static pthread_once_t kv_scratch_once = PTHREAD_ONCE_INIT;
+
+static void kv_scratch_key_make(void) { pthread_key_create(&kv_scratch_key, free); }
+
+static void *kv_scratch(size_t bytes)
+{
+    pthread_once(&kv_scratch_once, kv_scratch_key_make);
+    size_t *held = (size_t *)pthread_getspecific(kv_scratch_key);
+    if (held && held[0] >= bytes) return held + 8;      /* 64 bytes of header: aligned */
+    free(held);
+    held = (size_t *)malloc(bytes + 8 * sizeof(size_t));
+    pthread_setspecific(kv_scratch_key, held);
+    if (!held) return NULL;
+    held[0] = bytes;
+    return held + 8;
+}
+
+static void kv_scratch_done(void *p) { (void)p; }   /* kept for the thread's next item */
+
+#define KV_MAX_WORKERS 63
+#define KV_SPIN 20000            /* polls before a worker sleeps: ~10-50 us */
+
+typedef struct {
+    kv_task fn;
+    void *ctx;
+    ptrdiff_t n_items;
+    int workers;                 /* how many pool workers may join */
+    atomic_ptrdiff_t next;       /* the next unclaimed item */
+    atomic_int inside;           /* workers running items of this job */
+    atomic_int failed;
+} kv_pool_job;
+
+static struct {
+    pthread_mutex_t submit;      /* held by the one caller whose job runs */
+    pthread_mutex_t mu;          /* guards job, joined and the sleep */
+    pthread_cond_t wake;
+    kv_pool_job *job;            /* the job on offer, or NULL */
+    atomic_ulong generation;     /* bumped for every job offered */
+    int started;
+} kv_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+             NULL, 0, 0};
+
+static void kv_drain(kv_pool_job *job)
+{
+    ptrdiff_t i;
+    while ((i = atomic_fetch_add(&job->next, 1)) < job->n_items)
+        if (job->fn(job->ctx, i)) atomic_store(&job->failed, 1);
+}
+
+static void *kv_worker(void *arg)
+{
+    const int id = (int)(intptr_t)arg;
+    unsigned long seen = atomic_load(&kv_pool.generation);
+    for (;;) {
+        /* wait for a new job: spin a little, then sleep */
+        for (int spin = 0; spin < KV_SPIN && atomic_load(&kv_pool.generation) == seen; spin++)
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#else
+            ;
+#endif
+        pthread_mutex_lock(&kv_pool.mu);
+        while (atomic_load(&kv_pool.generation) == seen)
+            pthread_cond_wait(&kv_pool.wake, &kv_pool.mu);
+        seen = atomic_load(&kv_pool.generation);
+        kv_pool_job *job = kv_pool.job;
+        if (job && id < job->workers) atomic_fetch_add(&job->inside, 1);
+        else job = NULL;
+        pthread_mutex_unlock(&kv_pool.mu);
+        if (job) {
+            kv_drain(job);
+            atomic_fetch_sub(&job->inside, 1);
+        }
+    }
+    return NULL;
+}
+
+static void kv_pool_after_fork(void)
+{
+    /* the child has none of the parent's threads */
+    pthread_mutex_init(&kv_pool.submit, NULL);
+    pthread_mutex_init(&kv_pool.mu, NULL);
+    pthread_cond_init(&kv_pool.wake, NULL);
+    kv_pool.job = NULL;
+    kv_pool.started = 0;
+}
+
+/* start workers until there are `want`; returns how many there are */
+static int kv_pool_grow(int want)
+{
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, kv_pool_after_fork);
+        registered = 1;
+    }
+    while (kv_pool.started < want) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&thread, &attr, kv_worker,
+                                      (void *)(intptr_t)kv_pool.started) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        kv_pool.started++;
+    }
+    return kv_pool.started;
+}
+
+/* fn(ctx, i) for every i in [0, n_items), on up to num_threads threads
+ * (the caller's included); 0, or -1 if any call returned non-zero */
+static int kv_parallel(ptrdiff_t n_items, int num_threads, kv_task fn, void *ctx)
+{
+    kv_pool_job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.n_items = n_items;
+    atomic_init(&job.next, 0);
+    atomic_init(&job.inside, 0);
+    atomic_init(&job.failed, 0);
+    int helpers = num_threads - 1;
+    if (helpers > KV_MAX_WORKERS) helpers = KV_MAX_WORKERS;
+    if (helpers > n_items - 1) helpers = (int)(n_items - 1);
+    if (helpers > 0 && pthread_mutex_trylock(&kv_pool.submit) == 0) {
+        job.workers = kv_pool_grow(helpers);
+        if (job.workers > helpers) job.workers = helpers;
+        pthread_mutex_lock(&kv_pool.mu);
+        kv_pool.job = &job;
+        atomic_fetch_add(&kv_pool.generation, 1);
+        pthread_cond_broadcast(&kv_pool.wake);
+        pthread_mutex_unlock(&kv_pool.mu);
+        kv_drain(&job);
+        /* withdraw the offer: a worker that has not joined yet never will */
+        pthread_mutex_lock(&kv_pool.mu);
+        kv_pool.job = NULL;
+        pthread_mutex_unlock(&kv_pool.mu);
+        while (atomic_load(&job.inside) > 0)  /* finishing the items they claimed */
+            sched_yield();
+        pthread_mutex_unlock(&kv_pool.submit);
+    } else {
+        kv_drain(&job);
+    }
+    return atomic_load(&job.failed) ? -1 : 0;
+}
+
+#endif /* _WIN32 */
+#endif /* KVARENA_POOL_H */
