@@ -8,6 +8,7 @@ from kvarena.attention import CachedMultiHeadAttention, cached_attention
 from kvarena.cache import CacheView, KVCache
 from kvarena.gpt import GPT
 from kvarena.integration import disable_kv_cache, enable_kv_cache
+from kvarena.kernel import kernel_info
 from kvarena.planner import Footprint, footprint, plan
 from kvarena.reference import attend_reference
 from kvarena.storage import CacheFileError
@@ -24,6 +25,7 @@ __all__ = [
     "disable_kv_cache",
     "enable_kv_cache",
     "footprint",
+    "kernel_info",
     "plan",
 ]
 __version__ = "0.1.0"

@@ -13,9 +13,8 @@ import os
 
 import numpy as np
 
-from kvarena import storage
+from kvarena import kernel, storage
 from kvarena.checks import as_ndarray, check_int, check_positive, check_storage_dtype
-from kvarena.reference import attend_reference
 
 try:
     from kvarena import _arena
@@ -27,6 +26,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 MIB = 1024 * 1024
+# the query and output dtypes the kernel reads and writes directly
+_KERNEL_IO_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class CacheView(np.ndarray):
@@ -138,7 +139,7 @@ class KVCache:
          self.max_seq_len, self.head_dim) = arena.shape
         B = self.batch_size
         self.dtype = arena.dtype
-        self._compute_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+        self._compute_dtype = kernel.compute_dtype(self.dtype)
         self.n_sink = n_sink
         self.window = None if n_sink is None else self.max_seq_len - n_sink
         self.path = None if path is None else os.fspath(path)
@@ -184,29 +185,78 @@ class KVCache:
                              f"got {a.tolist()}")
         return np.ascontiguousarray(a, dtype=np.intp)
 
-    def _block(self, name, x, T=None, dtype=None):
-        """``x`` checked as (B, H, T, D) and returned C-contiguous in ``dtype``."""
+    def _block(self, name, x, T=None, grouped=False):
+        """``x`` checked as (B, H, T, D): keys, values, or with ``grouped``
+        queries of (B, G * H, T, D). No copy: any strides are accepted."""
         a = as_ndarray(x, name)
         if a.dtype.kind != "f":
             raise TypeError(f"{name} must hold real floating-point values; got dtype {a.dtype}")
         B, H, D = self.batch_size, self.num_heads, self.head_dim
-        if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != (B, H, D) \
+        heads_ok = a.ndim == 4 and (a.shape[1] % H == 0 and a.shape[1] >= H if grouped
+                                    else a.shape[1] == H)
+        if not heads_ok or (a.shape[0], a.shape[3]) != (B, D) \
                 or (T is not None and a.shape[2] != T):
             t = "T" if T is None else T
+            if grouped:
+                raise ValueError(f"{name} must have shape (batch_size, G * num_heads, T, "
+                                 f"head_dim) = ({B}, G * {H}, {t}, {D}) for a whole G >= 1; "
+                                 f"got {a.shape}")
             raise ValueError(f"{name} must have shape (batch_size, num_heads, T, head_dim) "
                              f"= ({B}, {H}, {t}, {D}); got {a.shape}")
         if a.shape[2] < 1:
             raise ValueError(f"{name} must hold at least one position (T >= 1); got T = 0")
-        dtype = self.dtype if dtype is None else dtype
         if self.check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} contains NaN or infinity (check_finite=True)")
-        if a.dtype.itemsize > dtype.itemsize:  # narrowing: finite values may overflow
+        # keys and values are stored in the arena's dtype, queries computed in
+        # the compute dtype: narrowing to either may overflow
+        narrow = self._compute_dtype if grouped else self.dtype
+        if a.dtype.itemsize > narrow.itemsize:
             with np.errstate(invalid="ignore"):
                 big = np.abs(a[np.isfinite(a)]).max(initial=0)
-            if big > np.finfo(dtype).max:
+            if big > np.finfo(narrow).max:
                 raise ValueError(f"{name} has finite values up to {big:g}, beyond the "
-                                 f"{dtype} range (max {np.finfo(dtype).max:g})")
-        return np.ascontiguousarray(a, dtype=dtype)
+                                 f"{narrow} range (max {np.finfo(narrow).max:g})")
+        return a
+
+    def _queries(self, q, T):
+        """``q`` checked as (B, G * H, T, D), in a dtype and layout the kernel reads:
+        float32 or float64 (others become the compute dtype), native byte
+        order, strides whole elements (any strides otherwise: no copy)."""
+        a = self._block("q", q, T=T, grouped=True)
+        native = a.dtype.newbyteorder("=")
+        a = a.astype(native if native in _KERNEL_IO_DTYPES else self._compute_dtype, copy=False)
+        if any(stride % a.itemsize for stride in a.strides):
+            return np.ascontiguousarray(a)
+        return a
+
+    def _out(self, out, query):
+        """``out`` checked as where attention of ``query`` may be written, or a new array."""
+        if out is None:
+            return np.empty(query.shape, dtype=query.dtype)
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+        if out.shape != query.shape or out.dtype != query.dtype:
+            raise ValueError(f"out must have q's shape {query.shape} and dtype {query.dtype}; "
+                             f"got shape {out.shape}, dtype {out.dtype}")
+        if not out.flags.writeable or any(stride % out.itemsize for stride in out.strides):
+            raise ValueError("out must be writable, with strides in whole elements")
+        if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena):
+            raise ValueError("out must not overlap q or the cache's arena")
+        return out
+
+    def _write(self, layer_idx, key, value):
+        """Store key and value (B, H, T, D) after each row's committed
+        positions, cast to the arena's dtype. Everything is checked."""
+        T = key.shape[2]
+        keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
+        if self._uniform:
+            p = self._seq_pos
+            keys[:, :, p:p + T] = key
+            values[:, :, p:p + T] = value
+        else:
+            for b, p in enumerate(self._seq_lens.tolist()):
+                keys[b, :, p:p + T] = key[b]
+                values[b, :, p:p + T] = value[b]
 
     def _room(self, name, T):
         """Check that a block of ``T`` new positions can be written."""
@@ -298,7 +348,7 @@ class KVCache:
         value = self._block("value", value, T=T)
         self._room("key", T)
         self._make_room(T)
-        self._accessor.write(layer_idx, self._seq_lens, key, value)
+        self._write(layer_idx, key, value)
         self._wrote(T)
 
     def get(self, layer_idx, row=None):
@@ -400,7 +450,7 @@ class KVCache:
 
     # -- beyond TinyTorch ----------------------------------------------------
 
-    def attend(self, layer_idx, q, k, v):
+    def attend(self, layer_idx, q, k, v, *, out=None):
         """Write ``k``, ``v`` and return the attention of ``q`` over the cache.
 
         Query ``t`` of row ``b`` attends to the row's cached positions and
@@ -410,40 +460,47 @@ class KVCache:
         ``n_sink`` sinks and the latest ``window`` positions, the new one
         included. Like ``update``, this does not advance.
 
+        Grouped-query and multi-query attention: ``q`` may have any whole
+        multiple ``G`` of ``num_heads`` heads; query head ``h`` attends with
+        key/value head ``h // G`` (llama2.c's ``kv_mul``, HF's ``repeat_kv``
+        order), and every key/value row is read once for its G query heads.
+
         Parameters
         ----------
         layer_idx : int
             In ``[0, num_layers)``.
-        q, k, v : array-like or Tensor, shape (batch_size, num_heads, T, head_dim)
-            Queries, and the keys and values of the same T new positions.
+        q : array-like or Tensor, shape (batch_size, G * num_heads, T, head_dim)
+            Queries of the T new positions. Any strides (a model's
+            (B, T, H, D) activations as ``.transpose(0, 2, 1, 3)``) are
+            read in place.
+        k, v : array-like or Tensor, shape (batch_size, num_heads, T, head_dim)
+            Keys and values of the same positions; any strides.
+        out : ndarray, optional
+            Where to write the result: q's shape and result dtype,
+            writable, any strides, overlapping neither q nor the arena.
 
         Returns
         -------
-        ndarray, shape (batch_size, num_heads, T, head_dim)
-            A new array; float64 for a float64 arena, float32 otherwise.
+        ndarray, shape (batch_size, G * num_heads, T, head_dim)
+            ``out``, or a new array. Its dtype is q's when q is float32 or
+            float64, else the compute dtype. The kernel computes in float32
+            (float64 for a float64 arena).
 
         Raises
         ------
         TypeError, ValueError
-            As ``update``, also for ``q``; the cache is unchanged.
+            As ``update``, also for ``q`` and ``out``; the cache is unchanged.
         """
         layer_idx = self._layer(layer_idx)
         key = self._block("k", k)
         T = key.shape[2]
         value = self._block("v", v, T=T)
-        query = self._block("q", q, T=T, dtype=self._compute_dtype)
+        query = self._queries(q, T)
+        out = self._out(out, query)
         self._room("k", T)
         self._make_room(T)
-        if self.dtype == np.float16:
-            # no C type for float16: write through the accessor, attend in
-            # NumPy, computing in float32
-            self._accessor.write(layer_idx, self._seq_lens, key, value)
-            keys = self._arena[layer_idx, 0, :, :, :self._seq_pos + T]
-            values = self._arena[layer_idx, 1, :, :, :self._seq_pos + T]
-            out = attend_reference(query, keys, values, self._seq_lens, dtype=np.float32)
-        else:
-            out = np.empty_like(query)
-            self._accessor.attend(layer_idx, self._seq_lens, query, key, value, out)
+        self._write(layer_idx, key, value)
+        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
         self._wrote(T)
         return out
 

@@ -1,16 +1,18 @@
 """Size a cache before allocating it.
 
-A ``KVCache`` holds two NumPy buffers whose size depends on its
-configuration:
+A ``KVCache`` holds one NumPy buffer whose size depends on its
+configuration, the arena
 
-    arena    (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
-             in the storage dtype
-    scratch  (batch_size * num_heads, max_seq_len) softmax weights, float64
-             for a float64 arena and float32 otherwise (float16 included)
+    (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
 
-Both are linear in ``batch_size * max_seq_len``, so the largest batch or
-context that fits a memory budget has a closed form. This module imports
-nothing from ``kvarena.cache``; the two must agree, and the tests check it.
+in the storage dtype (``num_heads`` counts key/value heads). It is linear
+in ``batch_size * max_seq_len``, so the largest batch or context that fits
+a memory budget has a closed form. The attention kernel keeps no buffer
+per cache: its working memory is a few kilobytes per thread (queries,
+accumulators and a 32-row tile) plus, for a long row split across threads,
+``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
+module imports nothing from ``kvarena.cache``; the two must agree, and the
+tests check it.
 """
 
 import os
@@ -35,10 +37,9 @@ class Footprint:
         Storage dtype name: ``"float16"``, ``"float32"`` or ``"float64"``.
     arena_bytes : int
         The key/value arena.
-    scratch_bytes : int
-        The attention kernel's softmax scratch buffer.
     total_bytes : int
-        ``arena_bytes + scratch_bytes``.
+        Everything the cache holds that grows with its configuration:
+        ``arena_bytes``.
     """
 
     batch_size: int
@@ -48,19 +49,12 @@ class Footprint:
     head_dim: int
     dtype: str
     arena_bytes: int
-    scratch_bytes: int
     total_bytes: int
 
 
-def _scratch_itemsize(dt):
-    # mirrors ArenaAccessor in pyx/_arena.pyx: float16 arenas get float32 scratch
-    return np.dtype(np.float64 if dt == np.float64 else np.float32).itemsize
-
-
 def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
-    # bytes for one (batch row, position) pair: keys and values of every
-    # layer and head, plus one scratch weight per head
-    return num_heads * (2 * num_layers * head_dim * dt.itemsize + _scratch_itemsize(dt))
+    # bytes for one (batch row, position) pair: keys and values of every layer and head
+    return 2 * num_layers * num_heads * head_dim * dt.itemsize
 
 
 def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32):
@@ -76,7 +70,7 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     Returns
     -------
     Footprint
-        Exact byte counts of the arena and the scratch buffer, and their sum.
+        Exact byte counts of the arena and of the total.
 
     Raises
     ------
@@ -96,10 +90,9 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
-    arena = num_layers * 2 * batch_size * num_heads * max_seq_len * head_dim * dt.itemsize
-    scratch = batch_size * num_heads * max_seq_len * _scratch_itemsize(dt)
+    arena = batch_size * max_seq_len * _bytes_per_slot(num_layers, num_heads, head_dim, dt)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, arena, scratch, arena + scratch)
+                     dt.name, arena, arena)
 
 
 def available_memory():
@@ -172,7 +165,7 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
 
     Notes
     -----
-    The budget covers the arena and scratch buffer only; leave headroom for
+    The budget covers the arena only; leave headroom for
     the model's weights and activations.
     """
     if (batch_size is None) == (max_seq_len is None):

@@ -1,7 +1,8 @@
 """The textbook NumPy attention that the kernel is checked against.
 
 matmul, max-subtracted softmax, matmul: no tricks, so that it is easy to
-trust. It is the test oracle (in float64) and the path float16 arenas take.
+trust. It is the test oracle (in float64) and nothing else: every storage
+dtype has a compiled path (kvarena.kernel).
 """
 
 import numpy as np
@@ -12,8 +13,9 @@ def attend_reference(q, keys, values, cached, dtype=np.float64):
 
     Parameters
     ----------
-    q : ndarray, shape (B, H, T, D)
-        Queries of the T new positions.
+    q : ndarray, shape (B, G * H, T, D)
+        Queries of the T new positions; query head h attends with key/value
+        head h // G (grouped-query attention; G = 1 is multi-head).
     keys, values : ndarray, shape (B, H, S, D)
         Row b holds ``cached[b]`` cached positions followed by the T new
         ones; anything past ``cached[b] + T`` is ignored.
@@ -24,17 +26,19 @@ def attend_reference(q, keys, values, cached, dtype=np.float64):
 
     Returns
     -------
-    ndarray, shape (B, H, T, D), of ``dtype``
+    ndarray, shape (B, G * H, T, D), of ``dtype``
         Query t of row b attends to positions ``0 .. cached[b] + t``.
     """
     q = np.asarray(q, dtype=dtype)
-    B, H, T, D = q.shape
+    B, Hq, T, D = q.shape
+    G = Hq // keys.shape[1]
     out = np.empty(q.shape, dtype=dtype)
     for b in range(B):
         n = int(cached[b]) + T
-        k = np.asarray(keys[b, :, :n], dtype=dtype)      # (H, n, D)
-        v = np.asarray(values[b, :, :n], dtype=dtype)
-        scores = q[b] @ k.swapaxes(-1, -2) / np.sqrt(D)   # (H, T, n)
+        # (Hq, n, D): each key/value head repeated for its G query heads
+        k = np.repeat(np.asarray(keys[b, :, :n], dtype=dtype), G, axis=0)
+        v = np.repeat(np.asarray(values[b, :, :n], dtype=dtype), G, axis=0)
+        scores = q[b] @ k.swapaxes(-1, -2) / np.sqrt(D)   # (Hq, T, n)
         # query t sees key j when j <= cached[b] + t
         visible = np.arange(n)[None, :] <= (n - T + np.arange(T))[:, None]
         scores = np.where(visible, scores, -np.inf)

@@ -42,9 +42,7 @@ def test_footprint_worked_by_hand():
     fp = footprint(2, 10, 3, 4, 8, dtype=np.float16)
     # arena: 3 layers x K,V x 2 rows x 4 heads x 10 positions x 8 dims x 2 bytes
     assert fp.arena_bytes == 3 * 2 * 2 * 4 * 10 * 8 * 2 == 7680
-    # scratch: (2 rows x 4 heads, 10 positions) of float32, not float16
-    assert fp.scratch_bytes == 2 * 4 * 10 * 4 == 320
-    assert fp.total_bytes == 8000
+    assert fp.total_bytes == fp.arena_bytes   # the kernel holds no buffer per cache
     assert (fp.batch_size, fp.max_seq_len, fp.num_layers, fp.num_heads, fp.head_dim,
             fp.dtype) == (2, 10, 3, 4, 8, "float16")
 
@@ -55,18 +53,14 @@ def test_footprint_is_what_kvcache_allocates(shape, dtype):
     fp = footprint(*shape, dtype=dtype)
     buffers, cache = numpy_buffers_allocated(lambda: KVCache(*shape, dtype=dtype, lazy=True))
     assert fp.arena_bytes == cache._arena.nbytes
-    # the arena and the scratch buffer are each one NumPy buffer of exactly
-    # the predicted size; a missing or mis-sized term is not in the list
+    # the arena is one NumPy buffer of exactly the predicted size
     assert fp.arena_bytes in buffers, (buffers, fp)
     buffers.remove(fp.arena_bytes)
-    assert fp.scratch_bytes in buffers, (buffers, fp)
-    buffers.remove(fp.scratch_bytes)
     # what remains is bookkeeping footprint leaves out: a few intp per row
     # (row lengths, offsets), nothing that grows with max_seq_len, layers or
     # heads. Allow 8 intp per row and 8 more; the cache holds one or two a row.
     # Counting Python objects too (all tracemalloc domains) would add 3-6 kB
-    # that vary with the interpreter's free lists: a margin wider than the
-    # whole scratch buffer of the small shapes, so those are left out.
+    # that vary with the interpreter's free lists, so those are left out.
     intp = np.dtype(np.intp).itemsize
     assert sum(buffers) <= 8 * intp * (shape[0] + 1), (buffers, shape, dtype)
 
@@ -230,23 +224,23 @@ def test_footprint_rejects_bad_arguments(shape, dtype, error, message):
 
 
 def test_plan_budget_too_small_for_one_position():
-    # one position of 3 rows: 3 rows x 5 heads x (3 layers x K,V x 7 dims x 4 bytes
-    # + 4 bytes of float32 scratch) = 3 * 5 * 172 = 2580 bytes
-    assert footprint(3, 1, *MODEL).total_bytes == 2580
-    assert plan(*MODEL, batch_size=3, available_bytes=2580).max_seq_len == 1
+    # one position of 3 rows: 3 rows x 5 heads x 3 layers x K,V x 7 dims x 4 bytes
+    # = 3 * 5 * 168 = 2520 bytes
+    assert footprint(3, 1, *MODEL).total_bytes == 2520
+    assert plan(*MODEL, batch_size=3, available_bytes=2520).max_seq_len == 1
     with pytest.raises(ValueError, match=re.escape(
-            "available_bytes=2579 cannot hold one position for batch_size=3: "
-            "that needs 2580 bytes")):
-        plan(*MODEL, batch_size=3, available_bytes=2579)
+            "available_bytes=2519 cannot hold one position for batch_size=3: "
+            "that needs 2520 bytes")):
+        plan(*MODEL, batch_size=3, available_bytes=2519)
 
 
 def test_plan_budget_too_small_for_one_row():
-    # one row of 10 positions, float64: 10 x 5 heads x (3 x 2 x 7 x 8 + 8) = 17200 bytes
-    assert footprint(1, 10, *MODEL, dtype=np.float64).total_bytes == 17200
+    # one row of 10 positions, float64: 10 x 5 heads x 3 layers x K,V x 7 dims x 8 bytes = 16800
+    assert footprint(1, 10, *MODEL, dtype=np.float64).total_bytes == 16800
     with pytest.raises(ValueError, match=re.escape(
-            "available_bytes=17199 cannot hold one row for max_seq_len=10: "
-            "that needs 17200 bytes")):
-        plan(*MODEL, dtype=np.float64, max_seq_len=10, available_bytes=17199)
+            "available_bytes=16799 cannot hold one row for max_seq_len=10: "
+            "that needs 16800 bytes")):
+        plan(*MODEL, dtype=np.float64, max_seq_len=10, available_bytes=16799)
 
 
 def test_footprint_type_is_exported():
