@@ -18,8 +18,8 @@ import types
 import numpy as np
 import pytest
 
-from kvarena import (GPT, CachedMultiHeadAttention, KVCache, disable_kv_cache,
-                     enable_kv_cache)
+from kvarena import KVCache, disable_kv_cache, enable_kv_cache
+from kvarena.models import GPT, CachedMultiHeadAttention
 
 B, S, L, H, D = 2, 8, 3, 2, 4      # the cache under test
 COMMITTED = 3                       # seq_pos after prefill; layer 0 also holds one uncommitted position
