@@ -16,11 +16,16 @@ None is trained; the weights are seeded random numbers.
 
 from kvarena.models.attention import CachedMultiHeadAttention, Linear, causal_attention, repeat_kv
 from kvarena.models.gpt import GPT
+from kvarena.models.llama import Llama, rope
+from kvarena.models.numpy_cache import NumpyKVCache
 
 __all__ = [
     "CachedMultiHeadAttention",
     "GPT",
     "Linear",
+    "Llama",
+    "NumpyKVCache",
     "causal_attention",
     "repeat_kv",
+    "rope",
 ]
