@@ -8,6 +8,9 @@ configuration:
     scratch  (batch_size * num_heads, max_seq_len) softmax weights, float64
              for a float64 arena and float32 otherwise (float16 included)
 
+``num_heads`` is the number of K/V heads the cache stores (a grouped-query
+model's ``num_kv_heads``).
+
 Both are linear in ``batch_size * max_seq_len``, so the largest batch or
 context that fits a memory budget has a closed form. This module imports
 nothing from ``kvarena.cache``; the two must agree, and the tests check it.
@@ -69,7 +72,9 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     Parameters
     ----------
     batch_size, max_seq_len, num_layers, num_heads, head_dim : int
-        Positive sizes, as ``KVCache`` takes them.
+        Positive sizes, as ``KVCache`` takes them. ``num_heads`` counts
+        K/V heads, what the cache stores: for a grouped-query model, its
+        ``num_kv_heads``, not its query heads.
     dtype : float16, float32 (default) or float64
         Storage dtype of the arena.
 
@@ -144,7 +149,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     Parameters
     ----------
     num_layers, num_heads, head_dim : int
-        Positive sizes of the model.
+        Positive sizes of the model; ``num_heads`` counts K/V heads (a
+        grouped-query model's ``num_kv_heads``).
     dtype : float16, float32 (default) or float64
         Storage dtype of the arena.
     batch_size : int, optional
