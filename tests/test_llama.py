@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from kvarena import KVCache, footprint
-from kvarena.models import Llama, NumpyKVCache, repeat_kv, rope
-from kvarena.models.llama import Attention
+from kvarena.models import Llama, NumpyKVCache, causal_attention, repeat_kv, rope
 
 VOCAB, DIM, LAYERS, MAX_SEQ = 64, 48, 2, 160
 
@@ -241,7 +240,7 @@ class RotatingNumpyCache(NumpyKVCache):
 
     def attend(self, layer_idx, q, k, v):
         T = k.shape[2]
-        out = super().attend(layer_idx, q, k, v)          # writes k unrotated
+        out = super().attend(layer_idx, q, k, v)    # writes k unrotated; its output is replaced
         keys = self.keys[layer_idx]
         end = self.seq_pos + T
         # recompute with every key rotated at its slot and each query at its own
@@ -252,7 +251,6 @@ class RotatingNumpyCache(NumpyKVCache):
         q_rot = rope(q.transpose(0, 2, 1, 3), q_pos, self.rope_theta,
                      self.rope_style).transpose(0, 2, 1, 3)
         groups = q.shape[1] // self.num_heads
-        from kvarena.models import causal_attention
         out[...] = causal_attention(q_rot, repeat_kv(rotated, groups),
                                     repeat_kv(self.values[layer_idx, :, :, :end], groups),
                                     self.seq_lens)
@@ -295,6 +293,7 @@ def test_make_cache_holds_kv_heads_only():
     (dict(n_heads=5, n_kv_heads=5), ValueError, r"^dim must be n_heads times an even head_dim"),
     (dict(n_heads=48, n_kv_heads=1), ValueError, r"^dim must be n_heads times an even head_dim"),
     (dict(n_heads=6, n_kv_heads=2, rope_style="neox"), ValueError, r"^rope_style must be one of"),
+    (dict(n_heads=6, n_kv_heads=2, rope_theta=0.0), ValueError, r"^rope_theta must be a positive number"),
 ])
 def test_constructor_rejects(args, error, match):
     n_heads, n_kv_heads = args.pop("n_heads"), args.pop("n_kv_heads")

@@ -19,6 +19,7 @@ position. The rotation happens in one place, ``Attention.rotate``.
 import numpy as np
 
 from kvarena.attention import check_groups
+from kvarena.cache import KVCache
 from kvarena.checks import check_int, check_positive
 from kvarena.models import decoding
 from kvarena.models.attention import Linear, causal_attention, repeat_kv
@@ -183,7 +184,11 @@ class Llama:
     ``generate(..., cache=)``): a ``KVCache`` of ``n_kv_heads`` heads
     (``make_cache``), or any object with the same ``attend``, ``advance``,
     ``reset``, ``seq_lens`` (e.g. ``NumpyKVCache``). Keys are cached after
-    rotation.
+    rotation, at their absolute positions. A sliding-window cache
+    (``n_sink``) would keep keys rotated at positions the model then
+    attends from far away; StreamingLLM for a rotary model needs a cache
+    that rotates by position in the cache, which ``Attention.rotate``
+    defers to when the cache has a ``rope_theta``.
     """
 
     def __init__(self, vocab_size, dim, n_layers, n_heads, max_seq_len, n_kv_heads=None,
@@ -199,6 +204,8 @@ class Llama:
         if dim % n_heads or (dim // n_heads) % 2:
             raise ValueError(f"dim must be n_heads times an even head_dim (rotary pairs); "
                              f"got dim={dim}, n_heads={n_heads}")
+        if not float(rope_theta) > 0:
+            raise ValueError(f"rope_theta must be a positive number; got {rope_theta!r}")
         if rope_style not in ROPE_STYLES:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}; got {rope_style!r}")
         self.head_dim = dim // n_heads
@@ -218,7 +225,6 @@ class Llama:
 
         ``max_seq_len`` defaults to the model's; ``options`` go to ``KVCache``.
         """
-        from kvarena.cache import KVCache
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
         return KVCache(batch_size, max_seq_len, self.n_layers, self.n_kv_heads,
                        self.head_dim, **options)
