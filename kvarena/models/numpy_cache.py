@@ -39,17 +39,20 @@ class NumpyKVCache:
     def attend(self, layer_idx, q, k, v):
         """Write ``k``, ``v`` (B, H_kv, T, D) after each row's length; attention of ``q`` (B, H, T, D)."""
         T = k.shape[2]
-        if self.seq_pos + T > self.max_seq_len:
-            raise ValueError(f"Sequence position {self.seq_pos + T - 1} >= max_seq_len "
-                             f"{self.max_seq_len}")
+        pos = int(self.seq_lens.max())
+        if pos + T > self.max_seq_len:
+            raise ValueError(f"Sequence position {pos + T - 1} >= max_seq_len {self.max_seq_len}")
         keys, values = self.keys[layer_idx], self.values[layer_idx]    # (B, H_kv, S, D)
-        for b, start in enumerate(self.seq_lens):
-            keys[b, :, start:start + T] = k[b]
-            values[b, :, start:start + T] = v[b]
-        end = self.seq_pos + T
+        if (self.seq_lens == pos).all():       # one position for every row: one slice
+            keys[:, :, pos:pos + T], values[:, :, pos:pos + T] = k, v
+            cached = pos
+        else:
+            for b, start in enumerate(self.seq_lens):
+                keys[b, :, start:start + T], values[b, :, start:start + T] = k[b], v[b]
+            cached = self.seq_lens
         groups = q.shape[1] // self.num_heads
-        return causal_attention(q, repeat_kv(keys[:, :, :end], groups),
-                                repeat_kv(values[:, :, :end], groups), self.seq_lens)
+        return causal_attention(q, repeat_kv(keys[:, :, :pos + T], groups),
+                                repeat_kv(values[:, :, :pos + T], groups), cached)
 
     def advance(self, n=1):
         """Commit ``n`` positions in every row, or ``n[b]`` in row ``b``."""
