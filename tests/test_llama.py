@@ -9,7 +9,7 @@ baseline, repeat_kv), ``KVCache`` with as many query heads as K/V heads
 import numpy as np
 import pytest
 
-from kvarena import KVCache, footprint
+from kvarena import KVCache, attend_reference, footprint
 from kvarena.models import Llama, NumpyKVCache, causal_attention, repeat_kv, rope
 
 VOCAB, DIM, LAYERS, MAX_SEQ = 64, 48, 2, 160
@@ -71,6 +71,14 @@ def test_rope_by_hand():
     np.testing.assert_allclose(rope(x, [[1]], 100.0, "half").ravel(), want, rtol=1e-15)
 
 
+def test_rope_styles_are_one_rotation_of_reordered_dimensions(rng):
+    # "half" of x with its even dimensions first equals "interleaved" of x, reordered
+    x = rng.standard_normal((1, 3, 2, 8))
+    order = np.r_[0:8:2, 1:8:2]
+    np.testing.assert_allclose(rope(x[..., order], [[3, 4, 5]], 50.0, "half"),
+                               rope(x, [[3, 4, 5]], 50.0, "interleaved")[..., order], atol=1e-12)
+
+
 def test_rope_scores_depend_on_relative_position_only(rng):
     q, k = rng.standard_normal((2, 1, 1, 1, 16))
     score = lambda i, j: float((rope(q, [[i]], 1e4) * rope(k, [[j]], 1e4)).sum())
@@ -112,6 +120,30 @@ def test_uncached_attention_equals_per_head_loop(heads, rng):
 def test_repeat_kv_order():
     kv = np.arange(2).reshape(1, 2, 1, 1)       # K/V heads 0 and 1
     assert repeat_kv(kv, 3).ravel().tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# -- the NumPy baseline cache ---------------------------------------------------
+
+@pytest.mark.parametrize("q_dtype", [np.float32, np.float64])
+def test_numpy_cache_equals_the_reference_over_repeated_heads(q_dtype, rng):
+    # ragged rows (4 and 1 cached), a block of 2, 6 query heads over 2 K/V heads
+    cache = NumpyKVCache(2, 12, 1, 2, 8)
+    k0, v0 = rng.standard_normal((2, 2, 2, 4, 8))
+    cache.attend(0, rng.standard_normal((2, 6, 4, 8)), k0, v0)
+    cache.advance([4, 1])
+    q = rng.standard_normal((2, 6, 2, 8)).astype(q_dtype)
+    k, v = rng.standard_normal((2, 2, 2, 2, 8))
+    out = cache.attend(0, q, k, v)
+    assert out.dtype == q_dtype
+    keys = np.concatenate([k0, np.zeros_like(k)], axis=2)
+    values = np.concatenate([v0, np.zeros_like(v)], axis=2)
+    for b, n in enumerate([4, 1]):            # each row's block right after its own length
+        keys[b, :, n:n + 2], values[b, :, n:n + 2] = k[b], v[b]
+    want = attend_reference(q, np.repeat(keys, 3, axis=1), np.repeat(values, 3, axis=1), [4, 1])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    # 4 positions held (the longest row): 9 more would write position 12 of 12
+    with pytest.raises(ValueError, match=r"^Sequence position 12 >= max_seq_len 12"):
+        cache.attend(0, np.zeros((2, 6, 9, 8)), np.zeros((2, 2, 9, 8)), np.zeros((2, 2, 9, 8)))
 
 
 # -- cached == uncached ------------------------------------------------------

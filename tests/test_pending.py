@@ -91,7 +91,8 @@ def test_the_pending_block_is_the_last_write_until_the_lengths_change(rng):
     cache.update(0, last, last)                        # overwrites from the same position
     np.testing.assert_array_equal(cache.get(0, pending=True)[0], last)
     for change in (lambda c: c.advance(2), lambda c: c.crop(1), lambda c: c.reorder([1, 0]),
-                   lambda c: c.advance([1, 1]), lambda c: c.reset()):
+                   lambda c: c.advance([1, 1]), lambda c: c.copy_sequence(0, 1),
+                   lambda c: setattr(c, "seq_pos", 2), lambda c: c.reset()):
         cache.update(0, last, last)
         change(cache)
         assert cache.get(0, pending=True)[0].shape == cache.get(0)[0].shape, change
