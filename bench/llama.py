@@ -17,8 +17,9 @@ tokens; the table says so for every row.
 
 Cached runs: medians of repeated runs (5, 2 with --quick), the NumPy cache
 and kvarena sampled round-robin so that load from elsewhere falls on both
-alike; the first two runs of each are dropped (warm-up, and
-``time_many``'s calibration of loops per sample). Uncached: one run, and none at
+alike; ``time_many``'s untimed calls (warm-up, calibration, one before
+each sample) are not counted, so a cached row costs about 2 x repeat + 2
+runs of each cache. Uncached: one run, and none at
 1000 tokens unless --uncached-1000 (its cost grows as N^2: minutes),
 after a short warm-up run.
 
