@@ -95,10 +95,11 @@ def child_generation(n_new, embed_dim, num_layers, num_heads):
     from memory_profiler import memory_usage
 
     import kvarena
+    import kvarena.models
 
     prompt = np.arange(8) % 256
     memory_usage((time.sleep, (0.01,), {}), interval=INTERVAL, max_iterations=1)   # warm-up
-    model = kvarena.GPT(256, embed_dim, num_layers, num_heads, len(prompt) + n_new, seed=0)
+    model = kvarena.models.GPT(256, embed_dim, num_layers, num_heads, len(prompt) + n_new, seed=0)
     cache = kvarena.enable_kv_cache(model)
     settle()
     constructed = rss_mib()

@@ -31,6 +31,7 @@ from _common import (default_results_dir, header, log, median, print_header,  # 
                      results_dir, table, time_call, time_many, write_csv, write_json)
 
 import kvarena  # noqa: E402
+import kvarena.models  # noqa: E402
 from kvarena import _arena  # noqa: E402
 
 try:
@@ -97,7 +98,7 @@ def bench_generation(args):
     rows = []
     for name in names:
         config = dict(GPT_CONFIGS[name], max_seq_len=max_seq_len)
-        model = kvarena.GPT(**config, seed=0)
+        model = kvarena.models.GPT(**config, seed=0)
         head_dim = config["embed_dim"] // config["num_heads"]
         # the cache generate() builds for this model (batch 1, max_seq_len positions)
         probe = kvarena.KVCache(1, max_seq_len, config["num_layers"], config["num_heads"],

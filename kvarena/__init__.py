@@ -1,12 +1,12 @@
 """kvarena: a contiguous key/value cache for autoregressive decoding on NumPy.
 
 ``from kvarena import KVCache`` replaces
-``from tinytorch.generation.kv_cache import KVCache``.
+``from tinytorch.generation.kv_cache import KVCache``. The reference models
+(``GPT``, ``Llama``, ...) are in ``kvarena.models``.
 """
 
-from kvarena.attention import CachedMultiHeadAttention, cached_attention
+from kvarena.attention import cached_attention
 from kvarena.cache import CacheView, KVCache
-from kvarena.gpt import GPT
 from kvarena.integration import disable_kv_cache, enable_kv_cache
 from kvarena.kernel import kernel_info
 from kvarena.planner import Footprint, footprint, plan
@@ -16,9 +16,7 @@ from kvarena.storage import CacheFileError
 __all__ = [
     "CacheFileError",
     "CacheView",
-    "CachedMultiHeadAttention",
     "Footprint",
-    "GPT",
     "KVCache",
     "attend_reference",
     "cached_attention",

@@ -163,7 +163,11 @@ class KVCache:
     def _layer(self, layer_idx):
         layer_idx = check_int("layer_idx", layer_idx)
         if not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.num_layers}); got {layer_idx}")
+            # TinyTorch's wording first: code written against it matches on "Layer index"
+            tinytorch = (f"Layer index {layer_idx} < 0" if layer_idx < 0 else
+                         f"Layer index {layer_idx} >= num_layers {self.num_layers}")
+            raise ValueError(f"{tinytorch}: layer_idx must be in [0, {self.num_layers}); "
+                             f"got {layer_idx}")
         return layer_idx
 
     def _row(self, name, row):
@@ -266,8 +270,9 @@ class KVCache:
                                  f"max_seq_len - n_sink = {self.window} that this "
                                  f"sliding-window cache can hold at once")
         elif self._seq_pos + T > self.max_seq_len:
-            raise ValueError(f"{name} holds T = {T} positions, but seq_pos {self._seq_pos} + T "
-                             f"must not exceed max_seq_len = {self.max_seq_len}")
+            raise ValueError(f"{overflow(self._seq_pos + T - 1, self.max_seq_len)}: {name} holds "
+                             f"T = {T} positions, but seq_pos {self._seq_pos} + T must not "
+                             f"exceed max_seq_len = {self.max_seq_len}")
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -276,6 +281,12 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
+        self._forget_pending()
+
+    def _forget_pending(self):
+        # per layer, T of the last update() since the lengths last changed:
+        # the block that get(pending=True) shows after the committed positions
+        self._pending = [0] * self.num_layers
 
     def _make_room(self, T):
         """Sliding window: evict, in every row that needs it, enough of the
@@ -350,8 +361,9 @@ class KVCache:
         self._make_room(T)
         self._write(layer_idx, key, value)
         self._wrote(T)
+        self._pending[layer_idx] = T
 
-    def get(self, layer_idx, row=None):
+    def get(self, layer_idx, row=None, *, pending=False):
         """Cached keys and values of one layer: all rows, or one.
 
         Parameters
@@ -359,21 +371,39 @@ class KVCache:
         layer_idx : int
         row : int, optional
             One batch row. Required when rows hold different lengths.
+        pending : bool, default False
+            Also return the block that this layer's last ``update()`` wrote
+            and ``advance()`` has not committed yet: ``T`` more positions
+            per row. A model that does its own attention reads this after
+            ``update()``: without it, ``get()`` returns the committed
+            positions only (TinyTorch's semantics), and attending over them
+            leaves out the new tokens themselves (TinyTorch's "new token
+            does not attend to itself" bug). ``T`` is that of the layer's
+            last ``update()`` since the lengths last changed (``advance``,
+            ``reset``, ``crop``, ``reorder``, ``copy_sequence``, ``seq_pos
+            =``, a sliding window's eviction); 0 when there is none.
+            ``attend()`` does not leave a pending block: it has already
+            attended over it.
 
         Returns
         -------
         keys, values : CacheView, shape (batch_size, num_heads, seq_pos, head_dim)
             Read-only views of the arena (no copy), in the arena's dtype.
             With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
+            With ``pending=True``, ``seq_pos + T`` and ``seq_lens[row] + T``
+            positions.
         """
-        key_view, value_view = self.caches[self._layer(layer_idx)]
+        layer_idx = self._layer(layer_idx)
+        key_view, value_view = self.caches[layer_idx]
+        T = self._pending[layer_idx] if pending else 0
         if row is None:
             if not self._uniform:
                 raise ValueError(f"row must be given when rows hold different lengths; "
                                  f"seq_lens = {self._seq_lens.tolist()}")
-            return key_view[:, :, :self._seq_pos], value_view[:, :, :self._seq_pos]
+            n = self._seq_pos + T
+            return key_view[:, :, :n], value_view[:, :, :n]
         row = self._row("row", row)
-        n = self._seq_lens[row]
+        n = self._seq_lens[row] + T
         return key_view[row:row + 1, :, :n], value_view[row:row + 1, :, :n]
 
     def advance(self, n=1):
@@ -390,10 +420,12 @@ class KVCache:
         if np.ndim(n) == 0:
             n = check_positive("n", n)
             if self._seq_pos + n > self.max_seq_len:
-                raise ValueError(f"n = {n} would advance seq_pos {self._seq_pos} past "
-                                 f"max_seq_len = {self.max_seq_len}")
+                raise ValueError(f"{overflow(self._seq_pos + n - 1, self.max_seq_len)}: n = {n} "
+                                 f"would advance seq_pos {self._seq_pos} past max_seq_len = "
+                                 f"{self.max_seq_len}")
             self._seq_lens += n
             self._seq_pos += n
+            self._forget_pending()
             return
         n = self._per_row("n", n)
         if (n < 0).any():
@@ -401,8 +433,10 @@ class KVCache:
         over = np.flatnonzero(n > self.max_seq_len - self._seq_lens)   # no overflow
         if over.size:
             b = over[0]
-            raise ValueError(f"n[{b}] = {n[b]} would advance row {b} from {self._seq_lens[b]} "
-                             f"past max_seq_len = {self.max_seq_len}")
+            last = int(self._seq_lens[b]) + int(n[b]) - 1
+            raise ValueError(f"{overflow(last, self.max_seq_len)}: n[{b}] = {n[b]} would "
+                             f"advance row {b} from {self._seq_lens[b]} past max_seq_len = "
+                             f"{self.max_seq_len}")
         self._seq_lens += n
         self._lengths_changed()
 
@@ -648,6 +682,11 @@ class KVCache:
         return (f"KVCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"num_layers={self.num_layers}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype.name}{extra}, {lengths})")
+
+
+def overflow(position, max_seq_len):
+    """TinyTorch's capacity message, which code written against TinyTorch matches on."""
+    return f"Sequence position {position} >= max_seq_len {max_seq_len}"
 
 
 def check_sinks(n_sink, max_seq_len):

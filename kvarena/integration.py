@@ -4,7 +4,7 @@ import logging
 import numbers
 import warnings
 
-from kvarena.attention import cached_attention
+from kvarena.attention import KV_HEAD_ATTRIBUTES, cached_attention, check_groups
 from kvarena.cache import KVCache
 from kvarena.checks import check_positive
 
@@ -21,7 +21,11 @@ def enable_kv_cache(*args, **kwargs):
 
     ``enable_kv_cache(model, *, batch_size=1, dtype=float32, ...)``
         Sizes a cache from ``model.embed_dim, num_layers, num_heads,
-        max_seq_len``, stores it as ``model._kv_cache``, sets
+        max_seq_len``: ``head_dim = embed_dim // num_heads``, and the cache
+        stores ``model.num_kv_heads`` (or ``model.n_kv_heads``) K/V heads
+        when the model has that attribute (grouped-query attention; query
+        heads need no room in a cache), else ``num_heads``. It stores the
+        cache as ``model._kv_cache``, sets
         ``model._cache_enabled = True`` and patches each
         ``model.blocks[i].attention`` so that every call (a prompt of T
         tokens or one token) goes through the cache. The model's class is
@@ -46,7 +50,9 @@ def enable_kv_cache(*args, **kwargs):
         The model lacks one of ``embed_dim, num_layers, num_heads,
         max_seq_len, blocks``.
     ValueError
-        Caching is already enabled on the model, or its sizes are invalid.
+        Caching is already enabled on the model, or its sizes are invalid
+        (``num_heads`` not dividing ``embed_dim``, or not a multiple of the
+        K/V heads).
     """
     if args and not isinstance(args[0], numbers.Number):
         model, *rest = args
@@ -70,11 +76,15 @@ def _attach(model, *, batch_size=1, **options):
     if embed_dim % num_heads:
         raise ValueError(f"model.embed_dim must be divisible by model.num_heads; "
                          f"got {embed_dim} and {num_heads}")
+    kv_name = next((name for name in KV_HEAD_ATTRIBUTES
+                    if getattr(model, name, None) is not None), "num_heads")
+    num_kv_heads = check_positive(f"model.{kv_name}", getattr(model, kv_name))
+    check_groups(num_heads, num_kv_heads, ("model.num_heads", f"model.{kv_name}"))
     blocks = list(model.blocks)
     if len(blocks) != model.num_layers:
         raise ValueError(f"model.blocks must hold model.num_layers = {model.num_layers} "
                          f"blocks; got {len(blocks)}")
-    cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_heads,
+    cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_kv_heads,
                     embed_dim // num_heads, **options)
 
     patched, uncached = [], []

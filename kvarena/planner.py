@@ -5,7 +5,8 @@ configuration, the arena
 
     (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
 
-in the storage dtype (``num_heads`` counts key/value heads). It is linear
+in the storage dtype (``num_heads`` counts key/value heads: a
+grouped-query model's ``num_kv_heads``). It is linear
 in ``batch_size * max_seq_len``, so the largest batch or context that fits
 a memory budget has a closed form. The attention kernel keeps no buffer
 per cache: its working memory is a few kilobytes per thread (queries,
@@ -63,7 +64,9 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     Parameters
     ----------
     batch_size, max_seq_len, num_layers, num_heads, head_dim : int
-        Positive sizes, as ``KVCache`` takes them.
+        Positive sizes, as ``KVCache`` takes them. ``num_heads`` counts
+        K/V heads, what the cache stores: for a grouped-query model, its
+        ``num_kv_heads``, not its query heads.
     dtype : float16, float32 (default) or float64
         Storage dtype of the arena.
 
@@ -137,7 +140,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     Parameters
     ----------
     num_layers, num_heads, head_dim : int
-        Positive sizes of the model.
+        Positive sizes of the model; ``num_heads`` counts K/V heads (a
+        grouped-query model's ``num_kv_heads``).
     dtype : float16, float32 (default) or float64
         Storage dtype of the arena.
     batch_size : int, optional

@@ -18,8 +18,8 @@ import types
 import numpy as np
 import pytest
 
-from kvarena import (GPT, CachedMultiHeadAttention, KVCache, disable_kv_cache,
-                     enable_kv_cache)
+from kvarena import KVCache, disable_kv_cache, enable_kv_cache
+from kvarena.models import GPT, CachedMultiHeadAttention
 
 B, S, L, H, D = 2, 8, 3, 2, 4      # the cache under test
 COMMITTED = 3                       # seq_pos after prefill; layer 0 also holds one uncommitted position
@@ -207,8 +207,8 @@ def write_cases(op):
 
     k, v = ("key", "value") if op == "update" else ("k", "v")
     cases = [
-        case("cache", call(layer=-1), ValueError, r"^layer_idx must be in \[0, 3\); got -1", "layer_idx-negative"),
-        case("cache", call(layer=L), ValueError, r"^layer_idx must be in \[0, 3\); got 3", "layer_idx-too-large"),
+        case("cache", call(layer=-1), ValueError, r"^Layer index -1 < 0: layer_idx must be in \[0, 3\); got -1", "layer_idx-negative"),
+        case("cache", call(layer=L), ValueError, r"^Layer index 3 >= num_layers 3: layer_idx must be in \[0, 3\); got 3", "layer_idx-too-large"),
         case("cache", call(layer=True), TypeError, r"^layer_idx must be an int", "layer_idx-bool"),
         case("cache", call(layer=0.0), TypeError, r"^layer_idx must be an int", "layer_idx-float"),
         case("cache", call(layer="0"), TypeError, r"^layer_idx must be an int", "layer_idx-str"),
@@ -223,8 +223,8 @@ def write_cases(op):
         case("cache", call(k=block(0), v=block(0), q=block(0)), ValueError, rf"^{k} must hold at least one position", f"{k}-T-zero"),
         case("cache", call(k=block(2), v=block(1), q=block(2)), ValueError, rf"^{v} must have shape .* = \(2, 2, 2, 4\); got \(2, 2, 1, 4\)", f"{v}-T-mismatch"),
         case("cache", call(k=block(ROOM + 1), v=block(ROOM + 1), q=block(ROOM + 1)), ValueError,
-             rf"^{k} holds T = 6 positions, but seq_pos 3 \+ T must not exceed max_seq_len = 8", "overflow-by-one"),
-        case("cache", call(k=block(50), v=block(50), q=block(50)), ValueError, rf"^{k} holds T = 50 .*max_seq_len = 8", "overflow-by-many"),
+             rf"^Sequence position 8 >= max_seq_len 8: {k} holds T = 6 positions, but seq_pos 3 \+ T must not exceed max_seq_len = 8", "overflow-by-one"),
+        case("cache", call(k=block(50), v=block(50), q=block(50)), ValueError, rf"^Sequence position 52 >= max_seq_len 8: {k} holds T = 50 .*max_seq_len = 8", "overflow-by-many"),
         case("cache", call(v=block(1, np.complex64)), TypeError, rf"^{v} must hold real floating-point values; got dtype complex64", f"{v}-complex"),
         case("cache", call(k=block(1, np.complex128)), TypeError, rf"^{k} must hold real floating-point", f"{k}-complex"),
         case("cache", call(k=block(1, object)), TypeError, rf"^{k} must hold real floating-point values; got dtype object", f"{k}-object"),
@@ -255,8 +255,8 @@ def write_cases(op):
 
 
 GET = [
-    case("cache", lambda c: c.get(-1), ValueError, r"^layer_idx must be in \[0, 3\); got -1", "get-layer_idx-negative"),
-    case("cache", lambda c: c.get(L), ValueError, r"^layer_idx must be in", "get-layer_idx-too-large"),
+    case("cache", lambda c: c.get(-1), ValueError, r"^Layer index -1 < 0: layer_idx must be in \[0, 3\); got -1", "get-layer_idx-negative"),
+    case("cache", lambda c: c.get(L), ValueError, r"^Layer index 3 >= num_layers 3: layer_idx must be in", "get-layer_idx-too-large"),
     case("cache", lambda c: c.get(np.bool_(False)), TypeError, r"^layer_idx must be an int", "get-layer_idx-np.bool"),
     case("cache", lambda c: c.get(1.5), TypeError, r"^layer_idx must be an int", "get-layer_idx-float"),
     case("cache", lambda c: c.get(None), TypeError, r"^layer_idx must be an int", "get-layer_idx-None"),
@@ -267,8 +267,8 @@ ADVANCE = [
     case("cache", lambda c: c.advance(-1), ValueError, r"^n must be a positive int", "advance-negative"),
     case("cache", lambda c: c.advance(True), TypeError, r"^n must be an int", "advance-bool"),
     case("cache", lambda c: c.advance(1.0), TypeError, r"^n must be an int", "advance-float"),
-    case("cache", lambda c: c.advance(ROOM + 1), ValueError, r"^n = 6 would advance seq_pos 3 past max_seq_len = 8", "advance-past-by-one"),
-    case("cache", lambda c: c.advance(10**6), ValueError, r"^n = 1000000 would advance .*max_seq_len", "advance-past-by-many"),
+    case("cache", lambda c: c.advance(ROOM + 1), ValueError, r"^Sequence position 8 >= max_seq_len 8: n = 6 would advance seq_pos 3 past max_seq_len = 8", "advance-past-by-one"),
+    case("cache", lambda c: c.advance(10**6), ValueError, r"^Sequence position 1000002 >= max_seq_len 8: n = 1000000 would advance .*max_seq_len", "advance-past-by-many"),
 ]
 
 MODEL = [
@@ -297,8 +297,8 @@ ATTENTION = [
     case("attention", lambda a: a.mha.forward(np.ones((1, 1, EMBED), np.float32), np.ones((1, 1))), ValueError, r"^mask must be None", "mha-mask"),
     case("attention", lambda a: a.mha.forward(np.ones((1, EMBED), np.float32)), ValueError, r"^x must have shape .*got \(1, 8\)", "mha-x-rank-2"),
     case("attention", lambda a: a.mha.forward(np.ones((1, 1, EMBED + 1), np.float32), cache=a.cache), ValueError, r"^x must have shape", "mha-x-wrong-embed_dim"),
-    case("attention", lambda a: a.mha.forward(np.ones((1, 1, EMBED), np.float32), cache=a.cache, layer_idx=2), ValueError, r"^layer_idx must be in \[0, 2\)", "mha-cached-layer_idx"),
-    case("attention", lambda a: a.mha.forward(np.ones((1, 5, EMBED), np.float32), cache=a.cache), ValueError, r"^x holds T = 5 .*max_seq_len = 6", "mha-cached-overflow"),
+    case("attention", lambda a: a.mha.forward(np.ones((1, 1, EMBED), np.float32), cache=a.cache, layer_idx=2), ValueError, r"^Layer index 2 >= num_layers 2: layer_idx must be in \[0, 2\)", "mha-cached-layer_idx"),
+    case("attention", lambda a: a.mha.forward(np.ones((1, 5, EMBED), np.float32), cache=a.cache), ValueError, r"^Sequence position \d+ >= max_seq_len 6: x holds T = 5 .*max_seq_len = 6", "mha-cached-overflow"),
     # the user passed x; a message about the internal k names nothing they gave
     case("attention", lambda a: a.mha.forward(np.ones((2, 1, EMBED), np.float32), cache=a.cache), ValueError, r"\bx\b", "mha-cached-x-wrong-batch"),
     case("attention", lambda a: a.mha.forward(np.ones((1, 0, EMBED), np.float32)), ValueError, r"\bx\b", "mha-x-T-zero"),
@@ -353,13 +353,13 @@ ROWS = [
     case("cache", lambda c: c.advance([True, False]), TypeError, r"^n must hold ints.*got dtype bool", "advance-rows-bool"),
     case("cache", lambda c: c.advance([1, -1]), ValueError, r"^n must hold ints >= 0; got \[1, -1\]", "advance-rows-negative"),
     case("cache", lambda c: c.advance([0, ROOM + 1]), ValueError,
-         r"^n\[1\] = 6 would advance row 1 from 3 past max_seq_len = 8", "advance-rows-one-row-past"),
+         r"^Sequence position 8 >= max_seq_len 8: n\[1\] = 6 would advance row 1 from 3 past max_seq_len = 8", "advance-rows-one-row-past"),
     # row 0 fits (3 + 5 = 8); row 1 does not (5 + 4): the message names the row that overflows
     case("ragged", lambda c: c.advance([S - RAGGED[0], S - RAGGED[1] + 1]), ValueError,
-         r"^n\[1\] = 4 would advance row 1 from 5 past max_seq_len = 8", "advance-rows-ragged-past"),
-    case("ragged", lambda c: c.advance(1 + S - RAGGED[1]), ValueError, r"^n = 4 would advance seq_pos 5 past", "advance-ragged-int-past"),
+         r"^Sequence position 8 >= max_seq_len 8: n\[1\] = 4 would advance row 1 from 5 past max_seq_len = 8", "advance-rows-ragged-past"),
+    case("ragged", lambda c: c.advance(1 + S - RAGGED[1]), ValueError, r"^Sequence position 8 >= max_seq_len 8: n = 4 would advance seq_pos 5 past", "advance-ragged-int-past"),
     # seq_lens + n would wrap around in intp: the check must not compute it
-    case("cache", lambda c: c.advance([2**63 - 1, 0]), ValueError, r"^n\[0\] = 9223372036854775807 would advance row 0",
+    case("cache", lambda c: c.advance([2**63 - 1, 0]), ValueError, r"^Sequence position 9223372036854775809 >= max_seq_len 8: n\[0\] = 9223372036854775807 would advance row 0",
          "advance-rows-intp-wraparound"),
     case("cache", lambda c: c.advance(np.array([2**64 - 1, 0], dtype=np.uint64)), ValueError,
          r"^n must hold ints of at most 9223372036854775807; got \[18446744073709551615, 0\]", "advance-rows-uint64-huge"),
@@ -371,7 +371,7 @@ ROWS = [
     case("cache", lambda c: c.get(0, row=1.0), TypeError, r"^row must be an int", "get-row-float"),
     case("cache", lambda c: c.get(0, row=np.float64(1)), TypeError, r"^row must be an int", "get-row-np.float64"),
     case("ragged", lambda c: c.get(0), ValueError, r"^row must be given when rows hold different lengths; seq_lens = \[3, 5\]", "get-ragged-without-row"),
-    case("ragged", lambda c: c.get(L, row=0), ValueError, r"^layer_idx must be in", "get-ragged-layer_idx"),
+    case("ragged", lambda c: c.get(L, row=0), ValueError, r"^Layer index 3 >= num_layers 3: layer_idx must be in", "get-ragged-layer_idx"),
 
     case("cache", lambda c: c.reorder([0]), ValueError, r"^beam_idx must have shape \(batch_size,\) = \(2,\); got \(1,\)", "reorder-too-few"),
     case("cache", lambda c: c.reorder([[0, 1]]), ValueError, r"^beam_idx must have shape", "reorder-rank-2"),
@@ -435,7 +435,7 @@ def test_the_last_position_fits_and_one_more_does_not():
     assert cache.seq_pos == S
     with left_unchanged(cache), pytest.raises(ValueError, match="max_seq_len"):
         cache.update(1, block(1), block(1))
-    with left_unchanged(cache), pytest.raises(ValueError, match="^n = 1 would advance seq_pos 8 past"):
+    with left_unchanged(cache), pytest.raises(ValueError, match="^Sequence position 8 >= max_seq_len 8: n = 1 would advance seq_pos 8 past"):
         cache.advance(1)
 
 

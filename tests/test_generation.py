@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import Tensor
-from kvarena import GPT, CachedMultiHeadAttention, KVCache, disable_kv_cache, enable_kv_cache
+from kvarena import KVCache, disable_kv_cache, enable_kv_cache
+from kvarena.models import GPT, CachedMultiHeadAttention
 
 
 def relative_error(got, want):

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 import kvarena._arena
-from kvarena import GPT, CachedMultiHeadAttention, KVCache, attend_reference, enable_kv_cache
+from kvarena import KVCache, attend_reference, enable_kv_cache
+from kvarena.models import GPT, CachedMultiHeadAttention
 
 MIB = 1024 * 1024
 

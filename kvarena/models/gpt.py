@@ -6,13 +6,13 @@ the model of the demo, the tests and the benchmarks, not a trained model
 and not a training framework (no autograd).
 """
 
-import numbers
-
 import numpy as np
 
-from kvarena.attention import CachedMultiHeadAttention, Linear
+from kvarena.attention import check_groups
 from kvarena.checks import check_int, check_positive
 from kvarena.integration import disable_kv_cache, enable_kv_cache
+from kvarena.models import decoding
+from kvarena.models.attention import CachedMultiHeadAttention, Linear
 
 
 class LayerNorm:
@@ -60,9 +60,9 @@ class MLP:
 class TransformerBlock:
     """Pre-LN block: ``x + attention(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, embed_dim, num_heads, rng, dtype=np.float32):
+    def __init__(self, embed_dim, num_heads, rng, dtype=np.float32, num_kv_heads=None):
         self.ln1 = LayerNorm(embed_dim, dtype)
-        self.attention = CachedMultiHeadAttention(embed_dim, num_heads, rng, dtype)
+        self.attention = CachedMultiHeadAttention(embed_dim, num_heads, rng, dtype, num_kv_heads)
         self.ln2 = LayerNorm(embed_dim, dtype)
         self.mlp = MLP(embed_dim, rng, dtype)
 
@@ -82,6 +82,9 @@ class GPT:
     seed : int, default 0
         Seed of the random weights.
     dtype : dtype, default float32
+    num_kv_heads : int, optional
+        K/V heads of every attention layer, dividing ``num_heads``
+        (grouped-query attention). Default ``num_heads``.
 
     Notes
     -----
@@ -91,16 +94,20 @@ class GPT:
     """
 
     def __init__(self, vocab_size, embed_dim, num_layers, num_heads, max_seq_len,
-                 seed=0, dtype=np.float32):
+                 seed=0, dtype=np.float32, num_kv_heads=None):
         self.vocab_size = check_positive("vocab_size", vocab_size)
         self.embed_dim = check_positive("embed_dim", embed_dim)
         self.num_layers = check_positive("num_layers", num_layers)
         self.num_heads = check_positive("num_heads", num_heads)
+        self.num_kv_heads = num_heads if num_kv_heads is None \
+            else check_positive("num_kv_heads", num_kv_heads)
+        check_groups(self.num_heads, self.num_kv_heads)
         self.max_seq_len = check_positive("max_seq_len", max_seq_len)
         rng = np.random.default_rng(seed)
         self.token_embedding = (rng.standard_normal((vocab_size, embed_dim)) * 0.5).astype(dtype)
         self.position_embedding = (rng.standard_normal((max_seq_len, embed_dim)) * 0.1).astype(dtype)
-        self.blocks = [TransformerBlock(embed_dim, num_heads, rng, dtype) for _ in range(num_layers)]
+        self.blocks = [TransformerBlock(embed_dim, num_heads, rng, dtype, num_kv_heads)
+                       for _ in range(num_layers)]
         self.ln_f = LayerNorm(embed_dim, dtype)
         self.lm_head = Linear(embed_dim, vocab_size, rng, dtype)
 
@@ -119,7 +126,7 @@ class GPT:
         -------
         ndarray, shape (batch_size, T, vocab_size)
         """
-        tokens = self._check_tokens(tokens, "tokens", ndim=(2,))
+        tokens = decoding.check_tokens(tokens, "tokens", (2,), self.vocab_size)
         if start_pos is None:
             start_pos = self._kv_cache.seq_lens if getattr(self, "_cache_enabled", False) else 0
         positions = self._positions(start_pos, *tokens.shape)
@@ -145,20 +152,6 @@ class GPT:
             raise ValueError(f"start_pos must be in [0, max_seq_len - T] = [0, {last}] "
                              f"for T = {T}; got {start.tolist()}")
         return start[:, None] + np.arange(T)
-
-    def _check_tokens(self, tokens, name, ndim):
-        tokens = np.asarray(tokens)
-        if tokens.dtype.kind not in "iu":
-            raise TypeError(f"{name} must be integer token ids; got dtype {tokens.dtype}")
-        if tokens.ndim not in ndim:
-            raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions; "
-                             f"got shape {tokens.shape}")
-        if tokens.shape[-1] < 1:
-            raise ValueError(f"{name} must hold at least one token; got shape {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"{name} must be ids in [0, vocab_size = {self.vocab_size}); "
-                             f"got values in [{tokens.min()}, {tokens.max()}]")
-        return tokens
 
     def generate(self, prompt_tokens, max_new_tokens, use_cache=True, temperature=0.0, seed=None):
         """Extend each prompt by ``max_new_tokens`` sampled tokens.
@@ -194,16 +187,9 @@ class GPT:
         the prompt's number of dimensions, or for a ragged batch a list of
         1-D arrays.
         """
-        prompts, ragged = self._prompts(prompt_tokens)
-        max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
-        if not isinstance(use_cache, (bool, np.bool_)):
-            raise TypeError(f"use_cache must be a bool; got {use_cache!r}")
-        if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
-            raise TypeError(f"temperature must be a real number; got {temperature!r}")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
-        lengths = np.array([len(p) for p in prompts])
-        B, T = len(prompts), int(lengths.max())
+        prompts, ragged = decoding.prompts(prompt_tokens, self.vocab_size)
+        max_new_tokens = decoding.check_generate(max_new_tokens, use_cache, temperature)
+        B, T = len(prompts), max(len(p) for p in prompts)
         if T + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt length + max_new_tokens must be <= max_seq_len = "
                              f"{self.max_seq_len}; got {T} + {max_new_tokens}")
@@ -214,55 +200,13 @@ class GPT:
         if enabled and self._kv_cache.batch_size != B:
             raise ValueError(f"prompt_tokens has batch size {B}; the model's enabled cache "
                              f"has batch_size {self._kv_cache.batch_size}")
-        rng = np.random.default_rng(seed)
-        out = np.zeros((B, T + max_new_tokens), dtype=np.int64)   # right-padded with 0
-        for row, prompt in zip(out, prompts):
-            row[:len(prompt)] = prompt
-        rows, ends = np.arange(B), lengths.copy()     # ends[b]: row b's length so far
+        cache = None
         if use_cache:
             cache = self._kv_cache if enabled else enable_kv_cache(self, batch_size=B)
-            try:
-                cache.reset()
-                logits = self.forward(out[:, :T], start_pos=0)[rows, ends - 1]
-                cache.advance(lengths if ragged else T)
-                for step in range(max_new_tokens):
-                    out[rows, ends] = _sample(logits, temperature, rng)
-                    ends += 1
-                    if step < max_new_tokens - 1:
-                        logits = self.forward(out[rows, ends - 1][:, None])[:, -1]
-                        cache.advance(1)
-            finally:
-                if not enabled:
-                    disable_kv_cache(self)
-        else:
-            for _ in range(max_new_tokens):
-                if ragged:   # each row on its own: no padding in any forward pass
-                    logits = np.stack([self.forward(out[b:b + 1, :ends[b]])[0, -1]
-                                       for b in range(B)])
-                else:
-                    logits = self.forward(out[:, :ends[0]])[:, -1]
-                out[rows, ends] = _sample(logits, temperature, rng)
-                ends += 1
-        if ragged:
-            return [row[:end] for row, end in zip(out, ends)]
-        return out if np.ndim(prompt_tokens) == 2 else out[0]
-
-    def _prompts(self, prompt_tokens):
-        """``(list of 1-D prompts, ragged)``, each checked."""
-        if isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) > 0 \
-                and all(np.ndim(p) == 1 for p in prompt_tokens) \
-                and len({len(p) for p in prompt_tokens}) > 1:
-            return [self._check_tokens(p, "prompt_tokens", ndim=(1,)) for p in prompt_tokens], True
-        batch = self._check_tokens(prompt_tokens, "prompt_tokens", ndim=(1, 2))
-        return list(np.atleast_2d(batch)), False
-
-
-def _sample(logits, temperature, rng):
-    """One token id per row of ``logits`` (batch_size, vocab_size)."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(p, axis=-1)
-    u = rng.random((len(logits), 1)) * cdf[:, -1:]
-    return (cdf < u).sum(axis=-1)
+        try:
+            out, ends = decoding.decode(self.forward, prompts, ragged, max_new_tokens,
+                                        temperature, seed, cache)
+        finally:
+            if use_cache and not enabled:
+                disable_kv_cache(self)
+        return decoding.result(out, ends, ragged, prompt_tokens)
