@@ -568,7 +568,8 @@ def _check_lengths(meta, name, B, limit, path):
     top = MAX_INTP if limit is None else limit
     if not (isinstance(values, list) and len(values) == B
             and all(type(n) is int and 0 <= n <= top for n in values)):
-        raise CacheFileError(f"{path}: {name} must be {B} ints in [0, {top}]; got {values!r}")
+        ints = "int" if B == 1 else "ints"
+        raise CacheFileError(f"{path}: {name} must be {B} {ints} in [0, {top}]; got {values!r}")
     return np.array(values, dtype=np.intp)
 
 
@@ -582,8 +583,12 @@ def _mapped_offsets(header_len, batch_size):
 def _map(f, mode, shape, dtype, state_offset, arena_offset):
     # plain ndarray views of the maps (which they keep alive): arithmetic on
     # np.memmap returns memmaps, which nothing here wants
-    state = np.memmap(f, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
-    arena = np.memmap(f, dtype, mode, arena_offset, shape)
+    try:
+        state = np.memmap(f, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
+        arena = np.memmap(f, dtype, mode, arena_offset, shape)
+    except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
+        raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "
+                                 f"{f.name} ({os.strerror(exc.errno)})") from None
     return arena.view(np.ndarray), state.view(np.ndarray)
 
 
