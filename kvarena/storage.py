@@ -276,7 +276,7 @@ def load(path, max_seq_len, lazy, max_arena_bytes):
     fits in ``max_arena_bytes`` (None: the memory available now), so a
     small crafted file cannot make ``load`` reserve a huge arena.
     """
-    with open(path, "rb") as f:
+    with _open_regular(path, writable=False) as f:
         size = os.fstat(f.fileno()).st_size
         _, _, header_len, header_crc, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
                                                          SNAPSHOT_MAGIC, "snapshot")
@@ -365,7 +365,7 @@ def create_mapped(path, shape, dtype, n_sink, lazy):
             f.write(header)
             f.flush()
             _reserve(f, path, total)
-            arena, state = _map(f, "r+", shape, dtype, state_offset, arena_offset)
+            arena, state = _map(f, path, "r+", shape, dtype, state_offset, arena_offset)
             if not lazy:
                 arena.fill(0)
         except BaseException:
@@ -392,7 +392,7 @@ def open_mapped(path, mode):
         raise ValueError(f"mode must be 'r+' (write to the file) or 'c' (copy-on-write); "
                          f"got {mode!r}")
     _check_state_dtype()
-    with open(path, "r+b" if mode == "r+" else "rb") as f:
+    with _open_regular(path, writable=mode == "r+") as f:
         _lock(f, path, mode)          # before reading: no writer can be mid-way now
         size = os.fstat(f.fileno()).st_size
         _, _, header_len = _read_prefix(f, path, size, MAPPED_PREFIX, MAPPED_MAGIC,
@@ -404,7 +404,7 @@ def open_mapped(path, mode):
         if size != expected:
             raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
                                  f"{expected}; it is truncated or has trailing data")
-        arena, state = _map(f, mode, shape, dtype, state_offset, arena_offset)
+        arena, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
     if mode == "c":
         # a private mapping shows the file's bytes until this process writes
         # them: read the lengths once, now, into memory of our own
@@ -414,6 +414,25 @@ def open_mapped(path, mode):
     _check_lengths({"evicted": state[B:2 * B].tolist()}, "evicted", B, None, path)
     _check_lengths({"written_end": state[2 * B:].tolist()}, "written_end", 1, S, path)
     return arena, state, n_sink
+
+
+def _open_regular(path, writable):
+    """``path`` opened in binary mode, if it is a regular file.
+
+    Opened without blocking, then checked: a FIFO would otherwise hang the
+    open or the first read forever, and a device would be read as a file.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CacheFileError(f"{path} is {_file_kind(mode)}, not a kvarena file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+b" if writable else "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _lock(f, path, mode):
@@ -580,7 +599,7 @@ def _mapped_offsets(header_len, batch_size):
     return state_offset, -(-state_end // granule) * granule
 
 
-def _map(f, mode, shape, dtype, state_offset, arena_offset):
+def _map(f, path, mode, shape, dtype, state_offset, arena_offset):
     # plain ndarray views of the maps (which they keep alive): arithmetic on
     # np.memmap returns memmaps, which nothing here wants
     try:
@@ -588,7 +607,7 @@ def _map(f, mode, shape, dtype, state_offset, arena_offset):
         arena = np.memmap(f, dtype, mode, arena_offset, shape)
     except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
         raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "
-                                 f"{f.name} ({os.strerror(exc.errno)})") from None
+                                 f"{path} ({os.strerror(exc.errno)})") from None
     return arena.view(np.ndarray), state.view(np.ndarray)
 
 

@@ -16,7 +16,7 @@ on files. Attacks are batched per subject to keep the module fast.
 5. a full filesystem (a 4 MiB tmpfs when this process may mount one,
    RLIMIT_FSIZE otherwise), a read-only one;
 6. save onto the file of an open cache, onto FIFOs, devices, sockets,
-   directories and symlinks, with bytes paths;
+   directories and symlinks, with bytes paths; load and open of them;
 7. a constructor that fails leaves no file;
 8. crafted snapshot headers with valid checksums, crafted mapped state;
 9. lazy=True then reset() commits nothing untouched;
@@ -539,6 +539,29 @@ def test_save_refuses_what_it_must_not_replace(tmp_path):
         assert sorted(os.listdir(".")) == sorted(["m.kvm", "to-mapped", "link.kva",
             "target.kva", "dangling.kva", "made-by-save.kva", *specials]), os.listdir(".")
     ''', tmp_path)
+
+
+def test_load_and_open_refuse_what_is_not_a_regular_file(tmp_path):
+    # a FIFO with no writer would block open() or the first read forever
+    run('''
+        import stat
+        os.mkfifo("fifo")
+        os.mkdir("dir")
+        kinds = {"fifo": "a FIFO", "dir": "a directory"}
+        try:
+            os.mknod("zero", stat.S_IFCHR | 0o600, os.makedev(1, 5))     # a /dev/zero twin
+            kinds["zero"] = "a character device"
+        except PermissionError:
+            pass
+        for name, kind in kinds.items():
+            refused(CacheFileError, rf"^{name} is {kind}, not a kvarena file", KVCache.load, name)
+            refused(CacheFileError, rf"^{name} is {kind}", KVCache.open, name, "c")
+            if name != "dir":                 # O_RDWR on a directory: IsADirectoryError first
+                refused(CacheFileError, rf"^{name} is {kind}", KVCache.open, name, "r+")
+        refused(IsADirectoryError, "dir", KVCache.open, "dir", "r+")
+        refused(ValueError, "^path must not contain a NUL character", KVCache.load, "a\\0b")
+        assert sorted(os.listdir(".")) == sorted(kinds)
+    ''', tmp_path, timeout=30)
 
 
 # -- 7. a failing constructor leaves no file --------------------------------------------
