@@ -34,6 +34,9 @@ import time
 
 import pytest
 
+# the attacks use /proc, flock, O_TMPFILE, posix_fallocate and mount: Linux's
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux-specific attacks")
+
 PRELUDE = textwrap.dedent('''
     import copy, errno, gc, hashlib, json, os, re, resource, struct, sys, threading, time, zlib
     import numpy as np
