@@ -207,7 +207,7 @@ def _check_replaceable(path, target):
     try:   # O_NONBLOCK: it was a regular file a moment ago; never hang on a FIFO
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return       # unreadable: then it cannot be mapped by a cache of ours either
+        return       # unreadable to us: no lock to test; the rename decides
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -409,10 +409,7 @@ def open_mapped(path, mode):
         # a private mapping shows the file's bytes until this process writes
         # them: read the lengths once, now, into memory of our own
         state = np.array(state, dtype=np.intp)
-    B, S = shape[2], shape[4]
-    _check_lengths({"seq_lens": state[:B].tolist()}, "seq_lens", B, S, path)
-    _check_lengths({"evicted": state[B:2 * B].tolist()}, "evicted", B, None, path)
-    _check_lengths({"written_end": state[2 * B:].tolist()}, "written_end", 1, S, path)
+    _check_state(state, shape[2], shape[4], path)
     return arena, state, n_sink
 
 
@@ -587,9 +584,22 @@ def _check_lengths(meta, name, B, limit, path):
     top = MAX_INTP if limit is None else limit
     if not (isinstance(values, list) and len(values) == B
             and all(type(n) is int and 0 <= n <= top for n in values)):
-        ints = "int" if B == 1 else "ints"
-        raise CacheFileError(f"{path}: {name} must be {B} {ints} in [0, {top}]; got {values!r}")
+        raise CacheFileError(f"{path}: {name} must be {B} ints in [0, {top}]; got {values!r}")
     return np.array(values, dtype=np.intp)
+
+
+def _check_state(state, B, S, path):
+    """A mapped file's ``[seq_lens | evicted | written_end]``, each in range.
+
+    Vectorised, and naming only the first value out of range: a crafted
+    header can make ``B`` large.
+    """
+    for name, values, top in [("seq_lens", state[:B], S), ("evicted", state[B:2 * B], MAX_INTP),
+                              ("written_end", state[2 * B:], S)]:
+        bad = np.flatnonzero((values < 0) | (values > top))
+        if bad.size:
+            raise CacheFileError(f"{path}: {name} must be in [0, {top}]; got "
+                                 f"{name}[{bad[0]}] = {values[bad[0]]}")
 
 
 def _mapped_offsets(header_len, batch_size):

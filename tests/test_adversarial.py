@@ -664,10 +664,12 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
         with open("m.kvm", "rb") as f:
             header_len = struct.unpack_from("<8sII", f.read(16))[2]
         state_offset = -(-(16 + header_len) // 8) * 8           # [seq_lens | evicted | written_end]
-        for state, pattern in [([3, 3, -1, 0, 3], "evicted must be"),
-                               ([3, 3, 0, 0, 9], r"written_end must be 1 int in \\[0, 8\\]"),
+        for state, pattern in [([3, 3, -1, 0, 3], r"evicted must be in \\[0, 9223372036854775807\\]; "
+                                                  r"got evicted\\[0\\] = -1"),
+                               ([3, 3, 0, 0, 9], r"written_end must be in \\[0, 8\\]; got written_end\\[0\\] = 9"),
                                ([3, 3, 0, 0, -5], "written_end must be"),
-                               ([3, 2**62, 0, 0, 3], "seq_lens must be")]:
+                               ([3, 2**62, 0, 0, 3], r"seq_lens must be in \\[0, 8\\]; "
+                                                 r"got seq_lens\\[1\\] = 4611686018427387904")]:
             with open("m.kvm", "r+b") as f:
                 os.pwrite(f.fileno(), np.array(state, "<i8").tobytes(), state_offset)
             before = digest("m.kvm")
