@@ -52,6 +52,9 @@ def exclusive(method):
     (another thread is inside a guarded method of the same cache) raises
     ``RuntimeError`` at once, before touching anything, instead of letting
     two threads corrupt the arena, the lengths or the kernel's scratch.
+    A call that returns records the lengths it leaves, so that the next
+    write can tell whether they were changed outside the cache's methods
+    (``KVCache._room``).
     """
     name = method.__name__
 
@@ -63,7 +66,10 @@ def exclusive(method):
                                f"time: give each thread its own cache, or serialise the "
                                f"calls with a lock of your own")
         try:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            # only on success: lengths a call refused stay "changed outside"
+            self._lengths_seen = self._seq_lens.tobytes()
+            return result
         finally:
             self._guard.release()
     return guarded
@@ -206,6 +212,7 @@ class KVCache:
         self._written = state[2 * B:]
         self._lengths_changed()
         self._guard = threading.Lock()      # see exclusive()
+        self._lengths_seen = self._seq_lens.tobytes()
 
     # -- validation ----------------------------------------------------------
 
@@ -290,7 +297,6 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
-        self._lengths_seen = self._seq_lens.tobytes()
 
     def _make_room(self, T):
         """Sliding window: evict, in every row that needs it, enough of the
@@ -412,7 +418,6 @@ class KVCache:
                                  f"max_seq_len = {self.max_seq_len}")
             self._seq_lens += n
             self._seq_pos += n
-            self._lengths_seen = self._seq_lens.tobytes()
             return
         n = self._per_row("n", n)
         if (n < 0).any():
