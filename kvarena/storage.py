@@ -38,7 +38,6 @@ private memory. A new mapped arena reserves its disk blocks
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import mmap
@@ -52,6 +51,13 @@ import numpy as np
 
 from kvarena.checks import SUPPORTED_DTYPES, check_int
 from kvarena.planner import available_memory
+
+try:
+    import fcntl
+except ImportError:     # Windows: no flock, so no lock on mapped files
+    fcntl = None
+# a FIFO opened without it blocks until a writer comes (absent on Windows)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"KVASNAP\0"
@@ -204,8 +210,10 @@ def _check_replaceable(path, target):
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"path must be a regular file or a new name; {path!r} is "
                          f"{_file_kind(st.st_mode)}, which save() would replace with a file")
+    if fcntl is None:
+        return
     try:   # O_NONBLOCK: it was a regular file a moment ago; never hang on a FIFO
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(target, os.O_RDONLY | O_NONBLOCK)
     except OSError:
         return       # unreadable to us: no lock to test; the rename decides
     try:
@@ -419,13 +427,14 @@ def _open_regular(path, writable):
     Opened without blocking, then checked: a FIFO would otherwise hang the
     open or the first read forever, and a device would be read as a file.
     """
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | O_NONBLOCK | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise CacheFileError(f"{path} is {_file_kind(mode)}, not a kvarena file")
-        os.set_blocking(fd, True)
+        if O_NONBLOCK:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "r+b" if writable else "rb")
     except BaseException:
         os.close(fd)
@@ -437,8 +446,11 @@ def _lock(f, path, mode):
 
     The lock is taken on ``f``'s open file description, which the memory
     maps made from ``f`` share (``mmap`` duplicates the descriptor), so it
-    lasts as long as the mapping, whatever happens to ``f``.
+    lasts as long as the mapping, whatever happens to ``f``. Where there is
+    no ``flock`` (Windows), nothing is locked.
     """
+    if fcntl is None:
+        return
     op = fcntl.LOCK_EX if mode == "r+" else fcntl.LOCK_SH
     try:
         fcntl.flock(f.fileno(), op | fcntl.LOCK_NB)
