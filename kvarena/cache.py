@@ -12,6 +12,7 @@ trusts what it is given and computes.
 import functools
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -73,6 +74,38 @@ def exclusive(method):
         finally:
             self._guard.release()
     return guarded
+
+
+class ForkedGuard:
+    """The guard of a file-written cache in a process forked from its owner.
+
+    Parent and child share the mapping and the file's lock (fork copies the
+    descriptor), so neither the lock nor the thread guard could keep the
+    child from writing under the parent: every guarded call refuses.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def acquire(self, blocking=True):
+        raise RuntimeError(f"this cache writes the file {self.path}, which belongs to the "
+                           f"process that created or opened it 'r+'; a forked child shares "
+                           f"that mapping and must not write it: open the file with "
+                           f"KVCache.open(path, 'c') in the child, or drop this cache and "
+                           f"reopen it 'r+' once the parent has let go")
+
+
+# caches that write their mapped file ("r+" or created with path=) in this process
+_FILE_WRITERS = weakref.WeakSet()
+
+
+def _disown_file_writers():
+    for cache in list(_FILE_WRITERS):
+        cache._guard = ForkedGuard(cache.path)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_file_writers)
 
 
 class KVCache:
@@ -158,6 +191,8 @@ class KVCache:
     caches are independent, and the kernel releases the GIL.
     ``copy.copy`` and ``copy.deepcopy`` give an independent in-memory
     cache (as ``ndarray.copy`` does, never one that shares the arena).
+    In a process forked from the one that holds a file-backed cache
+    ``"r+"``, that cache refuses every guarded call (see ``ForkedGuard``).
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
@@ -180,6 +215,8 @@ class KVCache:
         else:
             arena, state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        if path is not None:
+            _FILE_WRITERS.add(self)
 
     def _adopt(self, arena, state, n_sink, path, num_threads, check_finite):
         """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
@@ -712,6 +749,8 @@ class KVCache:
         arena, state, n_sink = storage.open_mapped(path, mode)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        if mode == "r+":
+            _FILE_WRITERS.add(cache)
         return cache
 
     @exclusive

@@ -8,7 +8,8 @@ parent checks files (bytes, mtime, directory listing) where the attack is
 on files. Attacks are batched per subject to keep the module fast.
 
 1. two handles on one state: copies, two "r+" opens, "r+" against "c" in
-   one and in two processes, lengths changed behind the cache's back;
+   one and in two processes, a forked child, lengths changed behind the
+   cache's back;
 2. one cache from two threads;
 3. arrays that lie (a subclass whose .shape or .dtype disagrees with its
    buffer), masked, object, bool, empty, negatively or oddly strided;
@@ -210,6 +211,35 @@ def test_mapped_file_has_one_writer_in_one_process(tmp_path):
         del readers
         gc.collect()
         assert KVCache.open("m.kvm").seq_lens.tolist() == [8, 8]   # what the file says
+    ''', tmp_path)
+
+
+def test_a_forked_child_does_not_write_its_parents_file(tmp_path):
+    # fork copies the descriptor that holds the file's lock: only the guard can refuse
+    run('''
+        import traceback
+        writer = filled(path="w.kvm")
+        memory, reader = filled(), None
+        k = block(writer)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                refused(RuntimeError, "w.kvm, which belongs to the process that created",
+                        writer.update, 0, k, k, cache=writer)
+                for call in (writer.advance, writer.reset, lambda: writer.crop(0),
+                             lambda: writer.attend(0, k, k, k), lambda: copy.deepcopy(writer)):
+                    refused(RuntimeError, "a forked child shares that mapping", call, cache=writer)
+                assert writer.get(0)[0].shape[2] == 3          # reading is fine
+                memory.update(0, k, k)                         # an in-memory cache is the child's own
+                memory.advance(1)
+                os._exit(0)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        writer.update(0, k, k)                                 # the parent still writes
+        writer.advance(1)
+        assert writer.seq_lens.tolist() == [4, 4] and memory.seq_lens.tolist() == [3, 3]
     ''', tmp_path)
 
 
