@@ -21,7 +21,7 @@ on files. Attacks are batched per subject to keep the module fast.
 7. a constructor that fails leaves no file;
 8. crafted snapshot headers with valid checksums, crafted mapped state;
 9. lazy=True then reset() commits nothing untouched;
-10. kill -9 during save leaves no temporary and the old file;
+10. kill -9 or Ctrl-C during save leaves no temporary and the old file;
 11. what cannot be prevented: truncating a mapped file is a SIGBUS.
 """
 
@@ -764,7 +764,8 @@ SLOW_SAVE = '''
 '''
 
 
-def test_kill_9_during_save_leaves_the_old_file_and_no_temporary(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
+def test_killed_or_interrupted_save_leaves_the_old_file_and_no_temporary(tmp_path, sig):
     child = spawn(SLOW_SAVE, tmp_path)
     try:
         wait_for(tmp_path / "saving", child)
@@ -775,9 +776,12 @@ def test_kill_9_during_save_leaves_the_old_file_and_no_temporary(tmp_path):
                    if str(tmp_path) in os.readlink(f"/proc/{child.pid}/fd/{fd}")]
         assert any(size > 1 << 20 for size in partial), partial
     finally:
-        child.kill()
-        child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert child.returncode == -signal.SIGKILL
+    else:   # KeyboardInterrupt unwinds through save's cleanup
+        assert child.returncode in (1, -signal.SIGINT) and "KeyboardInterrupt" in err, err
     assert sorted(os.listdir(tmp_path)) == ["saving", "snap.kva"]
     assert sha256(tmp_path / "snap.kva") == old
     run('assert KVCache.load("snap.kva").seq_lens.tolist() == [4000]', tmp_path)
