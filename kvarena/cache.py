@@ -302,6 +302,18 @@ class KVCache:
                                  f"{dtype} range (max {np.finfo(dtype).max:g})")
         return np.ascontiguousarray(a, dtype=dtype)
 
+    def _detached(self, block):
+        """``block``, copied if it may be a view of the arena.
+
+        A sliding window's eviction moves positions before the write, and a
+        view of the positions being written would overlap its destination:
+        either way the block would change while it is copied in.
+        """
+        # an array that owns its memory cannot be a view of the arena
+        if block.base is not None and np.may_share_memory(block, self._arena):
+            return block.copy()
+        return block
+
     def _room(self, name, T):
         """Check that a block of ``T`` new positions can be written at the live lengths."""
         # the kernel writes at seq_lens as they are in memory now, not at the
@@ -406,6 +418,7 @@ class KVCache:
         key = self._block("key", key)
         T = key.shape[2]
         value = self._block("value", value, T=T)
+        key, value = self._detached(key), self._detached(value)
         self._room("key", T)
         self._make_room(T)
         self._accessor.write(layer_idx, self._seq_lens, key, value)
