@@ -9,12 +9,16 @@ it. This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
 trusts what it is given and computes.
 """
 
+import functools
 import os
+import threading
+import weakref
 
 import numpy as np
 
 from kvarena import kernel, storage
-from kvarena.checks import as_ndarray, check_int, check_positive, check_storage_dtype
+from kvarena.checks import (as_ndarray, check_bool, check_int, check_path, check_positive,
+                            check_storage_dtype, check_threads)
 
 try:
     from kvarena import _arena
@@ -43,6 +47,68 @@ class CacheView(np.ndarray):
         return self.view(np.ndarray)
 
 
+def exclusive(method):
+    """Run a ``KVCache`` method holding the cache's guard.
+
+    The guard is a lock taken without waiting: a call that finds it held
+    (another thread is inside a guarded method of the same cache) raises
+    ``RuntimeError`` at once, before touching anything, instead of letting
+    two threads corrupt the arena, the lengths or the kernel's scratch.
+    A call that returns records the lengths it leaves, so that the next
+    write can tell whether they were changed outside the cache's methods
+    (``KVCache._room``).
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._guard.acquire(False):
+            raise RuntimeError(f"KVCache.{name}: this cache is being used from two threads "
+                               f"at once (or re-entered); a cache serves one thread at a "
+                               f"time: give each thread its own cache, or serialise the "
+                               f"calls with a lock of your own")
+        try:
+            result = method(self, *args, **kwargs)
+            # only on success: lengths a call refused stay "changed outside"
+            self._lengths_seen = self._seq_lens.tobytes()
+            return result
+        finally:
+            self._guard.release()
+    return guarded
+
+
+class ForkedGuard:
+    """The guard of a file-written cache in a process forked from its owner.
+
+    Parent and child share the mapping and the file's lock (fork copies the
+    descriptor), so neither the lock nor the thread guard could keep the
+    child from writing under the parent: every guarded call refuses.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def acquire(self, blocking=True):
+        raise RuntimeError(f"this cache writes the file {self.path}, which belongs to the "
+                           f"process that created or opened it 'r+'; a forked child shares "
+                           f"that mapping and must not write it: open the file with "
+                           f"KVCache.open(path, 'c') in the child, or drop this cache and "
+                           f"reopen it 'r+' once the parent has let go")
+
+
+# caches that write their mapped file ("r+" or created with path=) in this process
+_FILE_WRITERS = weakref.WeakSet()
+
+
+def _disown_file_writers():
+    for cache in list(_FILE_WRITERS):
+        cache._guard = ForkedGuard(cache.path)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_file_writers)
+
+
 class KVCache:
     """Key/value cache for autoregressive decoding, held in one contiguous arena.
 
@@ -67,13 +133,15 @@ class KVCache:
         first ``n_sink`` positions and its latest ``window = max_seq_len -
         n_sink``. See ``attend`` for what a query sees. Default: no window;
         writing past ``max_seq_len`` is an error.
-    path : str or os.PathLike, optional
+    path : str, bytes or os.PathLike, optional
         Put the arena in a new memory-mapped file at ``path`` (which must
         not exist) instead of in anonymous memory; reopen it with
-        ``KVCache.open``.
+        ``KVCache.open``. Its disk blocks are reserved at once, and it is
+        locked for this cache while the arena is mapped.
     lazy : bool, default False
         By default every page of the arena is written at construction, so
-        the process holds the whole footprint from the start. ``lazy=True``
+        the process holds the whole footprint from the start (and an arena
+        larger than the memory available is a MemoryError). ``lazy=True``
         leaves pages to the OS until first touched.
     num_threads : int, default 1
         Threads for the attention kernel; small problems run on one thread
@@ -83,6 +151,17 @@ class KVCache:
         2 cores, decoding with 2 kernel threads was up to 12x slower).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument; every argument is checked before anything is
+        allocated or created, so a failed constructor leaves no file.
+    MemoryError
+        The arena cannot be addressed or allocated (eager: is larger than
+        the memory available).
+    FileExistsError, OSError
+        ``path`` exists, or its filesystem has no room for the arena.
 
     Attributes
     ----------
@@ -105,9 +184,16 @@ class KVCache:
 
     Notes
     -----
-    One cache is not safe to drive from two threads at once: the kernel
-    shares one scratch buffer per cache. Separate caches are independent,
-    and the kernel releases the GIL.
+    One cache serves one thread at a time: every method that writes the
+    arena or the lengths, ``attend`` and ``save`` hold a per-cache guard,
+    and a second thread calling one of them meanwhile gets a RuntimeError
+    (nothing is changed). ``get``, the attributes and the views are not
+    guarded: read them from the thread that drives the cache. Separate
+    caches are independent, and the kernel releases the GIL.
+    ``copy.copy`` and ``copy.deepcopy`` give an independent in-memory
+    cache (as ``ndarray.copy`` does, never one that shares the arena).
+    In a process forked from the one that holds a file-backed cache
+    ``"r+"``, that cache refuses every guarded call (see ``ForkedGuard``).
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
@@ -120,12 +206,18 @@ class KVCache:
                  check_positive("head_dim", head_dim))
         dtype = check_storage_dtype(dtype)
         n_sink = check_sinks(n_sink, shape[4])
-        num_threads = check_positive("num_threads", num_threads)
+        num_threads = check_threads(num_threads)
+        lazy = check_bool("lazy", lazy)
+        check_finite = check_bool("check_finite", check_finite)
+        storage.arena_bytes(shape, dtype)          # addressable, before any file exists
         if path is not None:
+            path = check_path("path", path)
             arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
         else:
             arena, state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        if path is not None:
+            _FILE_WRITERS.add(self)
 
     def _adopt(self, arena, state, n_sink, path, num_threads, check_finite):
         """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
@@ -157,6 +249,8 @@ class KVCache:
         # wipes [0, written_end) so nothing of a previous sequence survives
         self._written = state[2 * B:]
         self._lengths_changed()
+        self._guard = threading.Lock()      # see exclusive()
+        self._lengths_seen = self._seq_lens.tobytes()
 
     # -- validation ----------------------------------------------------------
 
@@ -262,8 +356,25 @@ class KVCache:
                 keys[b, :, p:p + T] = key[b]
                 values[b, :, p:p + T] = value[b]
 
+    def _detached(self, block):
+        """``block``, copied if it may be a view of the arena.
+
+        A sliding window's eviction moves positions before the write, and a
+        view of the positions being written would overlap its destination:
+        either way the block would change while it is copied in.
+        """
+        # an array that owns its memory cannot be a view of the arena
+        if block.base is not None and np.may_share_memory(block, self._arena):
+            return block.copy()
+        return block
+
     def _room(self, name, T):
-        """Check that a block of ``T`` new positions can be written."""
+        """Check that a block of ``T`` new positions can be written at the live lengths."""
+        # the kernel writes at seq_lens as they are in memory now, not at the
+        # cached seq_pos: if they changed behind this object's back, recheck
+        # (comparing bytes costs a tenth of a reduction)
+        if self._seq_lens.tobytes() != self._lengths_seen:
+            self._lengths_changed_outside()
         if self.window is not None:
             if T > self.window:
                 raise ValueError(f"{name} holds T = {T} positions, more than the window of "
@@ -275,6 +386,15 @@ class KVCache:
                              f"exceed max_seq_len = {self.max_seq_len}")
 
     # -- bookkeeping -----------------------------------------------------------
+
+    def _lengths_changed_outside(self):
+        """The lengths in memory are not the ones this object last set."""
+        # seen as uintp, a negative length is huge
+        if int(self._seq_lens.view(np.uintp).max()) > self.max_seq_len:
+            raise RuntimeError(f"seq_lens = {self._seq_lens.tolist()} were changed outside "
+                               f"the cache's methods and are no longer in [0, max_seq_len = "
+                               f"{self.max_seq_len}]; the cache refuses to write")
+        self._lengths_changed()
 
     def _lengths_changed(self):
         # seq_pos is read per token (models take positions from it): keep it
@@ -313,6 +433,7 @@ class KVCache:
         return self._seq_pos
 
     @seq_pos.setter
+    @exclusive
     def seq_pos(self, value):
         value = check_int("seq_pos", value)
         if not 0 <= value <= self.max_seq_len:
@@ -330,6 +451,7 @@ class KVCache:
     def evicted(self):
         return read_only(self._evicted)
 
+    @exclusive
     def update(self, layer_idx, key, value):
         """Write ``key`` and ``value`` after each row's committed positions.
 
@@ -357,6 +479,7 @@ class KVCache:
         key = self._block("key", key)
         T = key.shape[2]
         value = self._block("value", value, T=T)
+        key, value = self._detached(key), self._detached(value)
         self._room("key", T)
         self._make_room(T)
         self._write(layer_idx, key, value)
@@ -406,6 +529,7 @@ class KVCache:
         n = self._seq_lens[row] + T
         return key_view[row:row + 1, :, :n], value_view[row:row + 1, :, :n]
 
+    @exclusive
     def advance(self, n=1):
         """Commit written positions, in every row or per row.
 
@@ -440,13 +564,22 @@ class KVCache:
         self._seq_lens += n
         self._lengths_changed()
 
+    @exclusive
     def reset(self):
         """Forget every sequence: all lengths 0 and every written position zeroed.
 
-        Only the positions written since the last reset are cleared, so the
-        cost is proportional to what was used, not to the arena.
+        Only the positions written since the last reset are looked at, so
+        the cost is proportional to what was used, not to the arena; and
+        they are zeroed only in the (layer, K/V, row, head) blocks that
+        hold a nonzero bit. So a lazy arena's layers, rows and heads that
+        were never written stay uncommitted: reading an untouched page maps
+        no memory, writing zeros to it would commit it (a whole huge page
+        where transparent huge pages are on).
         """
-        self._arena[..., :self._written[0], :] = 0
+        used = self._arena[..., :self._written[0], :]
+        # as unsigned ints, so that -0.0 counts as data too
+        bits = used.view(f"u{self.dtype.itemsize}")
+        used[bits.any(axis=(-2, -1))] = 0
         self._state.fill(0)
         self._lengths_changed()
 
@@ -484,6 +617,7 @@ class KVCache:
 
     # -- beyond TinyTorch ----------------------------------------------------
 
+    @exclusive
     def attend(self, layer_idx, q, k, v, *, out=None):
         """Write ``k``, ``v`` and return the attention of ``q`` over the cache.
 
@@ -530,6 +664,7 @@ class KVCache:
         T = key.shape[2]
         value = self._block("v", v, T=T)
         query = self._queries(q, T)
+        key, value, query = self._detached(key), self._detached(value), self._detached(query)
         out = self._out(out, query)
         self._room("k", T)
         self._make_room(T)
@@ -538,6 +673,7 @@ class KVCache:
         self._wrote(T)
         return out
 
+    @exclusive
     def reorder(self, beam_idx):
         """Reorder the rows in place: row ``b`` becomes old row ``beam_idx[b]``.
 
@@ -572,6 +708,7 @@ class KVCache:
         self._evicted[:] = self._evicted[idx]
         self._lengths_changed()
 
+    @exclusive
     def copy_sequence(self, src, dst, length=None):
         """Fork: make row ``dst`` a copy of row ``src``'s first ``length`` positions.
 
@@ -598,6 +735,7 @@ class KVCache:
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()
 
+    @exclusive
     def crop(self, length):
         """Drop positions from the end of every row.
 
@@ -619,16 +757,37 @@ class KVCache:
             self._seq_lens += length
         self._lengths_changed()
 
+    @exclusive
     def save(self, path):
         """Write a checksummed snapshot of the committed positions to ``path``.
 
         See ``kvarena.storage`` for the format. The file appears complete
-        or not at all (written beside ``path``, then renamed over it).
+        or not at all (written unnamed beside ``path``, then renamed over
+        it), and a process killed midway leaves no temporary (Linux).
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            A new name, or a regular file to replace; a symlink's target is
+            replaced and the link kept.
+
+        Raises
+        ------
+        TypeError
+            ``path`` is not a path.
+        ValueError
+            ``path`` is a directory, FIFO, device or socket, or the file of
+            an open file-backed cache (this one's included): nothing is
+            written.
+        OSError
+            The directory is not writable or the filesystem is full; the
+            old file is unchanged.
         """
-        storage.save(self, path)
+        storage.save(self, check_path("path", path))
 
     @classmethod
-    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=1, check_finite=False):
+    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=1, check_finite=False,
+             max_arena_bytes=None):
         """A new in-memory cache holding the snapshot at ``path`` (bit-exact).
 
         Parameters
@@ -639,15 +798,27 @@ class KVCache:
             the longest saved row.
         lazy, num_threads, check_finite
             As for the constructor.
+        max_arena_bytes : int, optional
+            The largest arena (``num_layers * 2 * batch_size * num_heads *
+            max_seq_len * head_dim * itemsize`` bytes) to allocate for the
+            file; default the memory available now. A file's header sets the
+            capacity, and a small crafted file could otherwise ask for any.
 
         Raises
         ------
         kvarena.storage.CacheFileError
             The file is not a kvarena snapshot, is of another format
-            version, is truncated or fails its checksum. Nothing is created.
+            version, is truncated, fails its checksum, holds a number out of
+            range, or needs an arena larger than ``max_arena_bytes``.
+            Nothing is created.
         """
-        num_threads = check_positive("num_threads", num_threads)
-        arena, state, n_sink = storage.load(path, max_seq_len, lazy)
+        path = check_path("path", path)
+        num_threads = check_threads(num_threads)
+        lazy = check_bool("lazy", lazy)
+        check_finite = check_bool("check_finite", check_finite)
+        if max_arena_bytes is not None:
+            max_arena_bytes = check_positive("max_arena_bytes", max_arena_bytes)
+        arena, state, n_sink = storage.load(path, max_seq_len, lazy, max_arena_bytes)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, None, num_threads, check_finite)
         return cache
@@ -666,13 +837,51 @@ class KVCache:
             ``"r+"``: writes (and lengths) go to the file. ``"c"``:
             copy-on-write, the file is opened read-only and never changed;
             this process's writes stay private to it, so several processes
-            can share one cached prefix and extend it independently.
+            can share one cached prefix and extend it independently. The
+            lengths are read once, at open.
+
+        Raises
+        ------
+        BlockingIOError
+            Another cache holds the file: one created on it or opened
+            ``"r+"`` excludes every other; ``"c"`` caches exclude ``"r+"``.
+        kvarena.storage.CacheFileError
+            The file is not a kvarena mapped arena, or is damaged.
         """
-        num_threads = check_positive("num_threads", num_threads)
+        path = check_path("path", path)
+        num_threads = check_threads(num_threads)
+        check_finite = check_bool("check_finite", check_finite)
         arena, state, n_sink = storage.open_mapped(path, mode)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        if mode == "r+":
+            _FILE_WRITERS.add(cache)
         return cache
+
+    @exclusive
+    def __deepcopy__(self, memo):
+        """An independent in-memory copy: its own arena, lengths and guard.
+
+        A file-backed cache's copy lives in memory (``path`` is None): a
+        file has one writer. Positions past the written end are zero in
+        both, so only the written prefix is copied.
+        """
+        end = int(self._written[0])
+        arena = storage.new_arena(self._arena.shape, self.dtype, lazy=True)
+        arena[..., :end, :] = self._arena[..., :end, :]
+        clone = type(self).__new__(type(self))
+        clone._adopt(arena, self._state.astype(np.intp), self.n_sink, None,
+                     self.num_threads, self.check_finite)
+        memo[id(self)] = clone
+        return clone
+
+    def __copy__(self):
+        """As ``deepcopy``: a shallow copy would share the arena and the lengths."""
+        return self.__deepcopy__({})
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a KVCache cannot be pickled (its arena may be large, or a mapped "
+                        "file); use cache.save(path) and KVCache.load(path)")
 
     def __repr__(self):
         lengths = (f"seq_pos={self._seq_pos}" if self._uniform

@@ -5,10 +5,12 @@ names the argument, what was expected and what was given.
 """
 
 import numbers
+import os
 
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+MAX_THREADS = 2**31 - 1       # the kernel's thread count is a C int
 
 
 def check_int(name, value):
@@ -28,6 +30,38 @@ def check_positive(name, value):
     return value
 
 
+def check_threads(num_threads):
+    """``num_threads`` as an int in ``[1, MAX_THREADS]`` (the kernel takes a C int)."""
+    num_threads = check_int("num_threads", num_threads)
+    if not 1 <= num_threads <= MAX_THREADS:
+        raise ValueError(f"num_threads must be in [1, {MAX_THREADS}]; got {num_threads}")
+    return num_threads
+
+
+def check_bool(name, value):
+    """``value`` as a bool; only True, False and NumPy's bools are accepted.
+
+    A truthy string such as ``"no"`` is a TypeError rather than True.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
+
+
+def check_path(name, path):
+    """``path`` (str, bytes or os.PathLike) as a non-empty str."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{name} must be a str, bytes or os.PathLike; got {path!r} of type "
+                        f"{type(path).__name__}") from None
+    if not path:
+        raise ValueError(f"{name} must name a file; got an empty path")
+    if "\0" in path:
+        raise ValueError(f"{name} must not contain a NUL character; got {path!r}")
+    return path
+
+
 def check_storage_dtype(dtype):
     """``dtype`` as a native-order float16, float32 or float64 ``np.dtype``."""
     if dtype is None:  # np.dtype(None) would silently mean float64
@@ -42,13 +76,26 @@ def check_storage_dtype(dtype):
 
 
 def as_ndarray(x, name):
-    """The ndarray behind ``x``: an ndarray, a ``.data``-holding tensor, or array-like."""
-    if isinstance(x, np.ndarray):
-        return x
-    data = getattr(x, "data", None)
-    if isinstance(data, np.ndarray):
-        return data
-    try:
-        return np.asarray(x)
-    except Exception as exc:
-        raise TypeError(f"{name} must be array-like; got {type(x).__name__}") from exc
+    """The ndarray behind ``x``: an ndarray, a ``.data``-holding tensor, or array-like.
+
+    Always a base-class ``np.ndarray``: a subclass is seen through a plain
+    view of its buffer, so that the shape, strides and dtype checked are the
+    ones any copy of it will use (a subclass may report any ``shape`` it
+    likes). Masked arrays are refused: which value a masked position should
+    store is the caller's decision.
+    """
+    if not isinstance(x, np.ndarray):
+        data = getattr(x, "data", None)
+        if isinstance(data, np.ndarray):
+            x = data
+        else:
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{name} must be array-like; got {type(x).__name__}") from exc
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must not be a masked array: the cache stores every position; "
+                        f"pass {name}.filled(fill_value) or {name}.data")
+    if type(x) is not np.ndarray:
+        x = np.ndarray.view(x, np.ndarray)    # the base class's view, not an override
+    return x

@@ -24,12 +24,25 @@ Mapped arena (``KVCache(..., path=...)`` / ``KVCache.open``)::
 written_end]``, 8-byte aligned; the arena starts on an allocation-granularity
 boundary. Both are mapped, so lengths and contents persist as the cache
 runs. A live arena has no checksum.
+
+Sharing rules, enforced with advisory ``flock`` locks taken without
+waiting: a mapped-arena file is held exclusively by the cache that created
+it or opened it ``"r+"``, and shared by caches that opened it ``"c"``; a
+conflicting open raises ``BlockingIOError`` at once. The lock belongs to
+the mapping and is released when the last view of the arena is gone (or
+the process ends). A ``"c"`` cache reads the lengths once, at open, into
+private memory. A new mapped arena reserves its disk blocks
+(``posix_fallocate``) before it is mapped, so a full filesystem is an
+``OSError`` at construction, never a SIGBUS at a later write.
 """
 
+import contextlib
+import errno
 import json
 import math
 import mmap
 import os
+import stat
 import struct
 import tempfile
 import zlib
@@ -37,6 +50,14 @@ import zlib
 import numpy as np
 
 from kvarena.checks import SUPPORTED_DTYPES, check_int
+from kvarena.planner import available_memory
+
+try:
+    import fcntl
+except ImportError:     # Windows: no flock, so no lock on mapped files
+    fcntl = None
+# a FIFO opened without it blocks until a writer comes (absent on Windows)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 FORMAT_VERSION = 1
 SNAPSHOT_MAGIC = b"KVASNAP\0"
@@ -45,19 +66,59 @@ SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, hea
 MAPPED_PREFIX = struct.Struct("<8sII")      # magic, version, header length
 MAX_HEADER_BYTES = 1 << 20
 STATE_DTYPE = np.dtype("<i8")
+MAX_INTP = np.iinfo(np.intp).max
 
 
 class CacheFileError(ValueError):
-    """A file is not a readable kvarena cache: wrong kind, version, size or checksum."""
+    """A file is not a readable kvarena cache: wrong kind, version, size or checksum,
+    a number out of range, or an arena larger than the caller allows."""
 
 
 # -- memory ---------------------------------------------------------------------
 
+def arena_bytes(shape, dtype):
+    """Bytes of an arena of ``shape`` and ``dtype``, checked to be addressable.
+
+    Raises
+    ------
+    MemoryError
+        The arena would be larger than this platform can address.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_INTP:
+        raise MemoryError(f"an arena of shape {tuple(shape)} (num_layers, 2, batch_size, "
+                          f"num_heads, max_seq_len, head_dim) and dtype {dtype.name} needs "
+                          f"{nbytes} bytes, more than this platform can address ({MAX_INTP})")
+    return nbytes
+
+
 def new_arena(shape, dtype, lazy):
-    """A zeroed in-memory arena; unless ``lazy``, with every page touched now."""
-    if lazy:
-        return np.zeros(shape, dtype=dtype)    # calloc: pages come on first touch
-    arena = np.empty(shape, dtype=dtype)
+    """A zeroed in-memory arena; unless ``lazy``, with every page touched now.
+
+    Raises
+    ------
+    MemoryError
+        The arena cannot be addressed or allocated, or (eager only) is
+        larger than the memory available now: committing it would end in
+        swapping or in the kernel's OOM killer, not in an exception.
+    """
+    nbytes = arena_bytes(shape, dtype)
+    if not lazy:
+        try:
+            available = available_memory()
+        except OSError:
+            available = None
+        if available is not None and nbytes > available:
+            raise MemoryError(f"an eager arena of shape {tuple(shape)} and dtype {dtype.name} "
+                              f"needs {nbytes} bytes, more than the {available} bytes of "
+                              f"memory available now; use a smaller cache or lazy=True")
+    try:
+        if lazy:
+            return np.zeros(shape, dtype=dtype)    # calloc: pages come on first touch
+        arena = np.empty(shape, dtype=dtype)
+    except MemoryError:
+        raise MemoryError(f"cannot allocate an arena of shape {tuple(shape)} and dtype "
+                          f"{dtype.name} ({nbytes} bytes)") from None
     arena.fill(0)                               # touch every page now
     return arena
 
@@ -70,20 +131,41 @@ def new_state(batch_size):
 # -- snapshots ---------------------------------------------------------------
 
 def save(cache, path):
-    """Write ``cache``'s committed positions to ``path`` (format above)."""
-    path = os.fspath(path)
+    """Write ``cache``'s committed positions to ``path`` (format above).
+
+    ``path`` (a str) may name nothing yet, a regular file, which is replaced
+    whole, or a symlink, whose target is replaced (the link stays). The
+    data is written to an unnamed file in the target's directory
+    (``O_TMPFILE``, Linux), so a process killed midway leaves nothing
+    behind; it gets a name, beside the target, only once complete and
+    synced, and is then renamed over the target. Where ``O_TMPFILE`` is
+    missing a named temporary is used, which a killed process leaves.
+
+    Raises
+    ------
+    ValueError
+        ``path`` exists and is not a regular file (a directory, FIFO, device
+        or socket), or is the file of an open file-backed cache (in this
+        process or another), which the snapshot would replace under it.
+    OSError
+        The directory cannot be written, or the filesystem is full; the old
+        file is unchanged and no temporary is left.
+    """
+    target = os.path.realpath(path)     # through symlinks: replace the target, keep the link
+    _check_replaceable(path, target)
     arena, seq_lens = cache._arena, cache._seq_lens.tolist()
     L = arena.shape[0]
+    payload = _payload_bytes(arena.shape, arena.dtype, seq_lens)
     header = json.dumps({
         "shape": list(arena.shape), "dtype": arena.dtype.str, "n_sink": cache.n_sink,
-        "seq_lens": seq_lens, "evicted": cache._evicted.tolist(),
-        "payload_bytes": _payload_bytes(arena.shape, arena.dtype, seq_lens),
+        "seq_lens": seq_lens, "evicted": cache._evicted.tolist(), "payload_bytes": payload,
     }).encode()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    directory = os.path.dirname(target)
+    fd, tmp = _unnamed_file(directory, target)
+    size = SNAPSHOT_PREFIX.size + len(header) + payload
     try:
-        os.fchmod(fd, _new_file_mode(path))      # mkstemp's 0600 would stick after the rename
-        with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, _new_file_mode(target))    # mkstemp's 0600 would stick after the rename
+        with _naming(path, size, directory), os.fdopen(fd, "wb") as f:
             f.write(bytes(SNAPSHOT_PREFIX.size))    # filled in once the crc is known
             f.write(header)
             crc = 0
@@ -96,22 +178,113 @@ def save(cache, path):
                                          zlib.crc32(header), crc))
             f.flush()
             os.fsync(f.fileno())                 # the data is on disk before the name is
-        os.replace(tmp, path)
+            if tmp is None:                      # unnamed: name it now, beside the target
+                tmp = _link_unnamed(f.fileno(), target)
+        os.replace(tmp, target)
     except BaseException:
-        os.unlink(tmp)
+        if tmp is not None:
+            _unlink_quietly(tmp)
         raise
     _fsync_directory(directory)
 
 
-def load(path, max_seq_len, lazy):
+@contextlib.contextmanager
+def _naming(path, size, directory):
+    """Re-raise an OSError of writing the snapshot with the path and its size."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, f"cannot write the {size}-byte snapshot {path} "
+                                 f"({os.strerror(exc.errno)}){_free_space(directory, exc.errno)}; "
+                                 f"the old file, if any, is unchanged") from None
+
+
+def _check_replaceable(path, target):
+    """Refuse to replace what is not a regular file, or is an open cache's arena."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"path must be a regular file or a new name; {path!r} is "
+                         f"{_file_kind(st.st_mode)}, which save() would replace with a file")
+    if fcntl is None:
+        return
+    try:   # O_NONBLOCK: it was a regular file a moment ago; never hang on a FIFO
+        fd = os.open(target, os.O_RDONLY | O_NONBLOCK)
+    except OSError:
+        return       # unreadable to us: no lock to test; the rename decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"path {path!r} is the file of an open file-backed cache (in this "
+                         f"process or another); a snapshot would replace the arena under "
+                         f"it. Save to another path") from None
+    finally:
+        os.close(fd)     # and with it the lock, if taken
+
+
+def _file_kind(mode):
+    for test, kind in [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")]:
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _unnamed_file(directory, target):
+    """``(fd, None)`` of an unnamed file in ``directory``, or ``(fd, name)`` of a
+    named temporary where this platform or filesystem has no ``O_TMPFILE``."""
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise            # e.g. a read-only or missing directory: the same with mkstemp
+    return tempfile.mkstemp(dir=directory, prefix=os.path.basename(target) + ".",
+                            suffix=".tmp")
+
+
+def _link_unnamed(fd, target):
+    """Give the unnamed file ``fd`` a fresh temporary name beside ``target``."""
+    # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/<fd>: os.link passes the flag
+    # only together with a directory fd (without one it calls link(2), which
+    # does not follow the magic link)
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(100):
+            name = f"{target}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            try:
+                os.link(str(fd), name, src_dir_fd=proc, follow_symlinks=True)
+                return name
+            except FileExistsError:
+                continue
+    finally:
+        os.close(proc)
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside", target)
+
+
+def _unlink_quietly(name):
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def load(path, max_seq_len, lazy, max_arena_bytes):
     """Read the snapshot at ``path`` into a new arena.
 
     Returns ``(arena, state, n_sink)`` for ``KVCache._adopt``. Everything in
     the file is checked (size before allocating, checksum after reading);
     on any failure nothing is returned and the new arena is dropped.
+    Nothing larger than the file's payload is allocated unless the arena
+    fits in ``max_arena_bytes`` (None: the memory available now), so a
+    small crafted file cannot make ``load`` reserve a huge arena.
     """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
+    with _open_regular(path, writable=False) as f:
         size = os.fstat(f.fileno()).st_size
         _, _, header_len, header_crc, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
                                                          SNAPSHOT_MAGIC, "snapshot")
@@ -138,6 +311,7 @@ def load(path, max_seq_len, lazy):
         if max_seq_len < least:
             raise ValueError(f"max_seq_len must be at least {least} to hold this snapshot "
                              f"(longest row, and more than n_sink); got {max_seq_len}")
+        _check_arena_budget(path, (L, 2, B, H, max_seq_len, D), dtype, max_arena_bytes)
         arena = new_arena((L, 2, B, H, max_seq_len, D), dtype, lazy)
         crc_seen = 0
         for layer, kv, b, n in _payload_blocks(L, seq_lens.tolist()):
@@ -153,63 +327,175 @@ def load(path, max_seq_len, lazy):
     return arena, state, n_sink
 
 
+def _check_arena_budget(path, shape, dtype, max_arena_bytes):
+    nbytes = math.prod(shape) * dtype.itemsize
+    if max_arena_bytes is None:
+        try:
+            max_arena_bytes, what = available_memory(), "the memory available now"
+        except OSError:
+            max_arena_bytes, what = MAX_INTP, "what this platform can address"
+    else:
+        what = "max_arena_bytes"
+    if nbytes > max_arena_bytes:
+        raise CacheFileError(f"{path}: loading it needs an arena of shape {shape} "
+                             f"({nbytes} bytes), more than {what} ({max_arena_bytes} bytes); "
+                             f"pass a larger max_arena_bytes to load it anyway")
+
+
 # -- mapped arenas -------------------------------------------------------------
 
 def create_mapped(path, shape, dtype, n_sink, lazy):
     """Create the mapped-arena file at ``path``; return ``(arena, state)``.
 
-    The file must not exist. Its arena is zero (a sparse file); unless
-    ``lazy``, every page is written now, so the process holds the whole
-    arena from the start as an in-memory cache would.
+    The file must not exist. It is locked for this cache (see the module
+    docstring) and its blocks are reserved on disk before it is mapped;
+    its arena is zero. Unless ``lazy``, every page is written now, so the
+    process holds the whole arena from the start as an in-memory cache
+    would. On any failure the file is removed.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists.
+    OSError
+        The filesystem has no room for the file (``errno.ENOSPC``), the
+        file would exceed ``RLIMIT_FSIZE`` (``errno.EFBIG``), or the
+        directory cannot be written.
     """
     _check_state_dtype()
-    path = os.fspath(path)
     header = json.dumps({"shape": list(shape), "dtype": dtype.str, "n_sink": n_sink}).encode()
     state_offset, arena_offset = _mapped_offsets(len(header), shape[2])
-    arena_bytes = math.prod(shape) * dtype.itemsize
-    with open(path, "xb") as f:   # FileExistsError rather than overwrite a cache
+    total = arena_offset + arena_bytes(shape, dtype)
+    with open(path, "xb+") as f:   # FileExistsError rather than overwrite a cache
         try:
+            _lock(f, path, "r+")
             f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, FORMAT_VERSION, len(header)))
             f.write(header)
-            f.truncate(arena_offset + arena_bytes)
+            f.flush()
+            _reserve(f, path, total)
+            arena, state = _map(f, path, "r+", shape, dtype, state_offset, arena_offset)
+            if not lazy:
+                arena.fill(0)
         except BaseException:
             os.unlink(path)
             raise
-    try:
-        arena, state = _map(path, "r+", shape, dtype, state_offset, arena_offset)
-        if not lazy:
-            arena.fill(0)
-    except BaseException:
-        os.unlink(path)
-        raise
     return arena, state
 
 
 def open_mapped(path, mode):
     """Map the mapped-arena file at ``path``; return ``(arena, state, n_sink)``.
 
-    Reads the header only: the arena's pages come from the file on touch.
+    Reads the header and the lengths only: the arena's pages come from the
+    file on touch. ``"c"`` gets a private copy of the lengths.
+
+    Raises
+    ------
+    BlockingIOError
+        The file is locked by a conflicting cache (module docstring).
+    CacheFileError
+        The file is not a mapped arena, or its header or lengths are out
+        of range.
     """
     if mode not in ("r+", "c"):
         raise ValueError(f"mode must be 'r+' (write to the file) or 'c' (copy-on-write); "
                          f"got {mode!r}")
     _check_state_dtype()
-    path = os.fspath(path)
-    with open(path, "rb") as f:
+    with _open_regular(path, writable=mode == "r+") as f:
+        _lock(f, path, mode)          # before reading: no writer can be mid-way now
         size = os.fstat(f.fileno()).st_size
         _, _, header_len = _read_prefix(f, path, size, MAPPED_PREFIX, MAPPED_MAGIC,
                                         "mapped arena")
         meta = _parse_header(f.read(header_len), path)
-    shape, dtype, n_sink = _check_arena(meta, path)
-    state_offset, arena_offset = _mapped_offsets(header_len, shape[2])
-    expected = arena_offset + math.prod(shape) * dtype.itemsize
-    if size != expected:
-        raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
-                             f"{expected}; it is truncated or has trailing data")
-    arena, state = _map(path, mode, shape, dtype, state_offset, arena_offset)
-    B, S = shape[2], shape[4]
-    _check_lengths({"seq_lens": state[:B].tolist()}, "seq_lens", B, S, path)
+        shape, dtype, n_sink = _check_arena(meta, path)
+        state_offset, arena_offset = _mapped_offsets(header_len, shape[2])
+        expected = arena_offset + arena_bytes(shape, dtype)
+        if size != expected:
+            raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
+                                 f"{expected}; it is truncated or has trailing data")
+        arena, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
+    if mode == "c":
+        # a private mapping shows the file's bytes until this process writes
+        # them: read the lengths once, now, into memory of our own
+        state = np.array(state, dtype=np.intp)
+    _check_state(state, shape[2], shape[4], path)
     return arena, state, n_sink
+
+
+def _open_regular(path, writable):
+    """``path`` opened in binary mode, if it is a regular file.
+
+    Opened without blocking, then checked: a FIFO would otherwise hang the
+    open or the first read forever, and a device would be read as a file.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | O_NONBLOCK | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CacheFileError(f"{path} is {_file_kind(mode)}, not a kvarena file")
+        if O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+b" if writable else "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lock(f, path, mode):
+    """Lock the open file ``f`` for ``mode`` ("r+": exclusive, "c": shared), without waiting.
+
+    The lock is taken on ``f``'s open file description, which the memory
+    maps made from ``f`` share (``mmap`` duplicates the descriptor), so it
+    lasts as long as the mapping, whatever happens to ``f``. Where there is
+    no ``flock`` (Windows), nothing is locked.
+    """
+    if fcntl is None:
+        return
+    op = fcntl.LOCK_EX if mode == "r+" else fcntl.LOCK_SH
+    try:
+        fcntl.flock(f.fileno(), op | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BlockingIOError(
+            errno.EWOULDBLOCK,
+            f"{path} is in use by another file-backed cache, in this process or another: "
+            f"a file is held by one cache created on it or opened 'r+', or by any number "
+            f"opened 'c' while none holds it 'r+'; the other cache lets go once it and "
+            f"every view of its arena are gone") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise          # a filesystem without flock: go on unlocked
+
+
+def _reserve(f, path, total):
+    """Make ``f`` ``total`` bytes long with every block allocated on disk.
+
+    A hole in a mapped file gets its block when a page is first written;
+    on a full filesystem that write is a SIGBUS. Reserving now turns it
+    into an OSError here.
+    """
+    if not hasattr(os, "posix_fallocate"):    # macOS, Windows: sparse, as before
+        f.truncate(total)
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, total)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            f.truncate(total)
+            return
+        raise OSError(exc.errno, f"cannot reserve {total} bytes on disk for the file-backed "
+                                 f"arena {path} ({os.strerror(exc.errno)})"
+                                 f"{_free_space(f.fileno(), exc.errno)}") from None
+
+
+def _free_space(where, error):
+    """``"; N bytes are free there"`` after ENOSPC, where the filesystem tells."""
+    if error != errno.ENOSPC:
+        return ""
+    try:
+        vfs = os.statvfs(where)
+    except OSError:
+        return ""
+    return f"; {vfs.f_bavail * vfs.f_frsize} bytes are free there"
 
 
 def resident_bytes(array):
@@ -284,9 +570,12 @@ def _check_arena(meta, path):
     """``(shape, dtype, n_sink)`` from a header, each checked."""
     shape = meta.get("shape")
     if not (isinstance(shape, list) and len(shape) == 6 and shape[1] == 2
-            and all(type(n) is int and n >= 1 for n in shape)):
+            and all(type(n) is int and 1 <= n <= MAX_INTP for n in shape)):
         raise CacheFileError(f"{path}: header shape must be 6 positive ints "
                              f"(L, 2, B, H, S, D); got {shape!r}")
+    if math.prod(shape) > MAX_INTP // 8:      # 8: the widest itemsize
+        raise CacheFileError(f"{path}: header shape {shape} describes more elements than "
+                             f"this platform can address; the file is corrupted")
     try:   # a str: np.dtype(None) would mean float64
         dtype = np.dtype(meta["dtype"]) if isinstance(meta.get("dtype"), str) else None
     except TypeError:
@@ -302,13 +591,27 @@ def _check_arena(meta, path):
 
 
 def _check_lengths(meta, name, B, limit, path):
+    """``meta[name]`` as an intp array of ``B`` ints in ``[0, limit]`` (None: any intp)."""
     values = meta.get(name)
+    top = MAX_INTP if limit is None else limit
     if not (isinstance(values, list) and len(values) == B
-            and all(type(n) is int and 0 <= n <= (limit if limit is not None else n)
-                    for n in values)):
-        bound = "" if limit is None else f" <= {limit}"
-        raise CacheFileError(f"{path}: {name} must be {B} ints >= 0{bound}; got {values!r}")
+            and all(type(n) is int and 0 <= n <= top for n in values)):
+        raise CacheFileError(f"{path}: {name} must be {B} ints in [0, {top}]; got {values!r}")
     return np.array(values, dtype=np.intp)
+
+
+def _check_state(state, B, S, path):
+    """A mapped file's ``[seq_lens | evicted | written_end]``, each in range.
+
+    Vectorised, and naming only the first value out of range: a crafted
+    header can make ``B`` large.
+    """
+    for name, values, top in [("seq_lens", state[:B], S), ("evicted", state[B:2 * B], MAX_INTP),
+                              ("written_end", state[2 * B:], S)]:
+        bad = np.flatnonzero((values < 0) | (values > top))
+        if bad.size:
+            raise CacheFileError(f"{path}: {name} must be in [0, {top}]; got "
+                                 f"{name}[{bad[0]}] = {values[bad[0]]}")
 
 
 def _mapped_offsets(header_len, batch_size):
@@ -318,11 +621,15 @@ def _mapped_offsets(header_len, batch_size):
     return state_offset, -(-state_end // granule) * granule
 
 
-def _map(path, mode, shape, dtype, state_offset, arena_offset):
+def _map(f, path, mode, shape, dtype, state_offset, arena_offset):
     # plain ndarray views of the maps (which they keep alive): arithmetic on
     # np.memmap returns memmaps, which nothing here wants
-    state = np.memmap(path, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
-    arena = np.memmap(path, dtype, mode, arena_offset, shape)
+    try:
+        state = np.memmap(f, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
+        arena = np.memmap(f, dtype, mode, arena_offset, shape)
+    except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
+        raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "
+                                 f"{path} ({os.strerror(exc.errno)})") from None
     return arena.view(np.ndarray), state.view(np.ndarray)
 
 

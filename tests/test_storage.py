@@ -711,7 +711,9 @@ def test_lazy_mapped_arena_is_resident_only_where_written(tmp_path, rng):
     resident = cache.get_memory_usage()["resident_bytes"]
     # a write fault maps just its page (fault-around is for reads)
     assert TOUCHED <= resident <= TOUCHED + BLOCKS * FAULT_AROUND, resident
-    assert os.stat(path).st_blocks * 512 < 0.05 * 64 * MIB    # and the file stays sparse
+    # lazy is about memory, not disk: the file's blocks are reserved at creation,
+    # so that a full filesystem fails construction rather than a later write (SIGBUS)
+    assert os.stat(path).st_blocks * 512 >= 64 * MIB
     del cache
     path.unlink()
 
@@ -823,7 +825,7 @@ def test_mapped_header_whose_size_overflows_is_refused(tmp_path):
     prefix = MAPPED_PREFIX.pack(MAPPED_MAGIC, VERSION, len(header)) + header
     arena_offset = mapped_arena_offset(len(header), 1)
     path.write_bytes(prefix.ljust(arena_offset, b"\0"))       # as long as the wrapped size says
-    with pytest.raises(CacheFileError, match="truncated"):
+    with pytest.raises(CacheFileError, match="more elements than this platform can address"):
         KVCache.open(path)
 
 
