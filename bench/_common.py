@@ -342,11 +342,17 @@ class Progress:
         return False
 
     def left(self):
-        """Estimated seconds left in the stage, or None before any work is done."""
-        # the item running counts once it is done
+        """Estimated seconds left in the stage, or None before any work is done.
+
+        The time per unit of weight of the items done, times what is left of
+        the running item (its weight less the time it has run, at least 0)
+        and of the items after it.
+        """
         if self.done <= 0:
             return None
-        return (time.perf_counter() - self.t0) / self.done * max(0.0, self.total - self.done)
+        rate = (self.item_t0 - self.t0) / self.done
+        running = max(0.0, rate * self.weight - (time.perf_counter() - self.item_t0))
+        return running + rate * max(0.0, self.total - self.done - self.weight)
 
     def _eta(self):
         left = self.left()

@@ -72,11 +72,13 @@ def test_time_many_retakes_disturbed_rounds():
     assert t["others"] > 0.5
 
 
-def test_header_without_cython():
+def test_header_without_cython(tmp_path):
     # `pip install .` leaves Cython out of the runtime: the header must not need it
+    # (run elsewhere than the source tree, whose kvarena/ has no extension then)
     code = ("import sys; sys.modules['Cython'] = None; sys.path.insert(0, sys.argv[1]); "
             "import _common; print(_common.header()['cython'])")
-    proc = subprocess.run([sys.executable, "-c", code, BENCH], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, BENCH], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "None"
 
