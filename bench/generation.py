@@ -87,7 +87,7 @@ def limit_blas(threads):
         from threadpoolctl import threadpool_limits
     except ImportError:
         return f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')} (no threadpoolctl)"
-    limit_blas.keep = threadpool_limits(limits=threads, user_api="blas")
+    threadpool_limits(limits=threads, user_api="blas")     # until the process ends
     return f"threadpoolctl.threadpool_limits({threads}, user_api='blas')"
 
 
