@@ -7,6 +7,8 @@ prefill call, then one token per call) and cached with the kernel on 2
 threads. All three must give the same tokens. A run during which other
 processes used the CPU (``_common.MachineLoad``) is run again, a bounded
 number of times; the figure is flagged when disturbed runs had to be kept.
+Before each N the script waits, up to ``--wait`` seconds, for the machine
+to be quiet.
 
 Thread policy: BLAS is limited to one thread for the whole script
 (threadpoolctl when importable, else OPENBLAS_NUM_THREADS and friends set
@@ -53,7 +55,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MachineLoad, Progress, default_results_dir, header, log,  # noqa: E402
                      median, others_note, print_header, results_dir, table, thread_pools,
-                     write_csv, write_json)
+                     wait_for_quiet, write_csv, write_json)
 
 import kvarena  # noqa: E402
 
@@ -75,9 +77,14 @@ def parse_args(argv):
                              "(default 60, 5 with --quick)")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="BLAS threads for the whole run (default 1; see the docstring)")
+    parser.add_argument("--wait", type=float, default=None,
+                        help="seconds to wait, before each N, for other processes to leave "
+                             "the CPU (default 30, 0 with --quick)")
     args = parser.parse_args(argv)
     if args.budget is None:
         args.budget = 5.0 if args.quick else 60.0
+    if args.wait is None:
+        args.wait = 0.0 if args.quick else 30.0
     return args
 
 
@@ -149,6 +156,7 @@ def bench_config(name, counts, args, progress, max_runs):
     rows, last = [], None
     for n in counts:
         progress.step(f"{name} N={n}", n * (1 + n / 100))   # uncached grows as N^2
+        wait_for_quiet(args.wait, progress.log)
         row = {"config": name, "embed_dim": config["embed_dim"],
                "num_layers": config["num_layers"], "num_heads": config["num_heads"],
                "n_new": n, "cache_mb": cache_mb}

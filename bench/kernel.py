@@ -25,7 +25,10 @@ against NumPy's full causal attention; (4) grouped-query attention, 32
 query heads over 8 K/V heads, against attend over K/V repeated to 32 heads.
 Ratios compare figures taken side by side in this run; absolute times move
 with the machine and its load (the ``others`` column: cores other processes
-used while the case ran; ``!`` marks a disturbed figure).
+used while the case ran; ``!`` marks a disturbed figure). Before each case
+the script waits, up to ``--wait`` seconds, for the machine to be quiet:
+on 2 cores, while another process holds one, a 2-thread loop waits a
+scheduler time slice for its second thread, and a 16 us call took 12 ms.
 
 BLAS keeps its default threads here, so the NumPy column is NumPy at its
 best. Before each sample its method runs untimed for ``settle`` seconds so
@@ -50,7 +53,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Progress, default_results_dir, header, log, others_note,  # noqa: E402
-                     print_header, results_dir, table, time_many, write_csv, write_json)
+                     print_header, results_dir, table, time_many, wait_for_quiet, write_csv,
+                     write_json)
 
 import kvarena  # noqa: E402
 
@@ -89,7 +93,13 @@ def parse_args(argv):
     parser.add_argument("--out", default=default_results_dir(),
                         help="directory for kernel.json, kernel.csv, kernel.txt "
                              "(default: bench/results)")
-    return parser.parse_args(argv)
+    parser.add_argument("--wait", type=float, default=None,
+                        help="seconds to wait, before each case, for other processes to leave "
+                             "the CPU (default 30, 0 with --quick)")
+    args = parser.parse_args(argv)
+    if args.wait is None:
+        args.wait = 0.0 if args.quick else 30.0
+    return args
 
 
 # -- the C loops ---------------------------------------------------------------
@@ -484,19 +494,24 @@ def main(argv=None):
     started = time.perf_counter()
     with Progress("kernel", sum(weights)) as progress:
         w = iter(weights)
+
+        def step(label):
+            progress.step(label, next(w))
+            waited = wait_for_quiet(args.wait, progress.log)
+            results["waited_s"] = results.get("waited_s", 0.0) + waited
         results["decode"] = []
         for B, H, S in plan["decode"]:
-            progress.step(f"decode B={B} H={H} S={S}", next(w))
+            step(f"decode B={B} H={H} S={S}")
             results["decode"].append(decode_case(B, H, S, plan, lib, progress))
         results["dtypes"] = []
         for B, H, S in plan["dtypes"]:
-            progress.step(f"storage dtypes B={B} H={H} S={S}", next(w))
+            step(f"storage dtypes B={B} H={H} S={S}")
             results["dtypes"] += dtype_case(B, H, S, plan, progress)
         results["prefill"] = []
         for T in plan["prefill"]:
-            progress.step(f"prefill T={T}", next(w))
+            step(f"prefill T={T}")
             results["prefill"].append(prefill_case(T, plan, progress))
-        progress.step("grouped-query B={} Hq={} Hkv={} S={}".format(*plan["gqa"]), next(w))
+        step("grouped-query B={} Hq={} Hkv={} S={}".format(*plan["gqa"]))
         results["gqa"] = gqa_case(*plan["gqa"], plan, progress)
     results["elapsed_s"] = time.perf_counter() - started
 
@@ -511,7 +526,8 @@ def main(argv=None):
         f.write(tables)
     log("")
     log(tables)
-    log(f"results: {path} (and kernel.csv, kernel.txt) in {results['elapsed_s']:.0f} s")
+    log(f"results: {path} (and kernel.csv, kernel.txt) in {results['elapsed_s']:.0f} s, "
+        f"{results['waited_s']:.0f} s of it waiting for other processes")
     return 0
 
 
