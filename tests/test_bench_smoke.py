@@ -72,6 +72,22 @@ def test_time_many_retakes_disturbed_rounds():
     assert t["others"] > 0.5
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc")
+def test_wait_for_quiet_gives_up_after_its_bound():
+    # a spinning child never lets the machine be quiet: the wait runs to its
+    # bound and no further (one probe window past it at most)
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    heard = []
+    try:
+        time.sleep(0.2)
+        waited = _common.wait_for_quiet(1.0, heard.append, probe=0.2, every=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert 1.0 <= waited < 1.5, waited
+    assert heard and "waiting for the machine to quiet down" in heard[0]
+
+
 def test_header_without_cython(tmp_path):
     # `pip install .` leaves Cython out of the runtime: the header must not need it
     # (run elsewhere than the source tree, whose kvarena/ has no extension then)
