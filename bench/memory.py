@@ -117,8 +117,11 @@ def run_child(kind, **params):
     """Run ``child_<kind>(**params)`` in a fresh interpreter; its dict result."""
     code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import memory; print(json.dumps(memory.child_{kind}(**json.loads(sys.argv[1]))))")
+    # run from bench/: `python -c` puts the working directory first on
+    # sys.path, and the source tree's kvarena/ has no extension after `pip install .`
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         raise RuntimeError(f"child_{kind}({params}) failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
