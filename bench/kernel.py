@@ -89,7 +89,7 @@ QUICK = {
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument("--out", default=default_results_dir(),
                         help="directory for kernel.json, kernel.csv, kernel.txt "
                              "(default: bench/results)")
@@ -187,7 +187,7 @@ def torch_method(q, keys, values, causal=False):
 
 # -- caches holding the same data ------------------------------------------------
 
-def filled_caches(B, H, S, dtype, seed, threads=THREADS, heads=None, repeat_heads=1):
+def filled_caches(B, H, S, dtype, seed, threads=THREADS, repeat_heads=1):
     """{threads: KVCache} of S + 1 positions, the first S committed, all with the same data.
 
     The data at position S is what every decode call writes again (the new
@@ -421,8 +421,9 @@ def prefill_table(rows, plan):
     notes = [f"T new tokens into an empty float32 cache, causal, D = {D}; medians of "
              f"{plan['repeat']} rounds",
              "numpy = full causal attention: (B, H, T, T) scores plus a precomputed mask (-inf "
-             "above the diagonal), softmax, @ V" + ("; torch = scaled_dot_product_attention(is_causal=True)"
-                               if torch is not None else "")]
+             "above the diagonal), softmax, @ V"
+             + ("; torch = scaled_dot_product_attention(is_causal=True)"
+                if torch is not None else "")]
     return table(rows, columns, "3. Prefill", notes)
 
 

@@ -85,7 +85,8 @@ def plot_generation(result, out, plt):
              "small: E=128 L=4 H=4; large: E=384 L=6 H=6. Cached: kernel on 1 thread, the default."]
     if skipped:
         lines.append("A missing uncached point: that run was skipped because its time, projected "
-                     f"as N^2 from the previous one, exceeded the {result['budget_s']:.0f} s budget "
+                     f"as N^2 from the previous one, exceeded the {result['budget_s']:.0f} s "
+                     "budget "
                      f"({', '.join(skipped)}).")
     fig.suptitle("Cached against uncached generation (bench/generation.py)")
     return finish(fig, plt, os.path.join(out, "generation.png"), caption(fig, lines))

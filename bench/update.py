@@ -82,8 +82,8 @@ def update_table(result):
     rows = [dict(r, others_txt=others_note(r["others"])) for r in result["rows"]]
     notes = [f"one token (T=1), D={HEAD_DIM}, float32, {NUM_LAYERS} layers; per-call medians of "
              f"{result['repeat']} rounds, all positions and calls sampled in turn",
-             "slice assign = layer[0|1, :, :, pos:pos+1] = k, v into a writable array of one layer's "
-             "shape, no checks; "
+             "slice assign = layer[0|1, :, :, pos:pos+1] = k, v into a writable array of one "
+             "layer's shape, no checks; "
              "update = KVCache.update (checks, then the Cython block copy)",
              "get = KVCache.get (two read-only views); others = cores used by other processes, "
              "! = disturbed"]
