@@ -1,9 +1,11 @@
 # Every target sets up what it needs: a virtualenv in .venv with the build
-# tools, the test tools and kvarena itself, built in place.
+# tools, the test tools and kvarena itself, built in place; the bench
+# targets add the bench's tools (plots, BLAS thread control).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvarena-installed
+BENCH_STAMP := $(VENV)/.kvarena-bench-tools
 
 .PHONY: install test test-debug bench bench-quick memory ops clean
 
@@ -12,8 +14,16 @@ $(STAMP): pyproject.toml setup.py pyx/_arena.pyx pyx/kernel.h pyx/kernel_impl.h 
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "setuptools>=64" wheel "cython>=3.0" "numpy>=1.25" \
 	    pytest hypothesis memory-profiler
-	$(PY) -m pip install --quiet --no-build-isolation --editable .
+	# editable_mode=compat: a plain .pth entry for this directory; the default
+	# mode warns on every build that same-named folders may shadow the package
+	$(PY) -m pip install --quiet --no-build-isolation --editable . \
+	    --config-settings editable_mode=compat
 	touch $(STAMP)
+
+# the bench extra of pyproject.toml, less what $(STAMP) already installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet matplotlib threadpoolctl
+	touch $(BENCH_STAMP)
 
 install: $(STAMP)
 
@@ -23,15 +33,18 @@ test: $(STAMP)
 # the whole suite against an extension built with bounds checks on, then
 # the release build back in place
 test-debug: $(STAMP)
-	KVARENA_CYTHON_DEBUG=1 $(PY) -m pip install --quiet --no-build-isolation --editable .
+	KVARENA_CYTHON_DEBUG=1 $(PY) -m pip install --quiet --no-build-isolation --editable . \
+	    --config-settings editable_mode=compat
 	$(PY) -c "import kvarena._arena as a; assert a.BOUNDSCHECK, 'debug build expected'"
 	$(PY) -m pytest -q; status=$$?; \
-	$(PY) -m pip install --quiet --no-build-isolation --editable . && exit $$status
+	$(PY) -m pip install --quiet --no-build-isolation --editable . \
+	    --config-settings editable_mode=compat && exit $$status
 
-bench: $(STAMP)
+# the main job: bench/generation.py, kernel.py, update.py, then plot.py
+bench: $(BENCH_STAMP)
 	$(PY) bench/sweep.py
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(PY) bench/sweep.py --quick
 
 memory: $(STAMP)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("KVARENA_CYTHON_DEBUG", "0") == "1"
@@ -63,6 +63,11 @@ extension = Extension(
 )
 
 setup(
+    # here rather than in pyproject.toml's [tool.setuptools], which the
+    # setuptools a new venv gets (65) reports as beta on every build
+    packages=find_packages(include=["kvarena", "kvarena.*"]),
+    # do not install the Cython sources or generated C next to the package
+    include_package_data=False,
     ext_modules=cythonize(
         [extension],
         compiler_directives=DIRECTIVES,

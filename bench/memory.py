@@ -32,7 +32,7 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (default_results_dir, header, log, print_header,  # noqa: E402
+from _common import (Progress, default_results_dir, header, log, print_header,  # noqa: E402
                      results_dir, table, write_json)
 
 MIB = 2 ** 20
@@ -118,8 +118,11 @@ def run_child(kind, **params):
     """Run ``child_<kind>(**params)`` in a fresh interpreter; its dict result."""
     code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import memory; print(json.dumps(memory.child_{kind}(**json.loads(sys.argv[1]))))")
+    # run from bench/: `python -c` puts the working directory first on
+    # sys.path, and the source tree's kvarena/ has no extension after `pip install .`
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         raise RuntimeError(f"child_{kind}({params}) failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -291,10 +294,20 @@ def main(argv=None):
 
     started = time.perf_counter()
     results = {"header": info}
-    results["footprint"] = check_footprint(sizes)
-    results["lazy"] = check_lazy(lazy_size)
-    results["generation"] = check_generation(n_new, configs)
-    results["zero_copy"] = check_zero_copy(100 if args.quick else 1000)
+    # rough weights for the estimate of the time left, in ~0.4 s units: a
+    # fresh process plus the arena it builds; the tokens times the model's E * L
+    weights = {"footprint": 2 * (len(sizes) + sum(sizes) / 256), "lazy": 2 + lazy_size / 64,
+               "generation": n_new * sum(E * L for E, L, _ in configs.values()) / 30000,
+               "zero copy": 1}
+    with Progress("memory", sum(weights.values())) as progress:
+        progress.step("1. footprint: one fresh process per arena", weights["footprint"])
+        results["footprint"] = check_footprint(sizes)
+        progress.step("2. lazy commit", weights["lazy"])
+        results["lazy"] = check_lazy(lazy_size)
+        progress.step(f"3. cached generation of {n_new} tokens", weights["generation"])
+        results["generation"] = check_generation(n_new, configs)
+        progress.step("4. zero copy", weights["zero copy"])
+        results["zero_copy"] = check_zero_copy(100 if args.quick else 1000)
     results["elapsed_s"] = time.perf_counter() - started
     path = os.path.join(out, "memory.json")
     write_json(path, results)

@@ -48,8 +48,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (default_results_dir, header, log, print_header,  # noqa: E402
-                     results_dir, table, time_many, write_csv, write_json)
+from _common import (Progress, default_results_dir, header, log, others_note,  # noqa: E402
+                     print_header, results_dir, table, time_many, write_csv, write_json)
 
 import kvarena  # noqa: E402
 
@@ -187,9 +187,11 @@ def measure(shape, repeat, warmup, tmp):
     log(f"[ops] load bit-exact: {checks['load_bit_exact']}; resident after open: "
         f"{checks['resident_after_open']} B, after reading layer 0: "
         f"{checks['resident_after_layer0']} B (layer = {checks['layer_bytes']} B)")
-    log(f"[ops] timing {len(ops)} operations, {repeat} samples each, round-robin")
-    timed = time_many({name: fn for name, (fn, _, _) in ops.items()},
-                      repeat=repeat, warmup=warmup)
+    # one stage, timed as a whole: Progress's heartbeat keeps it from going silent
+    with Progress("ops", 1) as progress:
+        progress.step(f"timing {len(ops)} operations, {repeat} samples each, round-robin")
+        timed = time_many({name: fn for name, (fn, _, _) in ops.items()},
+                          repeat=repeat, warmup=warmup)
     floor = timed["floor: copyto"]["median"]
     rows = []
     for name, (_, nbytes, detail) in ops.items():
@@ -204,7 +206,8 @@ def measure(shape, repeat, warmup, tmp):
     rows.append({"op": "window: difference", "mib": None, "median_ms": evict_ms, "min_ms": None,
                  "mb_s": None, "x_floor": evict_ms / (floor * 1e3), "loops": None,
                  "detail": "attend+evict - attend", "samples_ms": []})
-    return {"arena_bytes": arena_bytes, "checks": checks, "rows": rows}
+    load = {k: timed["floor: copyto"][k] for k in ("others", "disturbed", "rounds", "flagged")}
+    return {"arena_bytes": arena_bytes, "checks": checks, "rows": rows, "load": load}
 
 
 def ops_table(result, shape, repeat):
@@ -227,7 +230,12 @@ def ops_table(result, shape, repeat):
              f"(one layer = {c['layer_bytes'] / MIB:.1f} MiB)",
              f"window: attend at layer 0, T=1, on a full n_sink={N_SINK} cache, then advance(1); "
              "no window: the same attend on a plain cache holding S-1 positions; "
-             "difference = the eviction per decoding step"]
+             "difference = the eviction per decoding step",
+             f"others = {others_note(result['load']['others'])} cores used by other processes "
+             f"during the timing; {result['load']['disturbed']} of {result['load']['rounds']} "
+             "rounds disturbed"
+             + ("; too few clean ones, so the medians include disturbed rounds"
+                if result["load"]["flagged"] else "")]
     return table(result["rows"], columns, "Whole-arena operations", notes)
 
 
