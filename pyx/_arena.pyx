@@ -52,6 +52,8 @@ cdef extern from "kernel.h" nogil:
         const Py_ssize_t *base
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
     int kv_best_isa()
+    void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
+                     Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T)
 
 #: True when this extension was built with KVARENA_CYTHON_DEBUG=1.
 BOUNDSCHECK = bool(KVARENA_BOUNDSCHECK)
@@ -63,7 +65,7 @@ ISA_NAMES = ("baseline", "avx2", "avx512")
 BEST_ISA = kv_best_isa()
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
-                  np.dtype(np.float64): KV_F64}
+                  np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}
 
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
@@ -74,33 +76,46 @@ cdef class ArenaAccessor:
     """Typed view of one arena.
 
     Caller guarantees: ``arena`` is C-contiguous, 6-d (L, 2, B, H, S, D), of
-    a native-order float16/float32/float64 dtype, and ``num_threads >= 1``.
+    a native-order float16/float32/float64 or int8 dtype; for int8,
+    ``scales`` is float32 (L, 2, B, H, S), C-contiguous, one per stored row;
+    ``num_threads >= 1``.
     """
 
-    cdef readonly object arena
+    cdef readonly object arena, scales
     cdef unsigned char[:, :, :, :, :, ::1] raw   # (L, 2, B, H, S, D * itemsize)
+    cdef float[:, :, :, :, ::1] scale            # (L, 2, B, H, S), int8 arenas only
     cdef int storage
     cdef readonly int num_threads
 
-    def __cinit__(self, arena, int num_threads):
+    def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
+        self.scales = scales
         self.num_threads = num_threads
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
+        if scales is not None:
+            self.scale = scales
 
     def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] base, cnp.ndarray q,
-               cnp.ndarray out, int isa):
+               cnp.ndarray out, int isa, const Py_ssize_t[::1] ring_head=None,
+               Py_ssize_t n_sink=0, const float[:, ::1] rope_cos=None,
+               const float[:, ::1] rope_sin=None, bint rope_interleaved=False):
         """Attention of ``q`` over ``layer`` into ``out``.
 
         q and out are (B, Hq, T, D), Hq = G * H; query head h attends with
         K/V head h // G. Query t of row b sees positions 0 .. base[b] + t:
         the row's cached positions, then causal within the new block (whose
-        keys and values the caller has written at base[b] ..).
+        keys and values the caller has written at base[b] ..). Positions
+        are logical: with ``ring_head``, row b keeps n_sink sinks in slots
+        [0, n_sink) and a ring after them whose oldest position is in slot
+        n_sink + ring_head[b]. With ``rope_cos``/``rope_sin`` (S, D / 2),
+        keys and queries are rotated by their logical positions.
 
         Caller checked: 0 <= layer < L; q and out are float32 or float64,
         native order, 4-d, with strides that are multiples of their
         itemsize; out is writable and overlaps neither q nor the arena;
-        Hq is a multiple of H; base[b] + T <= S; 0 <= isa <= BEST_ISA.
+        Hq is a multiple of H; base[b] + T <= S; 0 <= isa <= BEST_ISA;
+        0 <= ring_head[b] < S - n_sink; rope tables (S, D / 2), D even.
         """
         cdef kv_layer c
         cdef kv_query qq
@@ -112,10 +127,15 @@ cdef class ArenaAccessor:
         c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
         c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
         c.scale[0] = c.scale[1] = NULL
-        c.n_sink = 0
-        c.ring_head = NULL
+        if self.scales is not None:
+            c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
+            c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
+        c.n_sink = n_sink
+        c.ring_head = NULL if ring_head is None else &ring_head[0]
         c.rope_cos = c.rope_sin = NULL
-        c.rope_interleaved = 0
+        if rope_cos is not None:
+            c.rope_cos, c.rope_sin = &rope_cos[0, 0], &rope_sin[0, 0]
+        c.rope_interleaved = rope_interleaved
         qq.q = cnp.PyArray_DATA(q)
         qq.out = cnp.PyArray_DATA(out)
         qq.q_f64 = q.dtype.itemsize == 8
@@ -136,6 +156,30 @@ cdef class ArenaAccessor:
             status = kv_attend(&c, &qq, isa, threads)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
+
+    def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
+                 const float[:, :, :, ::1] key, const float[:, :, :, ::1] value):
+        """int8 arenas: store key and value (B, H, T, D) of ``layer``, row b's
+        position t at slot slots[b, t], as int8 with one absmax / 127 scale per row.
+
+        Caller checked: 0 <= layer < L; the arena is int8; key and value
+        are float32, C-contiguous, (B, H, T, D); slots is (B, T), in [0, S).
+        """
+        cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
+        cdef Py_ssize_t S = self.raw.shape[4], b, t
+        if KVARENA_BOUNDSCHECK:
+            if not 0 <= layer < self.raw.shape[0] or self.scales is None:
+                raise IndexError(f"quantize: layer {layer} out of [0, {self.raw.shape[0]}) "
+                                 f"or not an int8 arena")
+            for b in range(B):
+                for t in range(T):
+                    if not 0 <= slots[b, t] < S:
+                        raise IndexError(f"quantize: slot {slots[b, t]} out of [0, {S})")
+        with nogil:
+            kv_quantize(&key[0, 0, 0, 0], <signed char *>&self.raw[layer, 0, 0, 0, 0, 0],
+                        &self.scale[layer, 0, 0, 0, 0], &slots[0, 0], B, H, S, D, T)
+            kv_quantize(&value[0, 0, 0, 0], <signed char *>&self.raw[layer, 1, 0, 0, 0, 0],
+                        &self.scale[layer, 1, 0, 0, 0], &slots[0, 0], B, H, S, D, T)
 
     def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
              const Py_ssize_t[::1] count):

@@ -243,6 +243,25 @@ static int kv_run_item(void *ctx, ptrdiff_t item)
     return t->fn(t->job, item);
 }
 
+/* int8 storage: rows[b, h, t] of a (B, H, T, D) float32 block, C-contiguous,
+ * into slot slots[b * T + t] of (b, h), each as D int8 values and one scale,
+ * absmax / 127 (0 for an all-zero row); rounding to nearest, ties to even */
+static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptrdiff_t *slots,
+                        ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D, ptrdiff_t T)
+{
+    for (ptrdiff_t b = 0; b < B; b++)
+        for (ptrdiff_t h = 0; h < H; h++)
+            for (ptrdiff_t t = 0; t < T; t++) {
+                const float *x = rows + ((b * H + h) * T + t) * D;
+                const ptrdiff_t slot = (b * H + h) * S + slots[b * T + t];
+                float big = 0;
+                for (ptrdiff_t d = 0; d < D; d++) big = fmaxf(big, fabsf(x[d]));
+                const float step = big / 127.0f, inv = big > 0 ? 127.0f / big : 0.0f;
+                for (ptrdiff_t d = 0; d < D; d++) data[slot * D + d] = (int8_t)nearbyintf(x[d] * inv);
+                scale[slot] = step;
+            }
+}
+
 /* attention of q over one layer, into q->out; 0, or -1 when scratch memory
  * could not be had (out is then incomplete) */
 static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
