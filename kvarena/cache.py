@@ -5,7 +5,12 @@ The arena is a single C-contiguous ndarray
     (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
 
 axis 1: 0 = keys, 1 = values. Every array the cache hands out is a view of
-it. This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
+it, except the dequantized reads of an int8 arena. An int8 arena keeps one
+float32 scale per stored D-vector beside it, in the same allocation:
+
+    scales (num_layers, 2, batch_size, num_heads, max_seq_len)
+
+This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
 trusts what it is given and computes.
 """
 
@@ -13,6 +18,7 @@ import functools
 import os
 import threading
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -124,8 +130,12 @@ class KVCache:
     ----------
     batch_size, max_seq_len, num_layers, num_heads, head_dim : int
         Positive sizes of the cache.
-    dtype : float16, float32 (default) or float64
-        Storage type of the arena. Inputs are cast to it on write.
+    dtype : float16, float32 (default), float64 or int8
+        Storage type of the arena. Inputs are cast to it on write; int8
+        stores each D-vector as D int8 values and one float32 scale
+        (absmax / 127, rounding to nearest), in the same single allocation.
+        Reads of an int8 cache (``get``, ``caches``) dequantize into new
+        float32 arrays; ``get_quantized`` and ``scales`` are the raw views.
     n_sink : int, optional
         Make the cache a sliding window with ``n_sink`` attention sinks
         (StreamingLLM): a write that would run past ``max_seq_len`` first
@@ -179,8 +189,14 @@ class KVCache:
         ``max_seq_len - n_sink`` for a sliding-window cache, else None.
     caches : list of (CacheView, CacheView)
         Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views.
+        int8: a sequence whose items are dequantized float32 copies, made
+        when the item is read.
     arena : CacheView
-        Read-only view of the whole arena.
+        Read-only view of the whole arena (int8: the raw int8 data).
+    scales : CacheView or None
+        int8: read-only view of the scales, float32 ``(L, 2, B, H, S)``,
+        in the arena's allocation; stored element ``arena[..., d]`` stands
+        for ``arena[..., d] * scales[...]``. None for a float cache.
 
     Notes
     -----
@@ -212,20 +228,21 @@ class KVCache:
         storage.arena_bytes(shape, dtype)          # addressable, before any file exists
         if path is not None:
             path = check_path("path", path)
-            arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
+            arena, scales, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
         else:
-            arena, state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
-        self._adopt(arena, state, n_sink, path, num_threads, check_finite)
+            (arena, scales), state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
+        self._adopt(arena, state, n_sink, path, num_threads, check_finite, scales)
         if path is not None:
             _FILE_WRITERS.add(self)
 
-    def _adopt(self, arena, state, n_sink, path, num_threads, check_finite):
+    def _adopt(self, arena, state, n_sink, path, num_threads, check_finite, scales=None):
         """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
 
         ``state`` is the cache's only mutable bookkeeping, one intp array
         laid out ``[seq_lens (B) | evicted (B) | written_end]``, so that a
-        file-backed cache persists it beside its arena. Everything passed
-        in has been validated.
+        file-backed cache persists it beside its arena. ``scales``, for an
+        int8 arena only, float32 (L, 2, B, H, S) in the arena's buffer.
+        Everything passed in has been validated.
         """
         (self.num_layers, _, self.batch_size, self.num_heads,
          self.max_seq_len, self.head_dim) = arena.shape
@@ -238,10 +255,12 @@ class KVCache:
         self.num_threads = num_threads
         self.check_finite = bool(check_finite)
         self._arena = arena
-        self._accessor = _arena.ArenaAccessor(arena, num_threads)
+        self._scales = scales
+        self._accessor = _arena.ArenaAccessor(arena, num_threads, scales)
         self.arena = read_only(arena)
         self.caches = [(self.arena[layer, 0], self.arena[layer, 1])
                        for layer in range(self.num_layers)]
+        self._adopt_scales()
         self._state = state
         self._seq_lens = state[:B]          # also the kernel's per-row write positions
         self._evicted = state[B:2 * B]
@@ -305,6 +324,8 @@ class KVCache:
             raise ValueError(f"{name} must hold at least one position (T >= 1); got T = 0")
         if self.check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} contains NaN or infinity (check_finite=True)")
+        if self._scales is not None and not grouped:
+            return self._to_quantize(name, a)
         # keys and values are stored in the arena's dtype, queries computed in
         # the compute dtype: narrowing to either may overflow
         narrow = self._compute_dtype if grouped else self.dtype
@@ -338,13 +359,16 @@ class KVCache:
                              f"got shape {out.shape}, dtype {out.dtype}")
         if not out.flags.writeable or any(stride % out.itemsize for stride in out.strides):
             raise ValueError("out must be writable, with strides in whole elements")
-        if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena):
+        if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena) \
+                or (self._scales is not None and np.may_share_memory(out, self._scales)):
             raise ValueError("out must not overlap q or the cache's arena")
         return out
 
     def _write(self, layer_idx, key, value):
         """Store key and value (B, H, T, D) after each row's committed
         positions, cast to the arena's dtype. Everything is checked."""
+        if self._scales is not None:
+            return self._quantize(layer_idx, key, value)
         T = key.shape[2]
         keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
         if self._uniform:
@@ -417,6 +441,8 @@ class KVCache:
         src = self.n_sink + drop
         keep = np.where(drop > 0, self._seq_lens - src, 0)
         self._accessor.move(src, np.full_like(src, self.n_sink), keep)
+        if self._scales is not None:        # the scales move with their rows
+            self._scale_mover.move(src, np.full_like(src, self.n_sink), keep)
         self._seq_lens -= drop
         self._evicted += drop
         self._lengths_changed()
@@ -514,11 +540,15 @@ class KVCache:
             Read-only views of the arena (no copy), in the arena's dtype.
             With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
             With ``pending=True``, ``seq_pos + T`` and ``seq_lens[row] + T``
-            positions.
+            positions. An int8 cache returns new float32 arrays instead (a
+            copy, read-only all the same): the stored values times their
+            scales; ``get_quantized`` returns the raw views.
         """
         layer_idx = self._layer(layer_idx)
         key_view, value_view = self.caches[layer_idx]
         T = self._pending[layer_idx] if pending else 0
+        if self._scales is not None:
+            return self._dequantized_get(layer_idx, row, pending)
         if row is None:
             if not self._uniform:
                 raise ValueError(f"row must be given when rows hold different lengths; "
@@ -580,6 +610,8 @@ class KVCache:
         # as unsigned ints, so that -0.0 counts as data too
         bits = used.view(f"u{self.dtype.itemsize}")
         used[bits.any(axis=(-2, -1))] = 0
+        if self._scales is not None:
+            self._wipe_scales()
         self._state.fill(0)
         self._lengths_changed()
 
@@ -593,12 +625,14 @@ class KVCache:
             ``cache_tensors`` (2 per layer), ``total_elements``, ``used_mb``
             (the committed positions of all rows), ``utilization`` (their
             share of the capacity, ``seq_pos / max_seq_len`` when rows are
-            equal) and ``dtype`` (its name). A file-backed cache adds
+            equal) and ``dtype`` (its name). ``total_bytes`` is the arena's
+            whole allocation: for int8, ``scale_bytes`` of scales included
+            (``scale_bytes`` is 0 for a float cache). A file-backed cache adds
             ``path`` and ``resident_bytes``: how much of the mapped arena
             this process has in memory now (None where the OS does not
             tell).
         """
-        total_bytes = self._arena.nbytes
+        total_bytes = storage.arena_bytes(self._arena.shape, self.dtype)
         utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
         usage = {
             "total_bytes": total_bytes,
@@ -609,10 +643,11 @@ class KVCache:
             "used_mb": total_bytes * utilization / MIB,
             "utilization": utilization,
             "dtype": self.dtype.name,
+            "scale_bytes": 0 if self._scales is None else self._scales.nbytes,
         }
         if self.path is not None:
             usage["path"] = self.path
-            usage["resident_bytes"] = storage.resident_bytes(self._arena)
+            usage["resident_bytes"] = storage.resident_bytes(self._arena, total_bytes)
         return usage
 
     # -- beyond TinyTorch ----------------------------------------------------
@@ -652,7 +687,9 @@ class KVCache:
         ndarray, shape (batch_size, G * num_heads, T, head_dim)
             ``out``, or a new array. Its dtype is q's when q is float32 or
             float64, else the compute dtype. The kernel computes in float32
-            (float64 for a float64 arena).
+            (float64 for a float64 arena), an int8 arena included: its
+            rows are dequantized in registers as they are read, and k, v
+            quantized on write as by ``update``.
 
         Raises
         ------
@@ -704,6 +741,8 @@ class KVCache:
             # mode="clip": the indices are checked, and "raise" would buffer `out`
             np.take(block, idx[moved], axis=1, out=gathered, mode="clip")
             block[:, moved] = gathered
+        if self._scales is not None:
+            self._reorder_scales(idx, moved, end)
         self._seq_lens[:] = self._seq_lens[idx]
         self._evicted[:] = self._evicted[idx]
         self._lengths_changed()
@@ -731,6 +770,8 @@ class KVCache:
             # per layer: NumPy cannot prove two rows of one array disjoint and
             # copies through a temporary, which should stay small
             self._arena[layer, :, dst, :, :length] = self._arena[layer, :, src, :, :length]
+        if self._scales is not None:
+            self._scales[:, :, dst, :, :length] = self._scales[:, :, src, :, :length]
         self._seq_lens[dst] = length
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()
@@ -818,9 +859,9 @@ class KVCache:
         check_finite = check_bool("check_finite", check_finite)
         if max_arena_bytes is not None:
             max_arena_bytes = check_positive("max_arena_bytes", max_arena_bytes)
-        arena, state, n_sink = storage.load(path, max_seq_len, lazy, max_arena_bytes)
+        arena, scales, state, n_sink = storage.load(path, max_seq_len, lazy, max_arena_bytes)
         cache = cls.__new__(cls)
-        cache._adopt(arena, state, n_sink, None, num_threads, check_finite)
+        cache._adopt(arena, state, n_sink, None, num_threads, check_finite, scales)
         return cache
 
     @classmethod
@@ -851,9 +892,9 @@ class KVCache:
         path = check_path("path", path)
         num_threads = check_threads(num_threads)
         check_finite = check_bool("check_finite", check_finite)
-        arena, state, n_sink = storage.open_mapped(path, mode)
+        arena, scales, state, n_sink = storage.open_mapped(path, mode)
         cache = cls.__new__(cls)
-        cache._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        cache._adopt(arena, state, n_sink, path, num_threads, check_finite, scales)
         if mode == "r+":
             _FILE_WRITERS.add(cache)
         return cache
@@ -867,17 +908,125 @@ class KVCache:
         both, so only the written prefix is copied.
         """
         end = int(self._written[0])
-        arena = storage.new_arena(self._arena.shape, self.dtype, lazy=True)
+        arena, scales = storage.new_arena(self._arena.shape, self.dtype, lazy=True)
         arena[..., :end, :] = self._arena[..., :end, :]
+        if scales is not None:
+            scales[..., :end] = self._scales[..., :end]
         clone = type(self).__new__(type(self))
         clone._adopt(arena, self._state.astype(np.intp), self.n_sink, None,
-                     self.num_threads, self.check_finite)
+                     self.num_threads, self.check_finite, scales)
         memo[id(self)] = clone
         return clone
 
     def __copy__(self):
         """As ``deepcopy``: a shallow copy would share the arena and the lengths."""
         return self.__deepcopy__({})
+
+    # -- int8 storage ------------------------------------------------------------
+
+    def get_quantized(self, layer_idx, row=None, *, pending=False):
+        """The raw int8 keys and values of one layer and their scales (no copy).
+
+        Stored element ``keys[b, h, t, d]`` stands for ``keys[b, h, t, d] *
+        key_scales[b, h, t]`` (float32), which is what ``get`` returns and
+        what ``attend`` computes with.
+
+        Parameters
+        ----------
+        layer_idx, row, pending
+            As for ``get``.
+
+        Returns
+        -------
+        keys : CacheView of int8, shape (batch_size, num_heads, seq_pos, head_dim)
+        key_scales : CacheView of float32, shape (batch_size, num_heads, seq_pos)
+        values, value_scales : CacheView
+            As ``keys`` and ``key_scales``. All four are read-only views of
+            the arena's allocation; with ``row``, of one row, as for ``get``.
+
+        Raises
+        ------
+        TypeError
+            The cache does not store int8.
+        ValueError
+            As ``get``.
+        """
+        if self._scales is None:
+            raise TypeError(f"get_quantized needs an int8 cache; this one stores "
+                            f"{self.dtype.name}: use get()")
+        layer_idx = self._layer(layer_idx)
+        rows, n = self._extent(layer_idx, row, pending)
+        data, scales = self.arena[layer_idx], self.scales[layer_idx]
+        return (data[0, rows, :, :n], scales[0, rows, :, :n],
+                data[1, rows, :, :n], scales[1, rows, :, :n])
+
+    def _extent(self, layer_idx, row, pending):
+        """``(rows, n)``: the slice of batch rows and the positions ``get`` returns."""
+        T = self._pending[layer_idx] if pending else 0
+        if row is None:
+            if not self._uniform:
+                raise ValueError(f"row must be given when rows hold different lengths; "
+                                 f"seq_lens = {self._seq_lens.tolist()}")
+            return slice(None), self._seq_pos + T
+        row = self._row("row", row)
+        return slice(row, row + 1), int(self._seq_lens[row]) + T
+
+    def _dequantized_get(self, layer_idx, row, pending):
+        keys, key_scales, values, value_scales = self.get_quantized(layer_idx, row,
+                                                                    pending=pending)
+        return dequantize(keys, key_scales), dequantize(values, value_scales)
+
+    def _adopt_scales(self):
+        """The int8 parts of ``_adopt``: ``scales``, and ``caches`` that dequantize."""
+        if self._scales is None:
+            self.scales = None
+            return
+        self.scales = read_only(self._scales)
+        self.caches = DequantizedLayers(self.arena, self.scales)
+        # the scales as a (L, 2, B, H, S, 1) float32 arena: the accessor's
+        # move then moves one scale per position, as it moves the data
+        self._scale_mover = _arena.ArenaAccessor(self._scales[..., np.newaxis], 1)
+
+    def _to_quantize(self, name, a):
+        """Keys or values ``a`` (checked) as the float32 C-contiguous rows that
+        ``ArenaAccessor.quantize`` reads; every value must be finite."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = np.ascontiguousarray(a, dtype=np.float32)
+        if rows is a and (np.may_share_memory(rows, self._scales)
+                          or np.may_share_memory(rows, self._arena)):
+            rows = rows.copy()               # quantize would write what it reads
+        finite = np.isfinite(rows)
+        if not finite.all():
+            source = a[~finite]
+            if np.isfinite(source).any():    # finite, but beyond float32
+                with np.errstate(invalid="ignore"):
+                    big = np.abs(a[np.isfinite(a)]).max()
+                raise ValueError(f"{name} has finite values up to {big:g}, beyond the "
+                                 f"float32 range (max {np.finfo(np.float32).max:g}) that an "
+                                 f"int8 cache quantizes from")
+            raise ValueError(f"{name} contains NaN or infinity, which an int8 cache cannot "
+                             f"store (each vector is kept as int8 times absmax / 127)")
+        return rows
+
+    def _quantize(self, layer_idx, key, value):
+        """int8: store key and value (B, H, T, D), float32 C-contiguous, after
+        each row's committed positions, with their scales."""
+        T = key.shape[2]
+        slots = self._seq_lens[:, np.newaxis] + np.arange(T, dtype=np.intp)   # (B, T)
+        self._accessor.quantize(layer_idx, slots, key, value)
+
+    def _wipe_scales(self):
+        # reset(): the scales of every written position, in the blocks that hold any
+        used = self._scales[..., :self._written[0]]
+        used[used.view(np.uint32).any(axis=-1)] = 0
+
+    def _reorder_scales(self, idx, moved, end):
+        # reorder(): as the data, one layer at a time through one temporary
+        gathered = np.empty((2, moved.size, self.num_heads, end), self._scales.dtype)
+        for layer in range(self.num_layers):
+            block = self._scales[layer, :, :, :, :end]
+            np.take(block, idx[moved], axis=1, out=gathered, mode="clip")
+            block[:, moved] = gathered
 
     def __reduce_ex__(self, protocol):
         raise TypeError("a KVCache cannot be pickled (its arena may be large, or a mapped "
@@ -907,6 +1056,35 @@ def check_sinks(n_sink, max_seq_len):
         raise ValueError(f"n_sink must be None or in [0, max_seq_len = {max_seq_len}); "
                          f"got {n_sink}")
     return n_sink
+
+
+def dequantize(data, scales):
+    """``data * scales[..., None]`` as a new read-only float32 ``CacheView``.
+
+    ``data`` int8 (..., D) and ``scales`` float32 (...): the values that
+    ``attend`` computes with, multiplied in float32 as the kernel does.
+    """
+    out = np.multiply(data, scales[..., np.newaxis], dtype=np.float32)
+    return read_only(out)
+
+
+class DequantizedLayers(Sequence):
+    """``KVCache.caches`` of an int8 cache: per layer, ``(keys, values)`` as
+    full-capacity ``(B, H, max_seq_len, D)`` float32 arrays, dequantized
+    (copied) each time an item is read."""
+
+    def __init__(self, arena, scales):
+        self._arena, self._scales = arena, scales
+
+    def __len__(self):
+        return self._arena.shape[0]
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(len(self))[layer]]
+        layer = range(len(self))[layer]       # an int in range, or IndexError
+        return (dequantize(self._arena[layer, 0], self._scales[layer, 0]),
+                dequantize(self._arena[layer, 1], self._scales[layer, 1]))
 
 
 def read_only(a):

@@ -9,7 +9,9 @@ import os
 
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                    np.dtype(np.int8))
+DTYPE_NAMES = "float16, float32, float64, int8"
 MAX_THREADS = 2**31 - 1       # the kernel's thread count is a C int
 
 
@@ -63,15 +65,15 @@ def check_path(name, path):
 
 
 def check_storage_dtype(dtype):
-    """``dtype`` as a native-order float16, float32 or float64 ``np.dtype``."""
+    """``dtype`` as a native-order float16, float32, float64 or int8 ``np.dtype``."""
     if dtype is None:  # np.dtype(None) would silently mean float64
-        raise TypeError("dtype must be one of float16, float32, float64; got None")
+        raise TypeError(f"dtype must be one of {DTYPE_NAMES}; got None")
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(f"dtype must be one of float16, float32, float64; got {dtype!r}") from exc
+        raise TypeError(f"dtype must be one of {DTYPE_NAMES}; got {dtype!r}") from exc
     if dt.newbyteorder("=") not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of float16, float32, float64; got {dt}")
+        raise TypeError(f"dtype must be one of {DTYPE_NAMES}; got {dt}")
     return dt.newbyteorder("=")
 
 

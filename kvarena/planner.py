@@ -6,9 +6,15 @@ configuration, the arena
     (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
 
 in the storage dtype (``num_heads`` counts key/value heads: a
-grouped-query model's ``num_kv_heads``). It is linear
-in ``batch_size * max_seq_len``, so the largest batch or context that fits
-a memory budget has a closed form. The attention kernel keeps no buffer
+grouped-query model's ``num_kv_heads``). An int8 arena's buffer also holds
+its scales, one float32 per stored D-vector
+
+    (num_layers, 2, batch_size, num_heads, max_seq_len)
+
+after the int8 data, from the next 64-byte boundary (``arena_layout``).
+The size is linear in ``batch_size * max_seq_len`` (up to those 63 bytes
+of padding), so the largest batch or context that fits a memory budget
+has a closed form. The attention kernel keeps no buffer
 per cache: its working memory is a few kilobytes per thread (queries,
 accumulators and a 32-row tile) plus, for a long row split across threads,
 ``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
@@ -16,6 +22,7 @@ module imports nothing from ``kvarena.cache``; the two must agree, and the
 tests check it.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,6 +31,36 @@ import numpy as np
 from kvarena.checks import check_positive, check_storage_dtype
 
 _MEMINFO = "/proc/meminfo"
+#: int8 arenas: one scale (absmax / 127) of this dtype per stored D-vector
+SCALE_DTYPE = np.dtype(np.float32)
+#: where an int8 arena's scales start in its buffer: the next multiple of this
+SCALE_ALIGN = 64
+
+
+def arena_layout(shape, dtype):
+    """Byte layout of the one buffer that holds an arena of ``shape`` and ``dtype``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)``.
+    dtype : numpy.dtype
+        A supported storage dtype.
+
+    Returns
+    -------
+    data_bytes, scale_offset, total_bytes : int
+        The data's bytes, where the scales start, and the whole buffer's
+        size. For a float arena there are no scales: all three are equal.
+        For int8, data then scales (float32 ``shape[:5]``) at the next
+        multiple of ``SCALE_ALIGN``.
+    """
+    elements = math.prod(shape)
+    data = elements * dtype.itemsize
+    if dtype != np.int8:
+        return data, data, data
+    offset = -(-data // SCALE_ALIGN) * SCALE_ALIGN
+    return data, offset, offset + elements // shape[-1] * SCALE_DTYPE.itemsize
 
 
 @dataclass(frozen=True)
@@ -35,12 +72,16 @@ class Footprint:
     batch_size, max_seq_len, num_layers, num_heads, head_dim : int
         The configuration.
     dtype : str
-        Storage dtype name: ``"float16"``, ``"float32"`` or ``"float64"``.
+        Storage dtype name: ``"float16"``, ``"float32"``, ``"float64"`` or
+        ``"int8"``.
     arena_bytes : int
-        The key/value arena.
+        The key/value data (for int8, the int8 values alone).
     total_bytes : int
-        Everything the cache holds that grows with its configuration:
-        ``arena_bytes``.
+        Everything the cache holds that grows with its configuration, one
+        allocation: ``arena_bytes``, and for int8 up to 63 bytes of
+        padding and ``scale_bytes``.
+    scale_bytes : int
+        int8 only: one float32 scale per stored D-vector (0 otherwise).
     """
 
     batch_size: int
@@ -51,11 +92,14 @@ class Footprint:
     dtype: str
     arena_bytes: int
     total_bytes: int
+    scale_bytes: int = 0
 
 
 def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
-    # bytes for one (batch row, position) pair: keys and values of every layer and head
-    return 2 * num_layers * num_heads * head_dim * dt.itemsize
+    # bytes for one (batch row, position) pair: keys and values of every layer
+    # and head (and, for int8, their scales)
+    scale = SCALE_DTYPE.itemsize if dt == np.int8 else 0
+    return 2 * num_layers * num_heads * (head_dim * dt.itemsize + scale)
 
 
 def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32):
@@ -67,13 +111,14 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
         Positive sizes, as ``KVCache`` takes them. ``num_heads`` counts
         K/V heads, what the cache stores: for a grouped-query model, its
         ``num_kv_heads``, not its query heads.
-    dtype : float16, float32 (default) or float64
+    dtype : float16, float32 (default), float64 or int8
         Storage dtype of the arena.
 
     Returns
     -------
     Footprint
-        Exact byte counts of the arena and of the total.
+        Exact byte counts of the arena, of an int8 arena's scales and of
+        the total (the one buffer the cache allocates).
 
     Raises
     ------
@@ -93,9 +138,10 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
-    arena = batch_size * max_seq_len * _bytes_per_slot(num_layers, num_heads, head_dim, dt)
+    shape = (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
+    data, offset, total = arena_layout(shape, dt)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, arena, arena)
+                     dt.name, data, total, total - offset)
 
 
 def available_memory():
@@ -142,7 +188,7 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     num_layers, num_heads, head_dim : int
         Positive sizes of the model; ``num_heads`` counts K/V heads (a
         grouped-query model's ``num_kv_heads``).
-    dtype : float16, float32 (default) or float64
+    dtype : float16, float32 (default), float64 or int8
         Storage dtype of the arena.
     batch_size : int, optional
         Fixed number of rows; ``max_seq_len`` is maximised.
@@ -184,18 +230,28 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     available_bytes = check_positive("available_bytes", available_bytes)
 
     slot = _bytes_per_slot(num_layers, num_heads, head_dim, dt)
+    sizes = (num_layers, num_heads, head_dim, dt)
     if batch_size is not None:
         batch_size = check_positive("batch_size", batch_size)
         need = batch_size * slot                        # one position of every row
         max_seq_len = available_bytes // need
+        # int8: the scales' alignment may add up to 63 bytes
+        while max_seq_len >= 1 and footprint(batch_size, max_seq_len, *sizes).total_bytes \
+                > available_bytes:
+            max_seq_len -= 1
         if max_seq_len < 1:
+            need = footprint(batch_size, 1, *sizes).total_bytes
             raise ValueError(f"available_bytes={available_bytes} cannot hold one position "
                              f"for batch_size={batch_size}: that needs {need} bytes")
     else:
         max_seq_len = check_positive("max_seq_len", max_seq_len)
         need = max_seq_len * slot                       # one row of every position
         batch_size = available_bytes // need
+        while batch_size >= 1 and footprint(batch_size, max_seq_len, *sizes).total_bytes \
+                > available_bytes:
+            batch_size -= 1
         if batch_size < 1:
+            need = footprint(1, max_seq_len, *sizes).total_bytes
             raise ValueError(f"available_bytes={available_bytes} cannot hold one row "
                              f"for max_seq_len={max_seq_len}: that needs {need} bytes")
-    return footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dt)
+    return footprint(batch_size, max_seq_len, *sizes)

@@ -3,7 +3,9 @@
 Two file formats, both little-endian, both starting with an 8-byte magic,
 a uint32 format version and the uint32 length of a UTF-8 JSON header that
 describes the arena (``shape``, ``dtype`` as ``numpy.dtype.str``,
-``n_sink``).
+``n_sink``). Each file is written in the earliest version that describes
+it, so that older kvarenas read every file they can: version 1 for float
+arenas, version 2 for int8 ones (which adds their scales); both are read.
 
 Snapshot (``KVCache.save`` / ``KVCache.load``)::
 
@@ -12,7 +14,8 @@ Snapshot (``KVCache.save`` / ``KVCache.load``)::
 The header adds ``seq_lens``, ``evicted`` and ``payload_bytes``. The
 payload is the committed positions only: for each layer, keys then values,
 for each row ``b``, the ``(num_heads, seq_lens[b], head_dim)`` block in C
-order. The header has its own crc32, checked before anything is allocated;
+order; for an int8 arena each block is followed by its scales, float32
+``(num_heads, seq_lens[b])``. The header has its own crc32, checked before anything is allocated;
 the payload's is checked before anything is returned. The file's size must
 match the header exactly.
 
@@ -22,7 +25,8 @@ Mapped arena (``KVCache(..., path=...)`` / ``KVCache.open``)::
 
 ``state`` is the cache's bookkeeping, int64 ``[seq_lens | evicted |
 written_end]``, 8-byte aligned; the arena starts on an allocation-granularity
-boundary. Both are mapped, so lengths and contents persist as the cache
+boundary, laid out as in memory (``kvarena.planner.arena_layout``: an int8
+arena's scales follow its data from the next 64-byte boundary). Both are mapped, so lengths and contents persist as the cache
 runs. A live arena has no checksum.
 
 Sharing rules, enforced with advisory ``flock`` locks taken without
@@ -49,8 +53,8 @@ import zlib
 
 import numpy as np
 
-from kvarena.checks import SUPPORTED_DTYPES, check_int
-from kvarena.planner import available_memory
+from kvarena.checks import DTYPE_NAMES, SUPPORTED_DTYPES, check_int
+from kvarena.planner import SCALE_DTYPE, arena_layout, available_memory
 
 try:
     import fcntl
@@ -59,7 +63,9 @@ except ImportError:     # Windows: no flock, so no lock on mapped files
 # a FIFO opened without it blocks until a writer comes (absent on Windows)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest this kvarena writes (for int8 arenas)
+FLOAT_FORMAT_VERSION = 1    # what it writes for float arenas, which version 1 describes
+READABLE_VERSIONS = (1, 2)
 SNAPSHOT_MAGIC = b"KVASNAP\0"
 MAPPED_MAGIC = b"KVAMMAP\0"
 SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header and payload crc32
@@ -77,14 +83,15 @@ class CacheFileError(ValueError):
 # -- memory ---------------------------------------------------------------------
 
 def arena_bytes(shape, dtype):
-    """Bytes of an arena of ``shape`` and ``dtype``, checked to be addressable.
+    """Bytes of the buffer of an arena of ``shape`` and ``dtype`` (an int8
+    arena's scales included), checked to be addressable.
 
     Raises
     ------
     MemoryError
         The arena would be larger than this platform can address.
     """
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = arena_layout(shape, dtype)[2]
     if nbytes > MAX_INTP:
         raise MemoryError(f"an arena of shape {tuple(shape)} (num_layers, 2, batch_size, "
                           f"num_heads, max_seq_len, head_dim) and dtype {dtype.name} needs "
@@ -92,8 +99,31 @@ def arena_bytes(shape, dtype):
     return nbytes
 
 
+def file_version(dtype):
+    """The format version a file of an arena of ``dtype`` is written in."""
+    return FORMAT_VERSION if dtype == np.int8 else FLOAT_FORMAT_VERSION
+
+
+def arena_views(buffer, shape, dtype):
+    """``(arena, scales)``: the views of ``buffer`` (uint8, ``arena_bytes``
+    long) that hold an arena; ``scales`` is None for a float arena.
+
+    An int8 arena is two views of one buffer: the data, int8 ``shape``,
+    and its scales, float32 ``shape[:5]`` (one per stored D-vector).
+    """
+    data_bytes, offset, total = arena_layout(shape, dtype)
+    arena = buffer[:data_bytes].view(dtype).reshape(shape)
+    if dtype != np.int8:
+        return arena, None
+    return arena, buffer[offset:total].view(SCALE_DTYPE).reshape(shape[:5])
+
+
 def new_arena(shape, dtype, lazy):
-    """A zeroed in-memory arena; unless ``lazy``, with every page touched now.
+    """A zeroed in-memory arena ``(arena, scales)``; unless ``lazy``, with
+    every page touched now.
+
+    One allocation: for int8, the data and its scales are views of one
+    buffer (``arena_views``); ``scales`` is None for a float arena.
 
     Raises
     ------
@@ -114,13 +144,15 @@ def new_arena(shape, dtype, lazy):
                               f"memory available now; use a smaller cache or lazy=True")
     try:
         if lazy:
-            return np.zeros(shape, dtype=dtype)    # calloc: pages come on first touch
-        arena = np.empty(shape, dtype=dtype)
+            buffer = np.zeros(nbytes, dtype=np.uint8)   # calloc: pages come on first touch
+        else:
+            buffer = np.empty(nbytes, dtype=np.uint8)
     except MemoryError:
         raise MemoryError(f"cannot allocate an arena of shape {tuple(shape)} and dtype "
                           f"{dtype.name} ({nbytes} bytes)") from None
-    arena.fill(0)                               # touch every page now
-    return arena
+    if not lazy:
+        buffer.fill(0)                          # touch every page now
+    return arena_views(buffer, shape, dtype)
 
 
 def new_state(batch_size):
@@ -153,7 +185,7 @@ def save(cache, path):
     """
     target = os.path.realpath(path)     # through symlinks: replace the target, keep the link
     _check_replaceable(path, target)
-    arena, seq_lens = cache._arena, cache._seq_lens.tolist()
+    arena, scales, seq_lens = cache._arena, cache._scales, cache._seq_lens.tolist()
     L = arena.shape[0]
     payload = _payload_bytes(arena.shape, arena.dtype, seq_lens)
     header = json.dumps({
@@ -173,8 +205,12 @@ def save(cache, path):
                 block = np.ascontiguousarray(arena[layer, kv, b, :, :n])
                 crc = zlib.crc32(block, crc)
                 f.write(block)
+                if scales is not None:       # the block's scales move with it
+                    block = np.ascontiguousarray(scales[layer, kv, b, :, :n])
+                    crc = zlib.crc32(block, crc)
+                    f.write(block)
             f.seek(0)
-            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, len(header),
+            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, file_version(arena.dtype), len(header),
                                          zlib.crc32(header), crc))
             f.flush()
             os.fsync(f.fileno())                 # the data is on disk before the name is
@@ -286,13 +322,13 @@ def load(path, max_seq_len, lazy, max_arena_bytes):
     """
     with _open_regular(path, writable=False) as f:
         size = os.fstat(f.fileno()).st_size
-        _, _, header_len, header_crc, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
-                                                         SNAPSHOT_MAGIC, "snapshot")
+        _, version, header_len, header_crc, crc = _read_prefix(f, path, size, SNAPSHOT_PREFIX,
+                                                               SNAPSHOT_MAGIC, "snapshot")
         header = f.read(header_len)
         if zlib.crc32(header) != header_crc:
             raise CacheFileError(f"{path}: header checksum mismatch; the file is corrupted")
         meta = _parse_header(header, path)
-        shape, dtype, n_sink = _check_arena(meta, path)
+        shape, dtype, n_sink = _check_arena(meta, path, version)
         L, _, B, H, S, D = shape
         seq_lens = _check_lengths(meta, "seq_lens", B, S, path)
         evicted = _check_lengths(meta, "evicted", B, None, path)
@@ -312,23 +348,28 @@ def load(path, max_seq_len, lazy, max_arena_bytes):
             raise ValueError(f"max_seq_len must be at least {least} to hold this snapshot "
                              f"(longest row, and more than n_sink); got {max_seq_len}")
         _check_arena_budget(path, (L, 2, B, H, max_seq_len, D), dtype, max_arena_bytes)
-        arena = new_arena((L, 2, B, H, max_seq_len, D), dtype, lazy)
+        arena, scales = new_arena((L, 2, B, H, max_seq_len, D), dtype, lazy)
         crc_seen = 0
         for layer, kv, b, n in _payload_blocks(L, seq_lens.tolist()):
             block = np.empty((H, n, D), dtype)
             f.readinto(block)
             crc_seen = zlib.crc32(block, crc_seen)
             arena[layer, kv, b, :, :n] = block
+            if scales is not None:
+                block = np.empty((H, n), SCALE_DTYPE)
+                f.readinto(block)
+                crc_seen = zlib.crc32(block, crc_seen)
+                scales[layer, kv, b, :, :n] = block
     if crc_seen != crc:
         raise CacheFileError(f"{path}: payload checksum mismatch (file says {crc:#010x}, "
                              f"contents give {crc_seen:#010x}); the file is corrupted")
     state = new_state(B)
     state[:B], state[B:2 * B], state[2 * B] = seq_lens, evicted, seq_lens.max()
-    return arena, state, n_sink
+    return arena, scales, state, n_sink
 
 
 def _check_arena_budget(path, shape, dtype, max_arena_bytes):
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = arena_layout(shape, dtype)[2]
     if max_arena_bytes is None:
         try:
             max_arena_bytes, what = available_memory(), "the memory available now"
@@ -345,7 +386,7 @@ def _check_arena_budget(path, shape, dtype, max_arena_bytes):
 # -- mapped arenas -------------------------------------------------------------
 
 def create_mapped(path, shape, dtype, n_sink, lazy):
-    """Create the mapped-arena file at ``path``; return ``(arena, state)``.
+    """Create the mapped-arena file at ``path``; return ``(arena, scales, state)``.
 
     The file must not exist. It is locked for this cache (see the module
     docstring) and its blocks are reserved on disk before it is mapped;
@@ -369,21 +410,21 @@ def create_mapped(path, shape, dtype, n_sink, lazy):
     with open(path, "xb+") as f:   # FileExistsError rather than overwrite a cache
         try:
             _lock(f, path, "r+")
-            f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, FORMAT_VERSION, len(header)))
+            f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, file_version(dtype), len(header)))
             f.write(header)
             f.flush()
             _reserve(f, path, total)
-            arena, state = _map(f, path, "r+", shape, dtype, state_offset, arena_offset)
+            buffer, state = _map(f, path, "r+", shape, dtype, state_offset, arena_offset)
             if not lazy:
-                arena.fill(0)
+                buffer.fill(0)
         except BaseException:
             os.unlink(path)
             raise
-    return arena, state
+    return (*arena_views(buffer, shape, dtype), state)
 
 
 def open_mapped(path, mode):
-    """Map the mapped-arena file at ``path``; return ``(arena, state, n_sink)``.
+    """Map the mapped-arena file at ``path``; return ``(arena, scales, state, n_sink)``.
 
     Reads the header and the lengths only: the arena's pages come from the
     file on touch. ``"c"`` gets a private copy of the lengths.
@@ -403,22 +444,22 @@ def open_mapped(path, mode):
     with _open_regular(path, writable=mode == "r+") as f:
         _lock(f, path, mode)          # before reading: no writer can be mid-way now
         size = os.fstat(f.fileno()).st_size
-        _, _, header_len = _read_prefix(f, path, size, MAPPED_PREFIX, MAPPED_MAGIC,
-                                        "mapped arena")
+        _, version, header_len = _read_prefix(f, path, size, MAPPED_PREFIX, MAPPED_MAGIC,
+                                              "mapped arena")
         meta = _parse_header(f.read(header_len), path)
-        shape, dtype, n_sink = _check_arena(meta, path)
+        shape, dtype, n_sink = _check_arena(meta, path, version)
         state_offset, arena_offset = _mapped_offsets(header_len, shape[2])
         expected = arena_offset + arena_bytes(shape, dtype)
         if size != expected:
             raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
                                  f"{expected}; it is truncated or has trailing data")
-        arena, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
+        buffer, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
     if mode == "c":
         # a private mapping shows the file's bytes until this process writes
         # them: read the lengths once, now, into memory of our own
         state = np.array(state, dtype=np.intp)
     _check_state(state, shape[2], shape[4], path)
-    return arena, state, n_sink
+    return (*arena_views(buffer, shape, dtype), state, n_sink)
 
 
 def _open_regular(path, writable):
@@ -498,14 +539,15 @@ def _free_space(where, error):
     return f"; {vfs.f_bavail * vfs.f_frsize} bytes are free there"
 
 
-def resident_bytes(array):
+def resident_bytes(array, nbytes=None):
     """Bytes of ``array``'s memory mappings resident in this process (Linux), else None.
 
     Sums ``Rss`` over the mappings in ``/proc/self/smaps`` that overlap
-    the array, so the figure is rounded out to whole pages.
+    the ``nbytes`` (default ``array.nbytes``) from the array's start, so the
+    figure is rounded out to whole pages.
     """
     start = array.__array_interface__["data"][0]
-    end = start + array.nbytes
+    end = start + (array.nbytes if nbytes is None else nbytes)
     try:
         with open("/proc/self/smaps") as f:
             lines = f.read().splitlines()
@@ -534,7 +576,8 @@ def _payload_blocks(num_layers, seq_lens):
 
 def _payload_bytes(shape, dtype, seq_lens):
     L, _, _, H, _, D = shape
-    return 2 * L * H * D * dtype.itemsize * sum(seq_lens)
+    scale = SCALE_DTYPE.itemsize if dtype == np.int8 else 0
+    return 2 * L * H * (D * dtype.itemsize + scale) * sum(seq_lens)
 
 
 def _read_prefix(f, path, size, layout, magic, kind):
@@ -546,9 +589,10 @@ def _read_prefix(f, path, size, layout, magic, kind):
     if fields[0] != magic:
         raise CacheFileError(f"{path} is not a kvarena {kind}: it starts with {fields[0]!r}, "
                              f"expected {magic!r}")
-    if fields[1] != FORMAT_VERSION:
+    if fields[1] not in READABLE_VERSIONS:
         raise CacheFileError(f"{path}: format version {fields[1]} is not supported; this "
-                             f"kvarena reads version {FORMAT_VERSION}")
+                             f"kvarena reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not 0 < fields[2] <= min(MAX_HEADER_BYTES, size - layout.size):
         raise CacheFileError(f"{path}: header length {fields[2]} does not fit the file "
                              f"of {size} bytes; it is truncated or corrupted")
@@ -566,8 +610,8 @@ def _parse_header(raw, path):
     return meta
 
 
-def _check_arena(meta, path):
-    """``(shape, dtype, n_sink)`` from a header, each checked."""
+def _check_arena(meta, path, version):
+    """``(shape, dtype, n_sink)`` from a header of a file of format ``version``, each checked."""
     shape = meta.get("shape")
     if not (isinstance(shape, list) and len(shape) == 6 and shape[1] == 2
             and all(type(n) is int and 1 <= n <= MAX_INTP for n in shape)):
@@ -581,8 +625,12 @@ def _check_arena(meta, path):
     except TypeError:
         dtype = None
     if dtype is None or dtype not in SUPPORTED_DTYPES or dtype.byteorder == ">":
-        raise CacheFileError(f"{path}: header dtype must be a native float16/32/64; "
-                             f"got {meta.get('dtype')!r}")
+        raise CacheFileError(f"{path}: header dtype must be a little-endian one of "
+                             f"{DTYPE_NAMES}; got {meta.get('dtype')!r}")
+    if version < file_version(dtype):
+        raise CacheFileError(f"{path}: header dtype {dtype.name} needs format version "
+                             f"{file_version(dtype)} (its scales); the file says version "
+                             f"{version}: it is corrupted")
     n_sink = meta.get("n_sink")
     if n_sink is not None and not (type(n_sink) is int and 0 <= n_sink < shape[4]):
         raise CacheFileError(f"{path}: header n_sink must be null or in [0, {shape[4]}); "
@@ -623,10 +671,11 @@ def _mapped_offsets(header_len, batch_size):
 
 def _map(f, path, mode, shape, dtype, state_offset, arena_offset):
     # plain ndarray views of the maps (which they keep alive): arithmetic on
-    # np.memmap returns memmaps, which nothing here wants
+    # np.memmap returns memmaps, which nothing here wants. The arena's whole
+    # buffer (an int8 arena's scales included) is one map of uint8.
     try:
         state = np.memmap(f, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
-        arena = np.memmap(f, dtype, mode, arena_offset, shape)
+        arena = np.memmap(f, np.uint8, mode, arena_offset, (arena_bytes(shape, dtype),))
     except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
         raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "
                                  f"{path} ({os.strerror(exc.errno)})") from None

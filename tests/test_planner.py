@@ -216,7 +216,7 @@ def test_plan_rejects_bad_model_sizes(model, error, message):
     ((1, 2.0, 1, 1, 1), np.float32, TypeError, "max_seq_len must be an int; got 2.0"),
     ((1, 1, True, 1, 1), np.float32, TypeError, "num_layers must be an int; got True"),
     ((1, 1, 1, 1, -1), np.float32, ValueError, "head_dim must be a positive int; got -1"),
-    ((1, 1, 1, 1, 1), np.int8, TypeError, "dtype must be one of .*; got int8"),
+    ((1, 1, 1, 1, 1), np.int16, TypeError, "dtype must be one of .*; got int16"),
 ])
 def test_footprint_rejects_bad_arguments(shape, dtype, error, message):
     with pytest.raises(error, match=message):

@@ -406,7 +406,7 @@ DAMAGE = [
     ("magic of .npy", lambda s: s.npy_raw, "not a kvarena snapshot", True),
     ("magic of mapped arena", lambda s: s.mapped_raw, "not a kvarena snapshot", True),
     ("magic bit", lambda s: flip(s.raw, 3), "not a kvarena snapshot", True),
-    ("future version", lambda s: rebuild(s, version=2), "format version 2", True),
+    ("future version", lambda s: rebuild(s, version=3), "format version 3", True),
     ("header length 0", lambda s: rebuild(s, b""), "header length 0", True),
     ("header not JSON", lambda s: rebuild(s, b'{"shape": [2, 2'), "not valid JSON", True),
     ("header not UTF-8", lambda s: rebuild(s, b"\xff\xfe{}"), "not valid JSON", True),
@@ -741,7 +741,7 @@ MAPPED_DAMAGE = [
     ("one byte short", lambda raw, snap: raw[:-1], "truncated"),
     ("one trailing byte", lambda raw, snap: raw + b"\0", "trailing data"),
     ("snapshot file", lambda raw, snap: snap, "not a kvarena mapped arena"),
-    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", 2) + raw[12:], "format version 2"),
+    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", 3) + raw[12:], "format version 3"),
     ("seq_lens past capacity", lambda raw, snap: with_state(raw, [7, S + 1, 1]), "seq_lens must be"),
     ("seq_lens negative", lambda raw, snap: with_state(raw, [-7, 3, 1]), "seq_lens must be"),
 ]
