@@ -7,6 +7,7 @@ picks the widest the CPU has; every storage dtype has a compiled path:
     float16     float32       float32 or float64 (q's dtype)
     float32     float32       float32 or float64 (q's dtype)
     float64     float64       float32 or float64 (q's dtype)
+    int8        float32       float32 or float64 (q's dtype); rows dequantized in registers
 
 ``kernel_info()`` says what runs here; ``forced_isa()`` pins a narrower
 instruction set, so that the tests exercise every path on one machine.

@@ -97,6 +97,7 @@ SUBJECTS = {
     "none": lambda: None,
     "cache": make_cache,
     "cache_f16": lambda: make_cache(np.float16),
+    "cache_i8": lambda: make_cache(np.int8),
     "cache_checked": lambda: make_cache(check_finite=True),
     "ragged": make_ragged_cache,
     "gpt": make_gpt,
@@ -108,8 +109,10 @@ SUBJECTS = {
 # -- the unchanged-state check -----------------------------------------------
 
 def cache_state(cache):
-    # _state holds seq_lens, evicted and written_end: all the bookkeeping
-    return cache._arena.tobytes(), cache._state.tobytes()
+    # _state holds seq_lens, evicted and written_end: all the bookkeeping;
+    # an int8 cache's scales are part of its data
+    scales = None if cache._scales is None else cache._scales.tobytes()
+    return cache._arena.tobytes(), cache._state.tobytes(), scales
 
 
 def state(subject):
@@ -236,6 +239,14 @@ def write_cases(op):
         case("cache", call(k=[[1.0], [1.0, 2.0]]), TypeError, rf"^{k} must be array-like", f"{k}-ragged-list"),
         case("cache_f16", call(k=one_bad(1, 1e5)), ValueError, rf"^{k} has finite values up to 100000, beyond the float16 range", f"{k}-beyond-float16"),
         case("cache_f16", call(v=one_bad(1, -7e4, np.float64)), ValueError, rf"^{v} has finite values .*float16", f"{v}-beyond-float16"),
+        # int8 stores absmax / 127 per vector: nothing non-finite can be stored, checked or not
+        case("cache_i8", call(k=one_bad(1, np.nan)), ValueError, rf"^{k} contains NaN or infinity, which an int8 cache cannot store", f"{k}-nan-int8"),
+        case("cache_i8", call(v=one_bad(1, -np.inf, np.float16)), ValueError, rf"^{v} contains NaN or infinity, which an int8 cache", f"{v}-inf-int8"),
+        case("cache_i8", call(k=one_bad(1, 1e39, np.float64)), ValueError, rf"^{k} has finite values up to 1e\+39, beyond the float32 range", f"{k}-beyond-float32-int8"),
+        case("cache_i8", call(k=block(1, np.int8)), TypeError, rf"^{k} must hold real floating-point values; got dtype int8", f"{k}-int8-values"),
+        case("cache_i8", call(layer=L), ValueError, r"^Layer index 3 >= num_layers 3", "layer_idx-too-large-int8"),
+        case("cache_i8", call(k=block(50), v=block(50), q=block(50)), ValueError, rf"^Sequence position 52 >= max_seq_len 8: {k} holds T = 50", "overflow-int8"),
+        case("cache_i8", call(v=block(1, shape=(B, H, 1, D + 1))), ValueError, rf"^{v} must have shape", f"{v}-wrong-head_dim-int8"),
         case("cache_checked", call(k=one_bad(1, np.nan)), ValueError, rf"^{k} contains NaN or infinity \(check_finite=True\)", f"{k}-nan-checked"),
         case("cache_checked", call(v=one_bad(1, -np.inf)), ValueError, rf"^{v} contains NaN or infinity", f"{v}-inf-checked"),
     ]
@@ -260,6 +271,11 @@ GET = [
     case("cache", lambda c: c.get(np.bool_(False)), TypeError, r"^layer_idx must be an int", "get-layer_idx-np.bool"),
     case("cache", lambda c: c.get(1.5), TypeError, r"^layer_idx must be an int", "get-layer_idx-float"),
     case("cache", lambda c: c.get(None), TypeError, r"^layer_idx must be an int", "get-layer_idx-None"),
+    case("cache_i8", lambda c: c.get(-1), ValueError, r"^Layer index -1 < 0: layer_idx must be in", "get-layer_idx-negative-int8"),
+    case("cache_i8", lambda c: c.get_quantized(L), ValueError, r"^Layer index 3 >= num_layers 3: layer_idx must be in", "get_quantized-layer_idx-too-large"),
+    case("cache_i8", lambda c: c.get_quantized(0, row=B), ValueError, r"^row must be a batch row in \[0, 2\); got 2", "get_quantized-row-too-large"),
+    case("cache_i8", lambda c: c.get_quantized(0.0), TypeError, r"^layer_idx must be an int", "get_quantized-layer_idx-float"),
+    case("cache", lambda c: c.get_quantized(0), TypeError, r"^get_quantized needs an int8 cache; this one stores float32", "get_quantized-float-cache"),
 ]
 
 ADVANCE = [
