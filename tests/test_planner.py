@@ -13,7 +13,7 @@ from kvarena import KVCache
 from kvarena import planner
 from kvarena.planner import Footprint, available_memory, footprint, plan
 
-DTYPES = [np.float16, np.float32, np.float64]
+DTYPES = [np.float16, np.float32, np.float64, np.int8]
 # (batch_size, max_seq_len, num_layers, num_heads, head_dim): odd and prime
 # sizes, so a swapped or dropped factor changes the product
 SHAPES = [(1, 1, 1, 1, 1), (3, 7, 5, 3, 11), (5, 13, 2, 7, 3), (2, 101, 3, 1, 17)]
@@ -53,9 +53,10 @@ def test_footprint_is_what_kvcache_allocates(shape, dtype):
     fp = footprint(*shape, dtype=dtype)
     buffers, cache = numpy_buffers_allocated(lambda: KVCache(*shape, dtype=dtype, lazy=True))
     assert fp.arena_bytes == cache._arena.nbytes
-    # the arena is one NumPy buffer of exactly the predicted size
-    assert fp.arena_bytes in buffers, (buffers, fp)
-    buffers.remove(fp.arena_bytes)
+    # the arena (an int8 one with its scales) is one NumPy buffer of exactly
+    # the predicted size
+    assert fp.total_bytes in buffers, (buffers, fp)
+    buffers.remove(fp.total_bytes)
     # what remains is bookkeeping footprint leaves out: a few intp per row
     # (row lengths, offsets), nothing that grows with max_seq_len, layers or
     # heads. Allow 8 intp per row and 8 more; the cache holds one or two a row.

@@ -48,10 +48,11 @@ import pytest
 from kvarena import KVCache, attend_reference
 from kvarena import storage
 from kvarena.storage import CacheFileError
+from test_int8 import dequantized
 
 B, S, L, H, D = 3, 10, 2, 2, 4
 N_SINK = 2
-DTYPES = [np.float16, np.float32, np.float64]
+DTYPES = [np.float16, np.float32, np.float64, np.int8]
 KINDS = ["uniform", "ragged", "window", "empty"]
 
 # the formats, as kvarena.storage's docstring states them (not imported from it,
@@ -67,8 +68,11 @@ MIB = 1024 * 1024
 # -- helpers -------------------------------------------------------------------
 
 def random_block(rng, cache, T):
-    """Random (B, H, T, D) values already in the cache's dtype (so writes are exact)."""
+    """Random (B, H, T, D) values already in the cache's dtype (so writes are
+    exact; for int8, float32 values that quantize to themselves)."""
     shape = (cache.batch_size, cache.num_heads, T, cache.head_dim)
+    if cache.dtype == np.int8:
+        return dequantized(rng.standard_normal(shape))
     return rng.standard_normal(shape).astype(cache.dtype)
 
 
@@ -137,6 +141,8 @@ def expected_attention(cache, layer, q, k, v):
         if cache.n_sink is not None and n + T > cache.max_seq_len:
             keep = np.r_[0:cache.n_sink, cache.n_sink + n + T - cache.max_seq_len:n]
             keys, values = keys[:, keep], values[:, keep]
+        if cache.dtype == np.int8:     # what the cache will store of k, v
+            k, v = dequantized(k), dequantized(v)
         keys = np.concatenate([keys, k[b].astype(np.float64)], axis=1)[None]
         values = np.concatenate([values, v[b].astype(np.float64)], axis=1)[None]
         out[b] = attend_reference(q[b:b + 1], keys, values, [keys.shape[2] - T])[0]
@@ -231,10 +237,13 @@ def test_file_holds_prefix_header_and_committed_positions_only(tmp_path, rng, dt
     raw = path.read_bytes()
 
     magic, version, header_len, header_crc, payload_crc = SNAPSHOT_PREFIX.unpack_from(raw)
-    assert (magic, version) == (SNAPSHOT_MAGIC, VERSION)
-    payload = 2 * L * H * D * np.dtype(dtype).itemsize * int(cache.seq_lens.sum())
+    int8 = np.dtype(dtype) == np.int8
+    # int8 files are version 2 (they carry scales); float files stay version 1
+    assert (magic, version) == (SNAPSHOT_MAGIC, 2 if int8 else VERSION)
+    scale = 4 if int8 else 0
+    payload = 2 * L * H * (D * np.dtype(dtype).itemsize + scale) * int(cache.seq_lens.sum())
     assert len(raw) == P + header_len + payload
-    capacity = 2 * L * B * H * S * D * np.dtype(dtype).itemsize
+    capacity = 2 * L * B * H * S * (D * np.dtype(dtype).itemsize + scale)
     if kind != "window":                              # a full window is all capacity
         assert len(raw) < P + header_len + capacity
 
@@ -243,7 +252,9 @@ def test_file_holds_prefix_header_and_committed_positions_only(tmp_path, rng, dt
                       "n_sink": cache.n_sink, "seq_lens": cache.seq_lens.tolist(),
                       "evicted": cache.evicted.tolist(), "payload_bytes": payload}
     # payload order: layer, then keys/values, then row; each (H, n, D) in C order
+    # (an int8 block followed by its scales, (H, n) float32)
     blocks = [cache.arena[layer, kv, b, :, :n].tobytes()
+              + (cache.scales[layer, kv, b, :, :n].tobytes() if int8 else b"")
               for layer in range(L) for kv in range(2) for b, n in enumerate(cache.seq_lens)]
     assert raw[P + header_len:] == b"".join(blocks)
     assert header_crc == zlib.crc32(raw[P:P + header_len])
