@@ -40,7 +40,7 @@ test-debug: $(STAMP)
 	$(PY) -m pip install --quiet --no-build-isolation --editable . \
 	    --config-settings editable_mode=compat && exit $$status
 
-# the main job: bench/generation.py, kernel.py, update.py, then plot.py
+# the main job: bench/generation.py, kernel.py, update.py, quality.py, then plot.py
 bench: $(BENCH_STAMP)
 	$(PY) bench/sweep.py
 

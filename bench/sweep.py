@@ -6,13 +6,14 @@ memory do not carry into the next), with the same ``--quick`` and ``--out``:
 1. ``generation.py``: what the cache buys (cached vs uncached generation);
 2. ``kernel.py``: how fast attention is against NumPy, a plain C loop and
    the read floor (decode, storage dtypes, prefill, grouped-query);
-3. ``update.py``: what writing one token costs;
-4. ``plot.py``: the PNGs of 1 and 2.
+3. ``update.py``: what writing one token costs (float32 and int8);
+4. ``quality.py``: what int8 and float16 caches cost in generation quality;
+5. ``plot.py``: the PNGs of 1 and 2.
 
 Each script prints its own progress and tables; this one prints where the
 sweep stands. ``make memory`` and ``make ops`` are separate runs.
 
-    python bench/sweep.py [--quick] [--out DIR] [--only generation,kernel,update]
+    python bench/sweep.py [--quick] [--out DIR] [--only generation,kernel,update,quality]
 """
 
 import argparse
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import default_results_dir, log, results_dir  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ("generation", "kernel", "update")
+SCRIPTS = ("generation", "kernel", "update", "quality")
 
 
 def main(argv=None):
