@@ -15,6 +15,7 @@ trusts what it is given and computes.
 """
 
 import functools
+import math
 import os
 import threading
 import weakref
@@ -990,11 +991,18 @@ class KVCache:
     def _to_quantize(self, name, a):
         """Keys or values ``a`` (checked) as the float32 C-contiguous rows that
         ``ArenaAccessor.quantize`` reads; every value must be finite."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            rows = np.ascontiguousarray(a, dtype=np.float32)
-        if rows is a and (np.may_share_memory(rows, self._scales)
-                          or np.may_share_memory(rows, self._arena)):
+        if a.dtype == np.float32 and a.flags.c_contiguous:     # per token: no conversion
+            rows = a
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                rows = np.ascontiguousarray(a, dtype=np.float32)
+        if rows is a and a.base is not None and (np.may_share_memory(rows, self._scales)
+                                                 or np.may_share_memory(rows, self._arena)):
             rows = rows.copy()               # quantize would write what it reads
+        # per token, the sum of squares first (one BLAS call, half the cost of
+        # isfinite().all()): finite only if every value is; otherwise look closer
+        if math.isfinite(np.vdot(rows, rows)):
+            return rows
         finite = np.isfinite(rows)
         if not finite.all():
             source = a[~finite]
@@ -1012,7 +1020,10 @@ class KVCache:
         """int8: store key and value (B, H, T, D), float32 C-contiguous, after
         each row's committed positions, with their scales."""
         T = key.shape[2]
-        slots = self._seq_lens[:, np.newaxis] + np.arange(T, dtype=np.intp)   # (B, T)
+        if T == 1:           # per token: the lengths themselves, as a (B, 1) view
+            slots = self._seq_lens[:, np.newaxis]
+        else:
+            slots = self._seq_lens[:, np.newaxis] + np.arange(T, dtype=np.intp)   # (B, T)
         self._accessor.quantize(layer_idx, slots, key, value)
 
     def _wipe_scales(self):

@@ -160,6 +160,18 @@ def test_byte_swapped_float16_and_float64_inputs_quantize_as_float32():
             np.testing.assert_array_equal(a, b)
 
 
+def test_huge_finite_values_are_stored():
+    # squares beyond float32 (the write's quick finiteness test) are not an error
+    x = normal((B, H, 1, D), 8) * np.float32(1e30)
+    cache = KVCache(B, 2, 1, H, D, dtype=np.int8)
+    cache.update(0, x, -x)
+    cache.advance()
+    keys, key_scales, _, _ = cache.get_quantized(0)
+    want_k, want_ks = quantize(x)
+    np.testing.assert_array_equal(keys, want_k)
+    np.testing.assert_array_equal(key_scales, want_ks)
+
+
 def test_nonfinite_is_refused_with_or_without_check_finite():
     for check in (False, True):
         cache, _, _ = filled(np.int8, [2, 2], check_finite=check)
