@@ -2,7 +2,8 @@
 
 Four checks, each printed as a table:
 
-1. footprint: for arenas of 16 MiB to 1 GiB, float32 and float16, the
+1. footprint: for arenas of 16 MiB to 1 GiB, float32, float16 and int8
+   (whose one allocation also holds a float32 scale per vector), the
    resident memory (RSS) before and after constructing a KVCache and the
    peak during construction (memory_profiler.memory_usage), against the
    prediction ``get_memory_usage()['total_bytes']``;
@@ -132,10 +133,10 @@ def run_child(kind, **params):
 
 def check_footprint(sizes_mib):
     rows = []
-    for dtype in ("float32", "float16"):
-        itemsize = np.dtype(dtype).itemsize
-        per_position = 2 * SHAPE["num_layers"] * SHAPE["batch_size"] * SHAPE["num_heads"] \
-            * SHAPE["head_dim"] * itemsize
+    for dtype in ("float32", "float16", "int8"):
+        # bytes of one vector: its D values, and for int8 its float32 scale
+        vector = SHAPE["head_dim"] * np.dtype(dtype).itemsize + (4 if dtype == "int8" else 0)
+        per_position = 2 * SHAPE["num_layers"] * SHAPE["batch_size"] * SHAPE["num_heads"] * vector
         for size in sizes_mib:
             max_seq_len = size * MIB // per_position
             r = run_child("footprint", max_seq_len=max_seq_len, dtype=dtype, lazy=False, touch=False)
@@ -143,6 +144,9 @@ def check_footprint(sizes_mib):
             row["measured_mib"] = r["after_mib"] - r["before_mib"]
             row["peak_delta_mib"] = r["peak_mib"] - r["before_mib"]
             row["error_pct"] = 100 * (row["measured_mib"] - r["predicted_mib"]) / r["predicted_mib"]
+            elements = 2 * SHAPE["num_layers"] * SHAPE["batch_size"] * SHAPE["num_heads"] \
+                * max_seq_len * SHAPE["head_dim"]
+            row["bytes_per_element"] = r["predicted_mib"] * MIB / elements
             rows.append(row)
             log(f"[footprint] {dtype} {r['predicted_mib']:7.1f} MiB predicted: "
                 f"{row['measured_mib']:7.1f} MiB resident after construction "
@@ -228,13 +232,17 @@ def check_zero_copy(calls):
 def footprint_table(rows):
     columns = [("dtype", "dtype", ""), ("max_seq_len", "max_seq_len", "d"),
                ("predicted_mib", "predicted MiB", ".2f"), ("measured_mib", "RSS delta MiB", ".2f"),
-               ("peak_delta_mib", "peak delta MiB", ".2f"), ("error_pct", "error %", "+.2f")]
+               ("peak_delta_mib", "peak delta MiB", ".2f"), ("error_pct", "error %", "+.2f"),
+               ("bytes_per_element", "bytes/element", ".4f")]
     notes = [f"arena (L, 2, B, H, S, D) = ({SHAPE['num_layers']}, 2, {SHAPE['batch_size']}, "
              f"{SHAPE['num_heads']}, max_seq_len, {SHAPE['head_dim']}); lazy=False (the default)",
              "predicted = get_memory_usage()['total_bytes']; RSS delta = RSS after construction "
              "- RSS before, in a fresh process",
              f"peak delta = highest RSS sampled by memory_profiler (every {INTERVAL * 1e3:.0f} ms) "
-             "during construction - RSS before; error = (RSS delta - predicted) / predicted"]
+             "during construction - RSS before; error = (RSS delta - predicted) / predicted",
+             "bytes/element = predicted bytes per cached key or value element; int8: (D + 4) "
+             f"/ D = {(SHAPE['head_dim'] + 4) / SHAPE['head_dim']:.4f} at D = {SHAPE['head_dim']} "
+             "(data and scales, one allocation)"]
     return table(rows, columns, "1. Footprint: predicted vs resident", notes)
 
 
