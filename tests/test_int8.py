@@ -281,6 +281,20 @@ def test_data_and_scales_are_views_of_one_buffer(lazy):
     assert offset % 64 == 0 and 0 <= offset - cache.arena.nbytes < 64
 
 
+def test_memory_usage_worked_example():
+    # (L, 2, B, H, S, D) = (5, 2, 3, 2, 17, 7): 7140 int8 values, padded to
+    # 7168 (a multiple of 64), then 1020 float32 scales (4080 bytes)
+    cache = KVCache(3, 17, 5, 2, 7, dtype=np.int8)
+    cache.advance(1)
+    usage = cache.get_memory_usage()
+    assert (usage["total_bytes"], usage["scale_bytes"]) == (7168 + 4080, 4080)
+    assert usage["total_elements"] == 7140 and usage["dtype"] == "int8"
+    assert usage["per_layer_mb"] == (7168 + 4080) / 2**20 / 5
+    assert usage["used_mb"] == (7168 + 4080) / 17 / 2**20
+    fp = footprint(3, 17, 5, 2, 7, dtype=np.int8)
+    assert (fp.arena_bytes, fp.scale_bytes, fp.total_bytes) == (7140, 4080, 11248)
+
+
 def test_bytes_per_element_at_head_dim_64():
     fp = footprint(4, 4096, 12, 12, 64, dtype=np.int8)
     per_element = fp.total_bytes / (fp.arena_bytes / 1)        # int8: one byte per element

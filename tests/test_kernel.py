@@ -14,13 +14,23 @@ from kvarena import KVCache, attend_reference, kernel_info
 from kvarena.kernel import forced_isa
 
 ISAS = kernel_info()["isas"]
-STORAGE = [np.float16, np.float32, np.float64]
+STORAGE = [np.float16, np.float32, np.float64, np.int8]
 # relative error allowed: the kernel computes in float32 (float64 for a float64 arena)
-TOLERANCE = {np.float16: 2e-6, np.float32: 2e-6, np.float64: 1e-13}
+# int8: against the reference on what is stored (the dequantized values)
+TOLERANCE = {np.float16: 2e-6, np.float32: 2e-6, np.float64: 1e-13, np.int8: 2e-6}
 
 
 def relative_error(got, want):
     return np.abs(got - want).max() / np.abs(want).max()
+
+
+def stored(cache, layer):
+    """Full-capacity keys and values of ``layer`` as the kernel reads them
+    (an int8 cache's dequantized)."""
+    if cache.scales is None:
+        arena = np.asarray(cache.arena)
+        return arena[layer, 0], arena[layer, 1]
+    return cache.caches[layer]
 
 
 def grouped_case(rng, dtype, B, H, G, D, S, cached, T, num_threads=1):
@@ -41,8 +51,7 @@ def check(cache, q, k, v, tolerance):
     """attend() over (B, H, T, D) views of the (B, T, H, D) arrays equals the reference."""
     cached = cache.seq_lens.tolist()
     out = cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    arena = np.asarray(cache.arena)
-    want = attend_reference(q.transpose(0, 2, 1, 3), arena[1, 0], arena[1, 1], cached)
+    want = attend_reference(q.transpose(0, 2, 1, 3), *stored(cache, 1), cached)
     err = relative_error(out, want)
     assert out.dtype == q.dtype and out.shape == want.shape
     assert err <= tolerance, f"relative error {err:.3g}"
@@ -127,8 +136,7 @@ def test_large_scores_stay_finite_and_exact(dtype, rng):
     cache.advance(30)
     q, k, v = rng.standard_normal((3, 2, 4, 1, 64)) * [[[[[30]]]], [[[[1]]]], [[[[1]]]]]
     out = cache.attend(0, q, k, v)
-    arena = np.asarray(cache.arena)
-    want = attend_reference(q, arena[0, 0], arena[0, 1], [30, 30])
+    want = attend_reference(q, *stored(cache, 0), [30, 30])
     assert np.isfinite(out).all()
     # scores of ~1e3 in float32 carry ~1e-4 absolute error, and weights e^err
     assert relative_error(out, want) <= (1e-12 if dtype == np.float64 else 1e-3)

@@ -16,19 +16,21 @@ import pytest
 
 from kvarena import CacheView, KVCache
 from kvarena.reference import attend_reference
+from test_int8 import dequantized
 
 B, S, L, H, D = 3, 16, 2, 2, 8
 PROMPTS = [5, 3, 4]              # true prompt length of each row
 PAD = max(PROMPTS)               # the padded prefill block
 
-DTYPES = [np.float64, np.float32, np.float16]
+DTYPES = [np.float64, np.float32, np.float16, np.int8]
 # Output vs the float64 oracle on the same (rounded) inputs, relative to the
 # largest value attended to: an output is a convex combination of values, so
 # its rounding error scales with them (the 100x padding included), not with
 # the output itself, which may cancel to near zero.
 TOLERANCE = {np.dtype(np.float64): 1e-12,
              np.dtype(np.float32): 1e-5,
-             np.dtype(np.float16): 1e-5}   # stored in float16, computed in float32
+             np.dtype(np.float16): 1e-5,   # stored in float16, computed in float32
+             np.dtype(np.int8): 1e-5}      # stored quantized, computed in float32
 
 
 def rand(rng, T, batch=B):
@@ -47,6 +49,8 @@ class Rows:
 
     def stored(self, x):
         """``x`` as the arena stores it, in float64."""
+        if self.dtype == np.int8:
+            return dequantized(x).astype(np.float64)
         return np.asarray(x).astype(self.dtype).astype(np.float64)
 
     def lens(self, layer=0):

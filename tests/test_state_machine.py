@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvarena import KVCache, attend_reference
+from test_int8 import dequantized
 
 MAX_EXAMPLES = 1000
 STEPS = 30
@@ -60,13 +61,14 @@ class CacheMachine(RuleBasedStateMachine):
 
     @initialize(B=st.integers(1, 2), H=st.integers(1, 2), S=st.integers(1, 8),
                 D=st.integers(1, 4), L=st.integers(1, 2),
-                dtype=st.sampled_from(["float32", "float64", "float16"]),
+                dtype=st.sampled_from(["float32", "float64", "float16", "int8"]),
                 num_threads=st.sampled_from([1, 2]),
                 n_sink=st.none() | st.none() | st.integers(0, 3))
     def build(self, B, H, S, D, L, dtype, num_threads, n_sink):
         n_sink = n_sink if n_sink is None or n_sink < S else None
         self.cache = KVCache(B, S, L, H, D, dtype=dtype, num_threads=num_threads, n_sink=n_sink)
-        self.model = np.zeros((L, 2, B, H, S, D), dtype=dtype)
+        # int8: the model holds what get() returns, the dequantized float32 values
+        self.model = np.zeros((L, 2, B, H, S, D), dtype="float32" if dtype == "int8" else dtype)
         self.lens = np.zeros(B, dtype=np.intp)
         self.evicted = np.zeros(B, dtype=np.intp)
         self.steps = 0
@@ -98,13 +100,18 @@ class CacheMachine(RuleBasedStateMachine):
 
     def rejects(self, call, exc=ValueError):
         """``call`` raises ``exc`` and leaves the cache as it was."""
-        before = self.cache._arena.tobytes(), self.cache._state.tobytes()
+        scales = self.cache._scales
+        before = (self.cache._arena.tobytes(), self.cache._state.tobytes(),
+                  None if scales is None else scales.tobytes())
         with pytest.raises(exc):
             call()
-        assert (self.cache._arena.tobytes(), self.cache._state.tobytes()) == before
+        assert (self.cache._arena.tobytes(), self.cache._state.tobytes(),
+                None if scales is None else scales.tobytes()) == before
 
     def write_model(self, layer, k, v):
         T, S, sinks = k.shape[2], self.cache.max_seq_len, self.cache.n_sink
+        if self.cache.dtype == np.int8:
+            k, v = dequantized(k), dequantized(v)
         for b in range(len(self.lens)):
             drop = self.lens[b] + T - S
             if sinks is not None and drop > 0:   # evict from every layer
@@ -171,7 +178,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert np.array_equal(keys, self.model[layer, 0, :, :, :n])
         assert np.array_equal(values, self.model[layer, 1, :, :, :n])
         assert not keys.flags.writeable and not values.flags.writeable
-        if n:   # an empty view shares no memory with anything
+        if n and self.cache.scales is None:   # int8 get() copies; an empty view shares nothing
             assert np.shares_memory(keys, self.cache.arena)
 
     @rule(layer=layers, row=rows)
@@ -254,8 +261,11 @@ class CacheMachine(RuleBasedStateMachine):
         assert np.array_equal(self.cache.seq_lens, self.lens)
         assert np.array_equal(self.cache.evicted, self.evicted)
         assert self.cache.seq_pos == self.lens.max()
+        # int8: what get() returns, the stored values times their scales
+        arena = self.cache.arena if self.cache.scales is None \
+            else self.cache.arena * self.cache.scales[..., None]
         for b, n in enumerate(self.lens):
-            assert self.cache.arena[:, :, b, :, :n].tobytes() == self.model[:, :, b, :, :n].tobytes()
+            assert arena[:, :, b, :, :n].tobytes() == self.model[:, :, b, :, :n].tobytes()
         self.longest = max(self.longest, self.lens.max())
 
     def teardown(self):
