@@ -305,7 +305,9 @@ class KVCache:
 
     def _block(self, name, x, T=None, grouped=False):
         """``x`` checked as (B, H, T, D): keys, values, or with ``grouped``
-        queries of (B, G * H, T, D). No copy: any strides are accepted."""
+        queries of (B, G * H, T, D). No copy: any strides are accepted (an
+        int8 cache's keys and values become float32 C-contiguous rows:
+        ``_to_quantize``)."""
         a = as_ndarray(x, name)
         if a.dtype.kind != "f":
             raise TypeError(f"{name} must hold real floating-point values; got dtype {a.dtype}")
@@ -496,11 +498,15 @@ class KVCache:
             In ``[0, num_layers)``.
         key, value : array-like or Tensor, shape (batch_size, num_heads, T, head_dim)
             Any real float dtype; cast to the arena's dtype. ``T >= 1``.
+            An int8 cache converts them to float32 and stores each vector
+            as int8 values and one scale, absmax / 127.
 
         Raises
         ------
         TypeError, ValueError
-            On a bad index, type, shape or capacity; the cache is unchanged.
+            On a bad index, type, shape or capacity; for an int8 cache also
+            on NaN, infinity or values beyond float32 (checked or not: it
+            cannot store them). The cache is unchanged.
         """
         layer_idx = self._layer(layer_idx)
         key = self._block("key", key)
@@ -597,7 +603,8 @@ class KVCache:
 
     @exclusive
     def reset(self):
-        """Forget every sequence: all lengths 0 and every written position zeroed.
+        """Forget every sequence: all lengths 0 and every written position zeroed
+        (an int8 cache's scales too).
 
         Only the positions written since the last reset are looked at, so
         the cost is proportional to what was used, not to the arena; and
