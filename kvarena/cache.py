@@ -231,7 +231,8 @@ class KVCache:
             path = check_path("path", path)
             arena, scales, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
         else:
-            (arena, scales), state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
+            arena, scales = storage.new_arena(shape, dtype, lazy)
+            state = storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite, scales)
         if path is not None:
             _FILE_WRITERS.add(self)

@@ -26,8 +26,9 @@ Mapped arena (``KVCache(..., path=...)`` / ``KVCache.open``)::
 ``state`` is the cache's bookkeeping, int64 ``[seq_lens | evicted |
 written_end]``, 8-byte aligned; the arena starts on an allocation-granularity
 boundary, laid out as in memory (``kvarena.planner.arena_layout``: an int8
-arena's scales follow its data from the next 64-byte boundary). Both are mapped, so lengths and contents persist as the cache
-runs. A live arena has no checksum.
+arena's scales follow its data from the next 64-byte boundary). Both are
+mapped, so lengths and contents persist as the cache runs. A live arena
+has no checksum.
 
 Sharing rules, enforced with advisory ``flock`` locks taken without
 waiting: a mapped-arena file is held exclusively by the cache that created

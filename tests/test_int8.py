@@ -314,7 +314,7 @@ def test_construction_allocates_one_block_of_the_footprint():
     grown = [s.size_diff for s in snap1.compare_to(snap0, "traceback") if s.size_diff > 0]
     # one block the size of the whole footprint; everything else is small bookkeeping
     assert max(grown) == pytest.approx(fp.total_bytes, abs=256)
-    assert sum(grown) - max(grown) < 0.05 * fp.total_bytes
+    assert sum(grown) - max(grown) < 0.01 * fp.total_bytes      # scales alone would be 6%
     assert cache.get_memory_usage()["scale_bytes"] == fp.scale_bytes
 
 
