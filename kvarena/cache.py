@@ -242,6 +242,8 @@ class KVCache:
         self.arena = read_only(arena)
         self.caches = [(self.arena[layer, 0], self.arena[layer, 1])
                        for layer in range(self.num_layers)]
+        # the writable twins of caches, made once: views cost as much as a write
+        self._layers = [(arena[layer, 0], arena[layer, 1]) for layer in range(self.num_layers)]
         self._state = state
         self._seq_lens = state[:B]          # also the kernel's per-row write positions
         self._evicted = state[B:2 * B]
@@ -321,11 +323,11 @@ class KVCache:
         float32 or float64 (others become the compute dtype), native byte
         order, strides whole elements (any strides otherwise: no copy)."""
         a = self._block("q", q, T=T, grouped=True)
-        native = a.dtype.newbyteorder("=")
-        a = a.astype(native if native in _KERNEL_IO_DTYPES else self._compute_dtype, copy=False)
-        if any(stride % a.itemsize for stride in a.strides):
-            return np.ascontiguousarray(a)
-        return a
+        if a.dtype not in _KERNEL_IO_DTYPES:   # float16, or byte-swapped
+            native = a.dtype.newbyteorder("=")
+            a = a.astype(native if native in _KERNEL_IO_DTYPES else self._compute_dtype)
+        # aligned: the data and every stride are whole elements
+        return a if a.flags.aligned else np.ascontiguousarray(a)
 
     def _out(self, out, query):
         """``out`` checked as where attention of ``query`` may be written, or a new array."""
@@ -336,7 +338,7 @@ class KVCache:
         if out.shape != query.shape or out.dtype != query.dtype:
             raise ValueError(f"out must have q's shape {query.shape} and dtype {query.dtype}; "
                              f"got shape {out.shape}, dtype {out.dtype}")
-        if not out.flags.writeable or any(stride % out.itemsize for stride in out.strides):
+        if not (out.flags.writeable and out.flags.aligned):
             raise ValueError("out must be writable, with strides in whole elements")
         if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena):
             raise ValueError("out must not overlap q or the cache's arena")
@@ -346,7 +348,7 @@ class KVCache:
         """Store key and value (B, H, T, D) after each row's committed
         positions, cast to the arena's dtype. Everything is checked."""
         T = key.shape[2]
-        keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
+        keys, values = self._layers[layer_idx]
         if self._uniform:
             p = self._seq_pos
             keys[:, :, p:p + T] = key

@@ -85,6 +85,7 @@ cdef class ArenaAccessor:
     cdef unsigned char[:, :, :, :, :, ::1] raw   # (L, 2, B, H, S, D * itemsize)
     cdef float[:, :, :, :, ::1] scale            # (L, 2, B, H, S), int8 arenas only
     cdef int storage
+    cdef Py_ssize_t L, B, H, S, D, itemsize
     cdef readonly int num_threads
 
     def __cinit__(self, arena, int num_threads, scales=None):
@@ -93,10 +94,12 @@ cdef class ArenaAccessor:
         self.num_threads = num_threads
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
+        self.L, _, self.B, self.H, self.S, self.D = arena.shape
+        self.itemsize = arena.dtype.itemsize
         if scales is not None:
             self.scale = scales
 
-    def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] base, cnp.ndarray q,
+    def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q,
                cnp.ndarray out, int isa, const Py_ssize_t[::1] ring_head=None,
                Py_ssize_t n_sink=0, const float[:, ::1] rope_cos=None,
                const float[:, ::1] rope_sin=None, bint rope_interleaved=False):
@@ -111,19 +114,20 @@ cdef class ArenaAccessor:
         n_sink + ring_head[b]. With ``rope_cos``/``rope_sin`` (S, D / 2),
         keys and queries are rotated by their logical positions.
 
-        Caller checked: 0 <= layer < L; q and out are float32 or float64,
-        native order, 4-d, with strides that are multiples of their
-        itemsize; out is writable and overlaps neither q nor the arena;
-        Hq is a multiple of H; base[b] + T <= S; 0 <= isa <= BEST_ISA;
-        0 <= ring_head[b] < S - n_sink; rope tables (S, D / 2), D even.
+        Caller checked: 0 <= layer < L; base is C-contiguous intp (B,);
+        q and out are float32 or float64, native order, 4-d, with strides
+        that are multiples of their itemsize; out is writable and overlaps
+        neither q nor the arena; Hq is a multiple of H; base[b] + T <= S;
+        0 <= isa <= BEST_ISA; 0 <= ring_head[b] < S - n_sink; rope tables
+        (S, D / 2), D even.
         """
         cdef kv_layer c
         cdef kv_query qq
         cdef Py_ssize_t i, b, work
         cdef int status, threads
-        shape = self.arena.shape
+        cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
         c.dtype = self.storage
-        c.B, c.H, c.S, c.D = shape[2], shape[3], shape[4], shape[5]
+        c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
         c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
         c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
         c.scale[0] = c.scale[1] = NULL
@@ -138,19 +142,19 @@ cdef class ArenaAccessor:
         c.rope_interleaved = rope_interleaved
         qq.q = cnp.PyArray_DATA(q)
         qq.out = cnp.PyArray_DATA(out)
-        qq.q_f64 = q.dtype.itemsize == 8
-        qq.out_f64 = out.dtype.itemsize == 8
+        qq.q_f64 = cnp.PyArray_ITEMSIZE(q) == 8
+        qq.out_f64 = cnp.PyArray_ITEMSIZE(out) == 8
         for i in range(4):
-            qq.qs[i] = q.strides[i] // q.dtype.itemsize
-            qq.os[i] = out.strides[i] // out.dtype.itemsize
-        qq.Hq, qq.T = q.shape[1], q.shape[2]
-        qq.base = &base[0]
+            qq.qs[i] = cnp.PyArray_STRIDES(q)[i] // cnp.PyArray_ITEMSIZE(q)
+            qq.os[i] = cnp.PyArray_STRIDES(out)[i] // cnp.PyArray_ITEMSIZE(out)
+        qq.Hq, qq.T = cnp.PyArray_DIMS(q)[1], cnp.PyArray_DIMS(q)[2]
+        qq.base = starts
         if KVARENA_BOUNDSCHECK:
-            _check_extent(c, qq, q, out, base, layer, shape[0])
+            _check_extent(c, qq, q, out, base, layer, self.L)
         work = 0
         for b in range(c.B):
-            work += base[b] + qq.T
-        work *= 2 * c.H * c.D * self.arena.dtype.itemsize
+            work += starts[b] + qq.T
+        work *= 2 * c.H * c.D * self.itemsize
         threads = 1 if work < PARALLEL_MIN_BYTES else self.num_threads
         with nogil:
             status = kv_attend(&c, &qq, isa, threads)
@@ -209,13 +213,14 @@ cdef class ArenaAccessor:
                                     count[b] * row_bytes)
 
 
-cdef _check_extent(kv_layer c, kv_query qq, q, out, const Py_ssize_t[::1] base,
-                   Py_ssize_t layer, Py_ssize_t L):
+cdef _check_extent(kv_layer c, kv_query qq, q, out, base, Py_ssize_t layer, Py_ssize_t L):
     # the debug build's re-check of everything the kernel will touch
     cdef Py_ssize_t b
     if not 0 <= layer < L:
         raise IndexError(f"attend: layer {layer} out of [0, {L})")
-    if base.shape[0] != c.B or qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
+    if base.dtype != np.intp or not base.flags.c_contiguous or base.shape != (c.B,):
+        raise IndexError(f"attend: base must be C-contiguous intp of shape ({c.B},)")
+    if qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
             or out.shape != q.shape:
         raise IndexError(f"attend: q {q.shape} / out {out.shape} do not fit the arena")
     for b in range(c.B):
