@@ -143,12 +143,16 @@ class KVCache:
         the process holds the whole footprint from the start (and an arena
         larger than the memory available is a MemoryError). ``lazy=True``
         leaves pages to the OS until first touched.
-    num_threads : int, default 1
-        Threads for the attention kernel; small problems run on one thread
-        regardless. More threads pay off only for attention on its own over
-        long contexts: inside a model whose matmuls use a threaded BLAS,
-        OpenMP's spinning workers and BLAS's fight over the same cores (on
-        2 cores, decoding with 2 kernel threads was up to 12x slower).
+    num_threads : int, optional
+        Most threads the attention kernel uses; default every CPU this
+        process may run on. Calls under 256 KiB of keys and values run on
+        one thread. Above that the kernel times itself on one thread and on
+        ``num_threads``, runs the count that has been faster per byte, and
+        tries the other every 16th call: next to a threaded BLAS whose idle
+        workers spin on the cores, one thread can be the faster. The work
+        is cut the same way whichever count runs, so results do not depend
+        on it (they may differ in the last bits between ``num_threads``
+        settings, which split long rows differently).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
 
@@ -198,7 +202,7 @@ class KVCache:
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
                  *, dtype=np.float32, n_sink=None, path=None, lazy=False,
-                 num_threads=1, check_finite=False):
+                 num_threads=None, check_finite=False):
         shape = (check_positive("num_layers", num_layers), 2,
                  check_positive("batch_size", batch_size),
                  check_positive("num_heads", num_heads),
@@ -788,7 +792,7 @@ class KVCache:
         storage.save(self, check_path("path", path))
 
     @classmethod
-    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=1, check_finite=False,
+    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=None, check_finite=False,
              max_arena_bytes=None):
         """A new in-memory cache holding the snapshot at ``path`` (bit-exact).
 
@@ -826,7 +830,7 @@ class KVCache:
         return cache
 
     @classmethod
-    def open(cls, path, mode="r+", *, num_threads=1, check_finite=False):
+    def open(cls, path, mode="r+", *, num_threads=None, check_finite=False):
         """Reopen the file-backed cache at ``path`` without reading its arena.
 
         Pages come from the file as they are touched.

@@ -16,6 +16,7 @@ The kernel itself is C: pyx/kernel.h (and kernel_impl.h, pool.h).
 
 cimport numpy as cnp
 from libc.string cimport memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
 
@@ -50,7 +51,8 @@ cdef extern from "kernel.h" nogil:
         int q_f64, out_f64
         Py_ssize_t Hq, T
         const Py_ssize_t *base
-    int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+    int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
+                  int run_threads)
     int kv_best_isa()
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
                      Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T)
@@ -70,6 +72,15 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
+# every this many calls, an accessor with num_threads > 1 runs on the thread
+# count it currently thinks slower, to follow changes in contention
+cdef Py_ssize_t EXPLORE_EVERY = 16
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + 1e-9 * t.tv_nsec
 
 
 cdef class ArenaAccessor:
@@ -87,6 +98,12 @@ cdef class ArenaAccessor:
     cdef int storage
     cdef Py_ssize_t L, B, H, S, D, itemsize
     cdef readonly int num_threads
+    # seconds per byte of K and V measured on 1 thread ([0]) and on
+    # num_threads ([1]), smoothed; 0 until measured. Next to a threaded BLAS
+    # whose idle workers spin, more threads can be slower than one: the
+    # accessor runs the count that has been faster lately
+    cdef double seconds_per_byte[2]
+    cdef Py_ssize_t timed_calls
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
@@ -155,11 +172,33 @@ cdef class ArenaAccessor:
         for b in range(c.B):
             work += starts[b] + qq.T
         work *= 2 * c.H * c.D * self.itemsize
-        threads = 1 if work < PARALLEL_MIN_BYTES else self.num_threads
-        with nogil:
-            status = kv_attend(&c, &qq, isa, threads)
+        if work < PARALLEL_MIN_BYTES or self.num_threads == 1:
+            with nogil:   # small calls are neither split nor spread
+                status = kv_attend(&c, &qq, isa, 1, 1)
+        else:
+            status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
+
+    cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
+        # the thread count that has been faster per byte, or now and then the other
+        cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
+        cdef int status
+        cdef double start, rate
+        if self.timed_calls % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+            many = not many
+        with nogil:
+            start = _now()
+            status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
+            rate = (_now() - start) / work
+        self.seconds_per_byte[many] = (rate if self.seconds_per_byte[many] == 0
+                                       else 0.75 * self.seconds_per_byte[many] + 0.25 * rate)
+        self.timed_calls += 1
+        return status
+
+    def thread_rates(self):
+        """Smoothed seconds per byte of K and V measured on (1, num_threads) threads."""
+        return self.seconds_per_byte[0], self.seconds_per_byte[1]
 
     def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
                  const float[:, :, :, ::1] key, const float[:, :, :, ::1] value):

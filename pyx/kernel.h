@@ -262,10 +262,14 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
             }
 }
 
-/* attention of q over one layer, into q->out; 0, or -1 when scratch memory
- * could not be had (out is then incomplete) */
-static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+/* attention of q over one layer, into q->out, on run_threads threads; the
+ * work is cut for plan_threads, so that the result does not depend on how
+ * many threads ran it. 0, or -1 when scratch memory could not be had (out
+ * is then incomplete) */
+static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
+                     int run_threads)
 {
+    const int num_threads = plan_threads;
     const int dbl = c->dtype == KV_F64;
     kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL};
     ptrdiff_t longest = 0;
@@ -290,7 +294,7 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_thre
         if (!job.partial) return -1;
     }
     kv_task_ctx task = {&job, kv_items[isa][dbl]};
-    int status = kv_parallel(units * job.n_chunks, num_threads, kv_run_item, &task);
+    int status = kv_parallel(units * job.n_chunks, run_threads, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);
         status = acc ? 0 : -1;

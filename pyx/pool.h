@@ -61,7 +61,7 @@ static void *kv_scratch(size_t bytes)
 static void kv_scratch_done(void *p) { (void)p; }   /* kept for the thread's next item */
 
 #define KV_MAX_WORKERS 63
-#define KV_SPIN 20000            /* polls before a worker sleeps: ~10-50 us */
+#define KV_SPIN 1000             /* polls before a worker sleeps: ~20 us (a pause is ~65 cycles on Zen 4) */
 
 typedef struct {
     kv_task fn;
