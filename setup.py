@@ -55,7 +55,7 @@ extension = Extension(
     "kvarena._arena",
     ["pyx/_arena.pyx"],
     include_dirs=[np.get_include(), "pyx"],
-    depends=["pyx/kernel.h", "pyx/kernel_impl.h", "pyx/pool.h"],
+    depends=["pyx/kernel.h", "pyx/kernel_variants.h", "pyx/kernel_impl.h", "pyx/pool.h"],
     define_macros=[
         ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
         ("KVARENA_BOUNDSCHECK", "1" if DEBUG else "0"),

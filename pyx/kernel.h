@@ -124,81 +124,35 @@ static inline float kv_half_to_float(uint16_t h)
 #define KV_CAT(a, b) KV_CAT_(a, b)
 #define KV_FN(name) KV_CAT(name, KV_SUFFIX)
 
-/* float compute (float16, float32 and int8 storage) */
-#define KV_REAL float
-#define KV_DOUBLE 0
-#define KV_BIG 3.0e38f
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+/* kernel_variants.h includes kernel_impl.h once per instruction set, for
+ * the compute type defined here; KV_T names the type in the suffixes */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* GCC on x86-64: per-function target pragmas (Clang ignores `#pragma GCC
+ * target`, so it builds the portable variant only) */
 #define KV_HAVE_X86 1
 #include <immintrin.h>
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#define KV_SUFFIX _f_avx512
-#define KV_F16C 16
-#define KV_VBYTES 64
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define KV_SUFFIX _f_avx2
-#define KV_F16C 8
-#define KV_VBYTES 32
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
 #else
 #define KV_HAVE_X86 0
 #endif
-#define KV_SUFFIX _f_baseline
-#define KV_F16C 0
-#define KV_VBYTES 16
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
+
+/* float compute (float16, float32 and int8 storage) */
+#define KV_T _f
+#define KV_REAL float
+#define KV_DOUBLE 0
+#define KV_BIG 3.0e38f
+#include "kernel_variants.h"
+#undef KV_T
 #undef KV_REAL
 #undef KV_DOUBLE
 #undef KV_BIG
 
 /* double compute (float64 storage) */
+#define KV_T _d
 #define KV_REAL double
 #define KV_DOUBLE 1
 #define KV_BIG 1.0e300
-#if KV_HAVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#define KV_SUFFIX _d_avx512
-#define KV_F16C 16
-#define KV_VBYTES 64
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define KV_SUFFIX _d_avx2
-#define KV_F16C 8
-#define KV_VBYTES 32
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#endif
-#define KV_SUFFIX _d_baseline
-#define KV_F16C 0
-#define KV_VBYTES 16
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
+#include "kernel_variants.h"
+#undef KV_T
 #undef KV_REAL
 #undef KV_DOUBLE
 #undef KV_BIG
