@@ -103,26 +103,58 @@ static inline KV_REAL KV_FN(dot)(const KV_REAL *a, const KV_REAL *b, ptrdiff_t D
     return s;
 }
 
-/* acc += sum over r < n of p[r] * values[r], reading the rows in order,
- * four at a time: one load and store of acc per four rows, not per row */
+/* acc += sum over r < n of p[r] * values[r]. Up to four native vectors
+ * of acc stay in registers for the whole block, each with two sums (even
+ * and odd rows) so that no add waits on the one before; the rows are read
+ * in order */
 static inline void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const KV_REAL *values,
                                      ptrdiff_t n, ptrdiff_t D)
 {
     typedef KV_FN(vec) vec;
     const ptrdiff_t W = KV_VBYTES / sizeof(KV_REAL);
-    ptrdiff_t r = 0;
-    for (; r + 4 <= n; r += 4) {
-        const KV_REAL p0 = p[r], p1 = p[r + 1], p2 = p[r + 2], p3 = p[r + 3];
-        const KV_REAL *v0 = values + r * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
-        ptrdiff_t d = 0;
-        for (; d + W <= D; d += W)
-            *(vec *)(acc + d) += (p0 * *(const vec *)(v0 + d) + p1 * *(const vec *)(v1 + d)) +
-                                 (p2 * *(const vec *)(v2 + d) + p3 * *(const vec *)(v3 + d));
-        for (; d < D; d++)      /* the last D mod W lanes */
-            acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    ptrdiff_t d = 0;
+    for (; d + 4 * W <= D; d += 4 * W) {
+        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        const KV_REAL *v = values + d;
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2, v += 2 * D) {
+            const KV_REAL pe = p[r], po = p[r + 1];
+            e0 += pe * *(const vec *)v;
+            e1 += pe * *(const vec *)(v + W);
+            e2 += pe * *(const vec *)(v + 2 * W);
+            e3 += pe * *(const vec *)(v + 3 * W);
+            o0 += po * *(const vec *)(v + D);
+            o1 += po * *(const vec *)(v + D + W);
+            o2 += po * *(const vec *)(v + D + 2 * W);
+            o3 += po * *(const vec *)(v + D + 3 * W);
+        }
+        if (r < n) {
+            const KV_REAL pe = p[r];
+            e0 += pe * *(const vec *)v;
+            e1 += pe * *(const vec *)(v + W);
+            e2 += pe * *(const vec *)(v + 2 * W);
+            e3 += pe * *(const vec *)(v + 3 * W);
+        }
+        *(vec *)(acc + d) += e0 + o0;
+        *(vec *)(acc + d + W) += e1 + o1;
+        *(vec *)(acc + d + 2 * W) += e2 + o2;
+        *(vec *)(acc + d + 3 * W) += e3 + o3;
     }
-    for (; r < n; r++)
-        for (ptrdiff_t d = 0; d < D; d++) acc[d] += p[r] * values[r * D + d];
+    for (; d + W <= D; d += W) {    /* fewer than four vectors left */
+        vec e = {0}, o = {0};
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2) {
+            e += p[r] * *(const vec *)(values + r * D + d);
+            o += p[r + 1] * *(const vec *)(values + (r + 1) * D + d);
+        }
+        if (r < n) e += p[r] * *(const vec *)(values + r * D + d);
+        *(vec *)(acc + d) += e + o;
+    }
+    for (; d < D; d++) {            /* the last D mod W lanes */
+        KV_REAL e = 0;
+        for (ptrdiff_t r = 0; r < n; r++) e += p[r] * values[r * D + d];
+        acc[d] += e;
+    }
 }
 
 /* rows at logical positions pos .. pos + n - 1 of (row b, head h): a pointer
