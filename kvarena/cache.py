@@ -344,6 +344,9 @@ class KVCache:
                              f"got shape {out.shape}, dtype {out.dtype}")
         if not (out.flags.writeable and out.flags.aligned):
             raise ValueError("out must be writable, with strides in whole elements")
+        if _overlaps_itself(out):
+            raise ValueError(f"out must not overlap itself; got strides {out.strides} "
+                             f"for shape {out.shape}")
         if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena):
             raise ValueError("out must not overlap q or the cache's arena")
         return out
@@ -675,8 +678,8 @@ class KVCache:
         self._room("k", T)
         self._make_room(T)
         self._write(layer_idx, key, value)
+        self._wrote(T)   # before the kernel: reset() must wipe these even if it raises
         self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
-        self._wrote(T)
         return out
 
     @exclusive
@@ -913,6 +916,17 @@ def check_sinks(n_sink, max_seq_len):
         raise ValueError(f"n_sink must be None or in [0, max_seq_len = {max_seq_len}); "
                          f"got {n_sink}")
     return n_sink
+
+
+def _overlaps_itself(a):
+    """Whether two elements of ``a`` share memory (e.g. a stride of 0)."""
+    axes = sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1)
+    extent = a.itemsize                # bytes spanned by the axes taken so far
+    for stride, n in axes:
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
 
 
 def read_only(a):

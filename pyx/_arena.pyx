@@ -104,6 +104,7 @@ cdef class ArenaAccessor:
     # accessor runs the count that has been faster lately
     cdef double seconds_per_byte[2]
     cdef Py_ssize_t timed_calls
+    cdef int warmed[2]            # the first call of each count starts threads: not timed
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
@@ -140,7 +141,7 @@ cdef class ArenaAccessor:
         """
         cdef kv_layer c
         cdef kv_query qq
-        cdef Py_ssize_t i, b, work
+        cdef Py_ssize_t i, b, work, tile
         cdef int status, threads
         cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
         c.dtype = self.storage
@@ -152,7 +153,9 @@ cdef class ArenaAccessor:
             c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
             c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
         c.n_sink = n_sink
-        c.ring_head = NULL if ring_head is None else &ring_head[0]
+        c.ring_head = NULL
+        if ring_head is not None:
+            c.ring_head = &ring_head[0]
         c.rope_cos = c.rope_sin = NULL
         if rope_cos is not None:
             c.rope_cos, c.rope_sin = &rope_cos[0, 0], &rope_sin[0, 0]
@@ -172,6 +175,9 @@ cdef class ArenaAccessor:
         for b in range(c.B):
             work += starts[b] + qq.T
         work *= 2 * c.H * c.D * self.itemsize
+        # each tile of queries reads K and V again (kv_attend: 64 queries a tile)
+        tile = max(1, 64 // (qq.Hq // c.H))
+        work *= (qq.T + tile - 1) // tile
         if work < PARALLEL_MIN_BYTES or self.num_threads == 1:
             with nogil:   # small calls are neither split nor spread
                 status = kv_attend(&c, &qq, isa, 1, 1)
@@ -191,8 +197,12 @@ cdef class ArenaAccessor:
             start = _now()
             status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
             rate = (_now() - start) / work
-        self.seconds_per_byte[many] = (rate if self.seconds_per_byte[many] == 0
-                                       else 0.75 * self.seconds_per_byte[many] + 0.25 * rate)
+        if not self.warmed[many]:
+            self.warmed[many] = 1
+        elif self.seconds_per_byte[many] == 0:
+            self.seconds_per_byte[many] = rate
+        else:
+            self.seconds_per_byte[many] = 0.75 * self.seconds_per_byte[many] + 0.25 * rate
         self.timed_calls += 1
         return status
 

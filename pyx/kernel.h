@@ -158,18 +158,21 @@ static inline float kv_half_to_float(uint16_t h)
 #undef KV_BIG
 
 typedef int (*kv_item_fn)(const kv_job *, ptrdiff_t);
+typedef void (*kv_merge_fn)(const kv_job *, ptrdiff_t, ptrdiff_t, ptrdiff_t, void *);
 
 /* [isa][0 = float compute, 1 = double] */
-static const kv_item_fn kv_items[3][2] = {
-    {attend_item_f_baseline, attend_item_d_baseline},
+#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa}, {attend_item_d_##isa, merge_d_##isa}}
+static const struct { kv_item_fn item; kv_merge_fn merge; } kv_variants[3][2] = {
+    KV_VARIANT(baseline),
 #if KV_HAVE_X86
-    {attend_item_f_avx2, attend_item_d_avx2},
-    {attend_item_f_avx512, attend_item_d_avx512},
+    KV_VARIANT(avx2),
+    KV_VARIANT(avx512),
 #else
-    {attend_item_f_baseline, attend_item_d_baseline},
-    {attend_item_f_baseline, attend_item_d_baseline},
+    KV_VARIANT(baseline),
+    KV_VARIANT(baseline),
 #endif
 };
+#undef KV_VARIANT
 
 /* the widest instruction set this CPU runs */
 static int kv_best_isa(void)
@@ -223,7 +226,8 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
 static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                      int run_threads)
 {
-    const int num_threads = plan_threads;
+    /* no more threads than the pool has; 4 * threads must not overflow */
+    const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
     const int dbl = c->dtype == KV_F64;
     kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL};
     ptrdiff_t longest = 0;
@@ -235,8 +239,8 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than 256 */
     const ptrdiff_t units = c->B * c->H * job.n_qtiles;
-    if (num_threads > 1 && units < 4 * num_threads)
-        job.n_chunks = kv_min((4 * num_threads + units - 1) / units, (longest + 255) / 256);
+    if (threads > 1 && units < 4 * threads)
+        job.n_chunks = kv_min((4 * threads + units - 1) / units, (longest + 255) / 256);
     if (job.n_chunks < 1) job.n_chunks = 1;
     job.chunk_len = (longest + job.n_chunks - 1) / job.n_chunks;
     job.chunk_len = (job.chunk_len + KV_BLK - 1) / KV_BLK * KV_BLK;
@@ -247,17 +251,15 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
         job.partial = malloc((size_t)(c->B * q->Hq * q->T * job.n_chunks * (2 + c->D)) * real);
         if (!job.partial) return -1;
     }
-    kv_task_ctx task = {&job, kv_items[isa][dbl]};
+    kv_task_ctx task = {&job, kv_variants[isa][dbl].item};
     int status = kv_parallel(units * job.n_chunks, run_threads, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);
         status = acc ? 0 : -1;
         for (ptrdiff_t b = 0; acc && b < c->B; b++)
             for (ptrdiff_t head = 0; head < q->Hq; head++)
-                for (ptrdiff_t t = 0; t < q->T; t++) {
-                    if (dbl) merge_d_baseline(&job, b, head, t, (double *)acc);
-                    else merge_f_baseline(&job, b, head, t, (float *)acc);
-                }
+                for (ptrdiff_t t = 0; t < q->T; t++)
+                    kv_variants[isa][dbl].merge(&job, b, head, t, acc);
         free(acc);
     }
     free(job.partial);
