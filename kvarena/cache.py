@@ -151,8 +151,9 @@ class KVCache:
         tries the other every 16th call: next to a threaded BLAS whose idle
         workers spin on the cores, one thread can be the faster. The work
         is cut the same way whichever count runs, so results do not depend
-        on it (they may differ in the last bits between ``num_threads``
-        settings, which split long rows differently).
+        on it. They may differ in the last bits between ``num_threads``
+        settings, or batches of different sizes, once a call is large
+        enough to split long rows into chunks (flash-decoding).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
 
