@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.kvarena-bench-tools
 
 .PHONY: install test test-debug bench bench-quick memory ops clean
 
-$(STAMP): pyproject.toml setup.py pyx/_arena.pyx pyx/kernel.h pyx/kernel_impl.h pyx/pool.h
+$(STAMP): pyproject.toml setup.py pyx/_arena.pyx pyx/kernel.h pyx/kernel_variants.h pyx/kernel_impl.h pyx/pool.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "setuptools>=64" wheel "cython>=3.0" "numpy>=1.25" \

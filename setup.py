@@ -26,7 +26,7 @@ DIRECTIVES = {
 
 
 class KernelBuildExt(build_ext):
-    """Compiler flags for the kernel (pyx/kernel.h), by compiler family.
+    """Compiler flags for the kernel (pyx/kernel.h): GCC or Clang.
 
     The kernel's instruction sets are chosen at run time (kernel.h compiles
     its body for AVX-512, AVX2 and the baseline), so nothing here depends on
@@ -37,14 +37,14 @@ class KernelBuildExt(build_ext):
         # the checked and release builds share file names: always rebuild
         self.force = True
         if self.compiler.compiler_type == "msvc":
-            compile_args, link_args = ["/O2"], []
-        else:
-            # -fopenmp-simd: honour the kernel's `omp simd` loops (no OpenMP
-            # runtime); reassociation lets a dot product end in a shuffle
-            # tree instead of W dependent scalar adds (3x faster decoding)
-            compile_args = ["-O3", "-fopenmp-simd", "-pthread", "-fno-math-errno",
-                            "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-            link_args = ["-pthread"]
+            raise RuntimeError("kvarena's kernel needs GCC or Clang (GNU vector extensions, "
+                               "POSIX threads); MSVC cannot build it")
+        # -fopenmp-simd: honour the kernel's `omp simd` loops (no OpenMP
+        # runtime); reassociation lets a dot product end in a shuffle
+        # tree instead of W dependent scalar adds (3x faster decoding)
+        compile_args = ["-O3", "-fopenmp-simd", "-pthread", "-fno-math-errno",
+                        "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+        link_args = ["-pthread"]
         for ext in self.extensions:
             ext.extra_compile_args += compile_args
             ext.extra_link_args += link_args
@@ -55,7 +55,7 @@ extension = Extension(
     "kvarena._arena",
     ["pyx/_arena.pyx"],
     include_dirs=[np.get_include(), "pyx"],
-    depends=["pyx/kernel.h", "pyx/kernel_impl.h", "pyx/pool.h"],
+    depends=["pyx/kernel.h", "pyx/kernel_variants.h", "pyx/kernel_impl.h", "pyx/pool.h"],
     define_macros=[
         ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
         ("KVARENA_BOUNDSCHECK", "1" if DEBUG else "0"),

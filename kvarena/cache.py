@@ -154,12 +154,17 @@ class KVCache:
         the process holds the whole footprint from the start (and an arena
         larger than the memory available is a MemoryError). ``lazy=True``
         leaves pages to the OS until first touched.
-    num_threads : int, default 1
-        Threads for the attention kernel; small problems run on one thread
-        regardless. More threads pay off only for attention on its own over
-        long contexts: inside a model whose matmuls use a threaded BLAS,
-        OpenMP's spinning workers and BLAS's fight over the same cores (on
-        2 cores, decoding with 2 kernel threads was up to 12x slower).
+    num_threads : int, optional
+        Most threads the attention kernel uses; default every CPU this
+        process may run on. Calls under 256 KiB of keys and values run on
+        one thread. Above that the kernel times itself on one thread and on
+        ``num_threads``, runs the count that has been faster per byte, and
+        tries the other every 16th call: next to a threaded BLAS whose idle
+        workers spin on the cores, one thread can be the faster. The work
+        is cut the same way whichever count runs, so results do not depend
+        on it. They may differ in the last bits between ``num_threads``
+        settings, or batches of different sizes, once a call is large
+        enough to split long rows into chunks (flash-decoding).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
 
@@ -215,7 +220,7 @@ class KVCache:
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
                  *, dtype=np.float32, n_sink=None, path=None, lazy=False,
-                 num_threads=1, check_finite=False):
+                 num_threads=None, check_finite=False):
         shape = (check_positive("num_layers", num_layers), 2,
                  check_positive("batch_size", batch_size),
                  check_positive("num_heads", num_heads),
@@ -262,6 +267,8 @@ class KVCache:
         self.arena = read_only(arena)
         self.caches = [(self.arena[layer, 0], self.arena[layer, 1])
                        for layer in range(self.num_layers)]
+        # the writable twins of caches, made once: views cost as much as a write
+        self._layers = [(arena[layer, 0], arena[layer, 1]) for layer in range(self.num_layers)]
         self._adopt_scales()
         self._state = state
         self._seq_lens = state[:B]          # also the kernel's per-row write positions
@@ -346,11 +353,11 @@ class KVCache:
         float32 or float64 (others become the compute dtype), native byte
         order, strides whole elements (any strides otherwise: no copy)."""
         a = self._block("q", q, T=T, grouped=True)
-        native = a.dtype.newbyteorder("=")
-        a = a.astype(native if native in _KERNEL_IO_DTYPES else self._compute_dtype, copy=False)
-        if any(stride % a.itemsize for stride in a.strides):
-            return np.ascontiguousarray(a)
-        return a
+        if a.dtype not in _KERNEL_IO_DTYPES:   # float16, or byte-swapped
+            native = a.dtype.newbyteorder("=")
+            a = a.astype(native if native in _KERNEL_IO_DTYPES else self._compute_dtype)
+        # aligned: the data and every stride are whole elements
+        return a if a.flags.aligned else np.ascontiguousarray(a)
 
     def _out(self, out, query):
         """``out`` checked as where attention of ``query`` may be written, or a new array."""
@@ -361,8 +368,11 @@ class KVCache:
         if out.shape != query.shape or out.dtype != query.dtype:
             raise ValueError(f"out must have q's shape {query.shape} and dtype {query.dtype}; "
                              f"got shape {out.shape}, dtype {out.dtype}")
-        if not out.flags.writeable or any(stride % out.itemsize for stride in out.strides):
+        if not (out.flags.writeable and out.flags.aligned):
             raise ValueError("out must be writable, with strides in whole elements")
+        if _overlaps_itself(out):
+            raise ValueError(f"out must not overlap itself; got strides {out.strides} "
+                             f"for shape {out.shape}")
         if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena) \
                 or (self._scales is not None and np.may_share_memory(out, self._scales)):
             raise ValueError("out must not overlap q or the cache's arena")
@@ -374,7 +384,7 @@ class KVCache:
         if self._scales is not None:
             return self._quantize(layer_idx, key, value)
         T = key.shape[2]
-        keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
+        keys, values = self._layers[layer_idx]
         if self._uniform:
             p = self._seq_pos
             keys[:, :, p:p + T] = key
@@ -715,8 +725,8 @@ class KVCache:
         self._room("k", T)
         self._make_room(T)
         self._write(layer_idx, key, value)
+        self._wrote(T)   # before the kernel: reset() must wipe these even if it raises
         self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
-        self._wrote(T)
         return out
 
     @exclusive
@@ -836,7 +846,7 @@ class KVCache:
         storage.save(self, check_path("path", path))
 
     @classmethod
-    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=1, check_finite=False,
+    def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=None, check_finite=False,
              max_arena_bytes=None):
         """A new in-memory cache holding the snapshot at ``path`` (bit-exact).
 
@@ -874,7 +884,7 @@ class KVCache:
         return cache
 
     @classmethod
-    def open(cls, path, mode="r+", *, num_threads=1, check_finite=False):
+    def open(cls, path, mode="r+", *, num_threads=None, check_finite=False):
         """Reopen the file-backed cache at ``path`` without reading its arena.
 
         Pages come from the file as they are touched.
@@ -1104,6 +1114,17 @@ class DequantizedLayers(Sequence):
         layer = range(len(self))[layer]       # an int in range, or IndexError
         return (dequantize(self._arena[layer, 0], self._scales[layer, 0]),
                 dequantize(self._arena[layer, 1], self._scales[layer, 1]))
+
+
+def _overlaps_itself(a):
+    """Whether two elements of ``a`` share memory (e.g. a stride of 0)."""
+    axes = sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1)
+    extent = a.itemsize                # bytes spanned by the axes taken so far
+    for stride, n in axes:
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
 
 
 def read_only(a):

@@ -33,7 +33,11 @@ def check_positive(name, value):
 
 
 def check_threads(num_threads):
-    """``num_threads`` as an int in ``[1, MAX_THREADS]`` (the kernel takes a C int)."""
+    """``num_threads`` as an int in ``[1, MAX_THREADS]`` (the kernel takes a C int);
+    None is every CPU this process may run on."""
+    if num_threads is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(cpus or 1, MAX_THREADS))
     num_threads = check_int("num_threads", num_threads)
     if not 1 <= num_threads <= MAX_THREADS:
         raise ValueError(f"num_threads must be in [1, {MAX_THREADS}]; got {num_threads}")

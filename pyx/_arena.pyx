@@ -16,6 +16,7 @@ The kernel itself is C: pyx/kernel.h (and kernel_impl.h, pool.h).
 
 cimport numpy as cnp
 from libc.string cimport memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
 
@@ -50,7 +51,8 @@ cdef extern from "kernel.h" nogil:
         int q_f64, out_f64
         Py_ssize_t Hq, T
         const Py_ssize_t *base
-    int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+    int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
+                  int run_threads)
     int kv_best_isa()
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
                      Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T)
@@ -70,6 +72,15 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
+# every this many calls, an accessor with num_threads > 1 runs on the thread
+# count it currently thinks slower, to follow changes in contention
+cdef Py_ssize_t EXPLORE_EVERY = 16
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + 1e-9 * t.tv_nsec
 
 
 cdef class ArenaAccessor:
@@ -85,7 +96,15 @@ cdef class ArenaAccessor:
     cdef unsigned char[:, :, :, :, :, ::1] raw   # (L, 2, B, H, S, D * itemsize)
     cdef float[:, :, :, :, ::1] scale            # (L, 2, B, H, S), int8 arenas only
     cdef int storage
+    cdef Py_ssize_t L, B, H, S, D, itemsize
     cdef readonly int num_threads
+    # seconds per byte of K and V measured on 1 thread ([0]) and on
+    # num_threads ([1]), smoothed; 0 until measured. Next to a threaded BLAS
+    # whose idle workers spin, more threads can be slower than one: the
+    # accessor runs the count that has been faster lately
+    cdef double seconds_per_byte[2]
+    cdef Py_ssize_t timed_calls
+    cdef int warmed[2]            # the first call of each count starts threads: not timed
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
@@ -93,10 +112,12 @@ cdef class ArenaAccessor:
         self.num_threads = num_threads
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
+        self.L, _, self.B, self.H, self.S, self.D = arena.shape
+        self.itemsize = arena.dtype.itemsize
         if scales is not None:
             self.scale = scales
 
-    def attend(self, Py_ssize_t layer, const Py_ssize_t[::1] base, cnp.ndarray q,
+    def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q,
                cnp.ndarray out, int isa, const Py_ssize_t[::1] ring_head=None,
                Py_ssize_t n_sink=0, const float[:, ::1] rope_cos=None,
                const float[:, ::1] rope_sin=None, bint rope_interleaved=False):
@@ -111,19 +132,20 @@ cdef class ArenaAccessor:
         n_sink + ring_head[b]. With ``rope_cos``/``rope_sin`` (S, D / 2),
         keys and queries are rotated by their logical positions.
 
-        Caller checked: 0 <= layer < L; q and out are float32 or float64,
-        native order, 4-d, with strides that are multiples of their
-        itemsize; out is writable and overlaps neither q nor the arena;
-        Hq is a multiple of H; base[b] + T <= S; 0 <= isa <= BEST_ISA;
-        0 <= ring_head[b] < S - n_sink; rope tables (S, D / 2), D even.
+        Caller checked: 0 <= layer < L; base is C-contiguous intp (B,);
+        q and out are float32 or float64, native order, 4-d, with strides
+        that are multiples of their itemsize; out is writable and overlaps
+        neither q nor the arena; Hq is a multiple of H; base[b] + T <= S;
+        0 <= isa <= BEST_ISA; 0 <= ring_head[b] < S - n_sink; rope tables
+        (S, D / 2), D even.
         """
         cdef kv_layer c
         cdef kv_query qq
-        cdef Py_ssize_t i, b, work
+        cdef Py_ssize_t i, b, work, tile
         cdef int status, threads
-        shape = self.arena.shape
+        cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
         c.dtype = self.storage
-        c.B, c.H, c.S, c.D = shape[2], shape[3], shape[4], shape[5]
+        c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
         c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
         c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
         c.scale[0] = c.scale[1] = NULL
@@ -131,31 +153,62 @@ cdef class ArenaAccessor:
             c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
             c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
         c.n_sink = n_sink
-        c.ring_head = NULL if ring_head is None else &ring_head[0]
+        c.ring_head = NULL
+        if ring_head is not None:
+            c.ring_head = &ring_head[0]
         c.rope_cos = c.rope_sin = NULL
         if rope_cos is not None:
             c.rope_cos, c.rope_sin = &rope_cos[0, 0], &rope_sin[0, 0]
         c.rope_interleaved = rope_interleaved
         qq.q = cnp.PyArray_DATA(q)
         qq.out = cnp.PyArray_DATA(out)
-        qq.q_f64 = q.dtype.itemsize == 8
-        qq.out_f64 = out.dtype.itemsize == 8
+        qq.q_f64 = cnp.PyArray_ITEMSIZE(q) == 8
+        qq.out_f64 = cnp.PyArray_ITEMSIZE(out) == 8
         for i in range(4):
-            qq.qs[i] = q.strides[i] // q.dtype.itemsize
-            qq.os[i] = out.strides[i] // out.dtype.itemsize
-        qq.Hq, qq.T = q.shape[1], q.shape[2]
-        qq.base = &base[0]
+            qq.qs[i] = cnp.PyArray_STRIDES(q)[i] // cnp.PyArray_ITEMSIZE(q)
+            qq.os[i] = cnp.PyArray_STRIDES(out)[i] // cnp.PyArray_ITEMSIZE(out)
+        qq.Hq, qq.T = cnp.PyArray_DIMS(q)[1], cnp.PyArray_DIMS(q)[2]
+        qq.base = starts
         if KVARENA_BOUNDSCHECK:
-            _check_extent(c, qq, q, out, base, layer, shape[0])
+            _check_extent(c, qq, q, out, base, layer, self.L)
         work = 0
         for b in range(c.B):
-            work += base[b] + qq.T
-        work *= 2 * c.H * c.D * self.arena.dtype.itemsize
-        threads = 1 if work < PARALLEL_MIN_BYTES else self.num_threads
-        with nogil:
-            status = kv_attend(&c, &qq, isa, threads)
+            work += starts[b] + qq.T
+        work *= 2 * c.H * c.D * self.itemsize
+        # each tile of queries reads K and V again (kv_attend: 64 queries a tile)
+        tile = max(1, 64 // (qq.Hq // c.H))
+        work *= (qq.T + tile - 1) // tile
+        if work < PARALLEL_MIN_BYTES or self.num_threads == 1:
+            with nogil:   # small calls are neither split nor spread
+                status = kv_attend(&c, &qq, isa, 1, 1)
+        else:
+            status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
+
+    cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
+        # the thread count that has been faster per byte, or now and then the other
+        cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
+        cdef int status
+        cdef double start, rate
+        if self.timed_calls % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+            many = not many
+        with nogil:
+            start = _now()
+            status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
+            rate = (_now() - start) / work
+        if not self.warmed[many]:
+            self.warmed[many] = 1
+        elif self.seconds_per_byte[many] == 0:
+            self.seconds_per_byte[many] = rate
+        else:
+            self.seconds_per_byte[many] = 0.75 * self.seconds_per_byte[many] + 0.25 * rate
+        self.timed_calls += 1
+        return status
+
+    def thread_rates(self):
+        """Smoothed seconds per byte of K and V measured on (1, num_threads) threads."""
+        return self.seconds_per_byte[0], self.seconds_per_byte[1]
 
     def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
                  const float[:, :, :, ::1] key, const float[:, :, :, ::1] value):
@@ -209,13 +262,14 @@ cdef class ArenaAccessor:
                                     count[b] * row_bytes)
 
 
-cdef _check_extent(kv_layer c, kv_query qq, q, out, const Py_ssize_t[::1] base,
-                   Py_ssize_t layer, Py_ssize_t L):
+cdef _check_extent(kv_layer c, kv_query qq, q, out, base, Py_ssize_t layer, Py_ssize_t L):
     # the debug build's re-check of everything the kernel will touch
     cdef Py_ssize_t b
     if not 0 <= layer < L:
         raise IndexError(f"attend: layer {layer} out of [0, {L})")
-    if base.shape[0] != c.B or qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
+    if base.dtype != np.intp or not base.flags.c_contiguous or base.shape != (c.B,):
+        raise IndexError(f"attend: base must be C-contiguous intp of shape ({c.B},)")
+    if qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
             or out.shape != q.shape:
         raise IndexError(f"attend: q {q.shape} / out {out.shape} do not fit the arena")
     for b in range(c.B):

@@ -124,98 +124,55 @@ static inline float kv_half_to_float(uint16_t h)
 #define KV_CAT(a, b) KV_CAT_(a, b)
 #define KV_FN(name) KV_CAT(name, KV_SUFFIX)
 
-/* float compute (float16, float32 and int8 storage) */
-#define KV_REAL float
-#define KV_DOUBLE 0
-#define KV_BIG 3.0e38f
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+/* kernel_variants.h includes kernel_impl.h once per instruction set, for
+ * the compute type defined here; KV_T names the type in the suffixes */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* GCC on x86-64: per-function target pragmas (Clang ignores `#pragma GCC
+ * target`, so it builds the portable variant only) */
 #define KV_HAVE_X86 1
 #include <immintrin.h>
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#define KV_SUFFIX _f_avx512
-#define KV_F16C 16
-#define KV_VBYTES 64
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define KV_SUFFIX _f_avx2
-#define KV_F16C 8
-#define KV_VBYTES 32
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
 #else
 #define KV_HAVE_X86 0
 #endif
-#define KV_SUFFIX _f_baseline
-#define KV_F16C 0
-#define KV_VBYTES 16
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
+
+/* float compute (float16, float32 and int8 storage) */
+#define KV_T _f
+#define KV_REAL float
+#define KV_DOUBLE 0
+#define KV_BIG 3.0e38f
+#include "kernel_variants.h"
+#undef KV_T
 #undef KV_REAL
 #undef KV_DOUBLE
 #undef KV_BIG
 
 /* double compute (float64 storage) */
+#define KV_T _d
 #define KV_REAL double
 #define KV_DOUBLE 1
 #define KV_BIG 1.0e300
-#if KV_HAVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#define KV_SUFFIX _d_avx512
-#define KV_F16C 16
-#define KV_VBYTES 64
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define KV_SUFFIX _d_avx2
-#define KV_F16C 8
-#define KV_VBYTES 32
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
-#pragma GCC pop_options
-#endif
-#define KV_SUFFIX _d_baseline
-#define KV_F16C 0
-#define KV_VBYTES 16
-#include "kernel_impl.h"
-#undef KV_SUFFIX
-#undef KV_VBYTES
-#undef KV_F16C
+#include "kernel_variants.h"
+#undef KV_T
 #undef KV_REAL
 #undef KV_DOUBLE
 #undef KV_BIG
 
 typedef int (*kv_item_fn)(const kv_job *, ptrdiff_t);
+typedef void (*kv_merge_fn)(const kv_job *, ptrdiff_t, ptrdiff_t, ptrdiff_t, void *);
 
 /* [isa][0 = float compute, 1 = double] */
-static const kv_item_fn kv_items[3][2] = {
-    {attend_item_f_baseline, attend_item_d_baseline},
+#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa}, {attend_item_d_##isa, merge_d_##isa}}
+static const struct { kv_item_fn item; kv_merge_fn merge; } kv_variants[3][2] = {
+    KV_VARIANT(baseline),
 #if KV_HAVE_X86
-    {attend_item_f_avx2, attend_item_d_avx2},
-    {attend_item_f_avx512, attend_item_d_avx512},
+    KV_VARIANT(avx2),
+    KV_VARIANT(avx512),
 #else
-    {attend_item_f_baseline, attend_item_d_baseline},
-    {attend_item_f_baseline, attend_item_d_baseline},
+    KV_VARIANT(baseline),
+    KV_VARIANT(baseline),
 #endif
 };
+#undef KV_VARIANT
 
 /* the widest instruction set this CPU runs */
 static int kv_best_isa(void)
@@ -269,10 +226,15 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
             }
 }
 
-/* attention of q over one layer, into q->out; 0, or -1 when scratch memory
- * could not be had (out is then incomplete) */
-static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_threads)
+/* attention of q over one layer, into q->out, on run_threads threads; the
+ * work is cut for plan_threads, so that the result does not depend on how
+ * many threads ran it. 0, or -1 when scratch memory could not be had (out
+ * is then incomplete) */
+static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
+                     int run_threads)
 {
+    /* no more threads than the pool has; 4 * threads must not overflow */
+    const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
     const int dbl = c->dtype == KV_F64;
     kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL};
     ptrdiff_t longest = 0;
@@ -284,8 +246,8 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_thre
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than 256 */
     const ptrdiff_t units = c->B * c->H * job.n_qtiles;
-    if (num_threads > 1 && units < 4 * num_threads)
-        job.n_chunks = kv_min((4 * num_threads + units - 1) / units, (longest + 255) / 256);
+    if (threads > 1 && units < 4 * threads)
+        job.n_chunks = kv_min((4 * threads + units - 1) / units, (longest + 255) / 256);
     if (job.n_chunks < 1) job.n_chunks = 1;
     job.chunk_len = (longest + job.n_chunks - 1) / job.n_chunks;
     job.chunk_len = (job.chunk_len + KV_BLK - 1) / KV_BLK * KV_BLK;
@@ -296,17 +258,15 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int num_thre
         job.partial = malloc((size_t)(c->B * q->Hq * q->T * job.n_chunks * (2 + c->D)) * real);
         if (!job.partial) return -1;
     }
-    kv_task_ctx task = {&job, kv_items[isa][dbl]};
-    int status = kv_parallel(units * job.n_chunks, num_threads, kv_run_item, &task);
+    kv_task_ctx task = {&job, kv_variants[isa][dbl].item};
+    int status = kv_parallel(units * job.n_chunks, run_threads, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);
         status = acc ? 0 : -1;
         for (ptrdiff_t b = 0; acc && b < c->B; b++)
             for (ptrdiff_t head = 0; head < q->Hq; head++)
-                for (ptrdiff_t t = 0; t < q->T; t++) {
-                    if (dbl) merge_d_baseline(&job, b, head, t, (double *)acc);
-                    else merge_f_baseline(&job, b, head, t, (float *)acc);
-                }
+                for (ptrdiff_t t = 0; t < q->T; t++)
+                    kv_variants[isa][dbl].merge(&job, b, head, t, acc);
         free(acc);
     }
     free(job.partial);

@@ -103,26 +103,58 @@ static inline KV_REAL KV_FN(dot)(const KV_REAL *a, const KV_REAL *b, ptrdiff_t D
     return s;
 }
 
-/* acc += sum over r < n of p[r] * values[r], reading the rows in order,
- * four at a time: one load and store of acc per four rows, not per row */
+/* acc += sum over r < n of p[r] * values[r]. Up to four native vectors
+ * of acc stay in registers for the whole block, each with two sums (even
+ * and odd rows) so that no add waits on the one before; the rows are read
+ * in order */
 static inline void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const KV_REAL *values,
                                      ptrdiff_t n, ptrdiff_t D)
 {
     typedef KV_FN(vec) vec;
     const ptrdiff_t W = KV_VBYTES / sizeof(KV_REAL);
-    ptrdiff_t r = 0;
-    for (; r + 4 <= n; r += 4) {
-        const KV_REAL p0 = p[r], p1 = p[r + 1], p2 = p[r + 2], p3 = p[r + 3];
-        const KV_REAL *v0 = values + r * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
-        ptrdiff_t d = 0;
-        for (; d + W <= D; d += W)
-            *(vec *)(acc + d) += (p0 * *(const vec *)(v0 + d) + p1 * *(const vec *)(v1 + d)) +
-                                 (p2 * *(const vec *)(v2 + d) + p3 * *(const vec *)(v3 + d));
-        for (; d < D; d++)      /* the last D mod W lanes */
-            acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    ptrdiff_t d = 0;
+    for (; d + 4 * W <= D; d += 4 * W) {
+        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        const KV_REAL *v = values + d;
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2, v += 2 * D) {
+            const KV_REAL pe = p[r], po = p[r + 1];
+            e0 += pe * *(const vec *)v;
+            e1 += pe * *(const vec *)(v + W);
+            e2 += pe * *(const vec *)(v + 2 * W);
+            e3 += pe * *(const vec *)(v + 3 * W);
+            o0 += po * *(const vec *)(v + D);
+            o1 += po * *(const vec *)(v + D + W);
+            o2 += po * *(const vec *)(v + D + 2 * W);
+            o3 += po * *(const vec *)(v + D + 3 * W);
+        }
+        if (r < n) {
+            const KV_REAL pe = p[r];
+            e0 += pe * *(const vec *)v;
+            e1 += pe * *(const vec *)(v + W);
+            e2 += pe * *(const vec *)(v + 2 * W);
+            e3 += pe * *(const vec *)(v + 3 * W);
+        }
+        *(vec *)(acc + d) += e0 + o0;
+        *(vec *)(acc + d + W) += e1 + o1;
+        *(vec *)(acc + d + 2 * W) += e2 + o2;
+        *(vec *)(acc + d + 3 * W) += e3 + o3;
     }
-    for (; r < n; r++)
-        for (ptrdiff_t d = 0; d < D; d++) acc[d] += p[r] * values[r * D + d];
+    for (; d + W <= D; d += W) {    /* fewer than four vectors left */
+        vec e = {0}, o = {0};
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2) {
+            e += p[r] * *(const vec *)(values + r * D + d);
+            o += p[r + 1] * *(const vec *)(values + (r + 1) * D + d);
+        }
+        if (r < n) e += p[r] * *(const vec *)(values + r * D + d);
+        *(vec *)(acc + d) += e + o;
+    }
+    for (; d < D; d++) {            /* the last D mod W lanes */
+        KV_REAL e = 0;
+        for (ptrdiff_t r = 0; r < n; r++) e += p[r] * values[r * D + d];
+        acc[d] += e;
+    }
 }
 
 /* rows at logical positions pos .. pos + n - 1 of (row b, head h): a pointer
@@ -147,24 +179,31 @@ static const KV_REAL *KV_FN(load_rows)(const kv_layer *c, int kv, ptrdiff_t b, p
 }
 
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
- * degree-6 polynomial for e^r (about 1 ulp); exactly 0 below -87, so no
- * subnormal weight ever reaches the sum of values */
+ * degree-6 polynomial for e^r; exactly 0 below -87, so no subnormal weight
+ * ever reaches the sum of values. r = x - k ln2 in one step (the build's
+ * reassociation would fold a two-constant split anyway): relative error
+ * about |x| 2^-24, far below what a softmax weight needs */
+#ifndef KV_EXP_POLY
+#define KV_EXP_POLY(p, f)                                                     \
+    p = 1.3888889e-3f * (f) + 8.3333333e-3f;                                  \
+    p = p * (f) + 4.1666667e-2f;                                              \
+    p = p * (f) + 1.6666667e-1f;                                              \
+    p = p * (f) + 0.5f;                                                       \
+    p = p * (f) + 1.0f;                                                       \
+    p = p * (f) + 1.0f
+#endif
+
 static inline KV_REAL KV_FN(exp_neg)(KV_REAL x)
 {
 #if KV_DOUBLE
     return exp(x);
 #else
-    if (x < -87.0f) return 0.0f;
-    const float k = (float)(int32_t)(x * 1.44269504f - 0.5f);
-    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.3888889e-3f;
-    p = p * r + 8.3333333e-3f;
-    p = p * r + 4.1666667e-2f;
-    p = p * r + 1.6666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { float f; int32_t i; } two_k = { .i = ((int32_t)k + 127) << 23 };
+    if (!(x >= -87.0f)) return 0.0f;     /* NaN too */
+    const int32_t ki = (int32_t)(x * 1.44269504f - 0.5f);
+    const float f = x - (float)ki * 0.69314718f;
+    float p;
+    KV_EXP_POLY(p, f);
+    union { float f; int32_t i; } two_k = { .i = (ki + 127) << 23 };
     return p * two_k.f;
 #endif
 }
@@ -175,23 +214,20 @@ static inline KV_REAL KV_FN(softmax_weights)(KV_REAL *w, ptrdiff_t n, KV_REAL be
 {
     KV_REAL total = 0;
     ptrdiff_t r = 0;
-#if !KV_DOUBLE
+#if !KV_DOUBLE && (defined(__clang__) || __GNUC__ >= 9)   /* __builtin_convertvector */
     typedef KV_FN(vec) vec;
     typedef int32_t ivec __attribute__((vector_size(KV_VBYTES), aligned(4)));
     const ptrdiff_t W = KV_VBYTES / sizeof(float);
     vec sum = {0};
     for (; r + W <= n; r += W) {
-        const vec x = *(const vec *)(w + r) - best;
-        const ivec under = x < -87.0f;                      /* lanes that become 0 */
+        vec x = *(const vec *)(w + r) - best;
+        const ivec under = (x < -87.0f) | (x != x);          /* lanes that become 0, NaN too */
+        const vec lowest = (vec){0} - 87.0f;
+        x = (vec)(((ivec)x & ~under) | ((ivec)lowest & under));   /* clamp before converting */
         const ivec ki = __builtin_convertvector(x * 1.44269504f - 0.5f, ivec);
-        const vec k = __builtin_convertvector(ki, vec);
-        const vec f = x - k * 0.693359375f + k * 2.12194440e-4f;
-        vec p = 1.3888889e-3f * f + 8.3333333e-3f;
-        p = p * f + 4.1666667e-2f;
-        p = p * f + 1.6666667e-1f;
-        p = p * f + 0.5f;
-        p = p * f + 1.0f;
-        p = p * f + 1.0f;
+        const vec f = x - __builtin_convertvector(ki, vec) * 0.69314718f;
+        vec p;
+        KV_EXP_POLY(p, f);
         const vec e = p * (vec)((ki + 127) << 23);
         *(vec *)(w + r) = (vec)((ivec)e & ~under);
         sum += *(const vec *)(w + r);
@@ -295,13 +331,14 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
             for (ptrdiff_t d = 0; d < D; d++) part[2 + d] = acc[i * D + d];
         }
     }
-    kv_scratch_done(mem);
     return 0;
 }
 
 /* combine the chunks of query (b, head, t): rescale each to the common maximum */
-static void KV_FN(merge)(const kv_job *job, ptrdiff_t b, ptrdiff_t head, ptrdiff_t t, KV_REAL *acc)
+static void KV_FN(merge)(const kv_job *job, ptrdiff_t b, ptrdiff_t head, ptrdiff_t t,
+                         void *scratch)
 {
+    KV_REAL *acc = (KV_REAL *)scratch;     /* D numbers */
     const ptrdiff_t D = job->c->D;
     KV_REAL best = -KV_BIG, total = 0;
     for (ptrdiff_t k = 0; k < job->n_chunks; k++) {

@@ -110,6 +110,21 @@ def test_one_and_two_threads_agree(rng):
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
 
 
+def test_results_do_not_depend_on_the_thread_count_that_ran(rng):
+    # a cache with num_threads=2 times 1 and 2 threads and runs the faster,
+    # trying the other every 16th call; the work is cut for num_threads
+    # either way, so every call gives the same bits
+    shape = (1, 2, 4000, 64)
+    cache = KVCache(1, 4001, 1, 2, 64, num_threads=2)
+    cache.update(0, *rng.standard_normal((2, *shape)))
+    cache.advance(4000)
+    q, k, v = (rng.standard_normal((1, 2, 1, 64)) for _ in range(3))
+    outputs = [cache.attend(0, q, k, v) for _ in range(40)]
+    assert all(out.tobytes() == outputs[0].tobytes() for out in outputs)
+    one, many = cache._accessor.thread_rates()
+    assert one > 0 and many > 0, "both thread counts must have run"
+
+
 def test_grouped_query_equals_keys_and_values_repeated(rng):
     # 6 query heads over 2 K/V heads equal 6 heads over the K/V repeated
     # (HF's repeat_kv order: K/V head j serves query heads 3j .. 3j + 2)
@@ -191,6 +206,9 @@ def test_out_is_written_in_place_with_any_strides(rng):
     (lambda q: np.empty(q.shape, np.float32), "dtype"),
     (lambda q: np.empty((2, 4, 2, 8)), "shape"),
     (lambda q: q, "overlap"),
+    # every (b, h, t) row the same memory: threads would race on it
+    (lambda q: np.lib.stride_tricks.as_strided(np.empty(8), q.shape, (0, 0, 0, 8)),
+     "overlap itself"),
     ("readonly", "writable"),
     ("list", "numpy.ndarray"),
 ])
