@@ -453,3 +453,37 @@ def test_mapped_arena_holds_the_scales(tmp_path, mode):
     assert reopened.get_memory_usage()["total_bytes"] == fp.total_bytes
     step([reopened, floats], 40)
     assert_mirrors(reopened, floats)
+
+
+# -- 6. the reference models ---------------------------------------------------------------
+
+def test_both_reference_models_run_on_an_int8_cache():
+    from kvarena import disable_kv_cache, enable_kv_cache
+    from kvarena.models import GPT, Llama
+
+    tokens = np.array([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
+    gpt = GPT(64, 64, 2, 2, 32, seed=0)
+    llama = Llama(64, 64, 2, 4, 32, n_kv_heads=2, seed=0)
+    uncached = gpt.forward(tokens), llama.forward(tokens)
+    cache = enable_kv_cache(gpt, batch_size=2, dtype=np.int8)
+    try:
+        # prefill 4 tokens, then 2 one at a time: logits of the last two positions
+        gpt.forward(tokens[:, :4])
+        cache.advance(4)
+        got_gpt = []
+        for t in (4, 5):
+            got_gpt.append(gpt.forward(tokens[:, t:t + 1])[:, 0])
+            cache.advance()
+    finally:
+        disable_kv_cache(gpt)
+    cache = llama.make_cache(2, dtype=np.int8)
+    llama.forward(tokens[:, :4], cache=cache)
+    cache.advance(4)
+    got_llama = []
+    for t in (4, 5):
+        got_llama.append(llama.forward(tokens[:, t:t + 1], cache=cache)[:, 0])
+        cache.advance()
+    for got, want in [(got_gpt, uncached[0]), (got_llama, uncached[1])]:
+        err = relative(np.stack(got, axis=1), want[:, 4:])
+        # int8 keys and values move the logits by about 1%, not more
+        assert 1e-5 < err < 0.05, err
