@@ -220,7 +220,9 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
                     const float a = fabsf(x[d]);
                     big = a > big ? a : big;
                 }
-                const float step = big / 127.0f, inv = big > 0 ? 127.0f / big : 0.0f;
+                const float step = big / 127.0f;
+                float inv = big > 0 ? 127.0f / big : 0.0f;
+                if (inv > 3.0e38f) inv = 3.0e38f;   /* absmax below ~4e-37: keep x * inv finite */
                 for (ptrdiff_t d = 0; d < D; d++) data[slot * D + d] = (int8_t)lrintf(x[d] * inv);
                 scale[slot] = step;
             }
