@@ -10,6 +10,7 @@ trusts what it is given and computes.
 """
 
 import functools
+import numbers
 import os
 import threading
 import weakref
@@ -132,7 +133,9 @@ class KVCache:
         evicts the oldest positions after the sinks, so a row keeps its
         first ``n_sink`` positions and its latest ``window = max_seq_len -
         n_sink``. See ``attend`` for what a query sees. Default: no window;
-        writing past ``max_seq_len`` is an error.
+        writing past ``max_seq_len`` is an error. Eviction is O(1): the
+        window is a ring whose oldest slot the new positions overwrite
+        (see Notes).
     path : str, bytes or os.PathLike, optional
         Put the arena in a new memory-mapped file at ``path`` (which must
         not exist) instead of in anonymous memory; reopen it with
@@ -151,6 +154,23 @@ class KVCache:
         2 cores, decoding with 2 kernel threads was up to 12x slower).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
+    rope_theta : float, optional
+        Rotary positions inside the cache (StreamingLLM for rotary
+        models): callers pass ``attend`` queries and keys *before*
+        rotation, the cache stores keys as given, and the kernel rotates
+        each key and query by its position in the cache when attending.
+        A key's position is its place in the row's kept sequence (sinks
+        ``0 .. n_sink - 1``, then the window, oldest first); query ``t``
+        of a block sits at the position of its own key. Without a window
+        that is the absolute position, so the result equals rotating
+        before caching. Pair ``i`` turns by ``position * rope_theta **
+        (-2i / head_dim)``; ``head_dim`` must be even. Default: no
+        rotation, keys are attended as stored.
+    rope_style : {"half", "interleaved"}, optional
+        Which dimensions rotate together: ``"half"`` (the default with
+        ``rope_theta``) pairs ``i`` with ``i + head_dim / 2`` (GPT-NeoX, HF
+        ``rotate_half``); ``"interleaved"`` pairs ``2i`` with ``2i + 1``
+        (Meta's Llama, llama2.c). Only with ``rope_theta``.
 
     Raises
     ------
@@ -177,8 +197,15 @@ class KVCache:
         ``j + evicted[b]``.
     window : int or None
         ``max_seq_len - n_sink`` for a sliding-window cache, else None.
+    ring_head : ndarray of intp, shape (batch_size,), read-only
+        Per row, the slot offset of the oldest window position in its ring
+        (see Notes); always 0 without a window.
+    rope_theta : float or None
+    rope_style : str or None
+        As given; None without rotation inside the cache.
     caches : list of (CacheView, CacheView)
-        Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views.
+        Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views,
+        in slot order (see Notes).
     arena : CacheView
         Read-only view of the whole arena.
 
@@ -194,11 +221,28 @@ class KVCache:
     cache (as ``ndarray.copy`` does, never one that shares the arena).
     In a process forked from the one that holds a file-backed cache
     ``"r+"``, that cache refuses every guarded call (see ``ForkedGuard``).
+
+    A sliding window keeps row ``b``'s sinks in slots ``[0, n_sink)`` and
+    its window in a ring of ``window`` slots after them: position ``j >=
+    n_sink`` (in ``get()`` order) is in slot ``n_sink + (ring_head[b] + j -
+    n_sink) % window``. Eviction turns the ring (``ring_head[b]`` moves on
+    by the positions dropped) and the new positions overwrite the oldest
+    slots, so nothing is moved, whatever the window's size. ``get()``
+    returns positions in order: a view while a row's ring has not turned
+    (``ring_head`` 0), a copy once it has. ``caches`` and ``arena`` show
+    slots, not positions. ``crop``, ``reorder`` (a row's ring moves with
+    it), ``copy_sequence`` and mapped files keep each row's ring as it is;
+    a snapshot stores positions in order and loads with every ring at 0.
+
+    The rotary tables (``rope_theta``) are per cache: cos and sin of every
+    position and pair, float32 ``(max_seq_len, head_dim / 2)`` each,
+    ``4 * max_seq_len * head_dim`` bytes, counted by ``get_memory_usage``
+    and ``kvarena.footprint(..., rope=True)``.
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
                  *, dtype=np.float32, n_sink=None, path=None, lazy=False,
-                 num_threads=1, check_finite=False):
+                 num_threads=1, check_finite=False, rope_theta=None, rope_style=None):
         shape = (check_positive("num_layers", num_layers), 2,
                  check_positive("batch_size", batch_size),
                  check_positive("num_heads", num_heads),
@@ -209,13 +253,15 @@ class KVCache:
         num_threads = check_threads(num_threads)
         lazy = check_bool("lazy", lazy)
         check_finite = check_bool("check_finite", check_finite)
+        rope = check_rope(rope_theta, rope_style, shape[5])
         storage.arena_bytes(shape, dtype)          # addressable, before any file exists
         if path is not None:
             path = check_path("path", path)
-            arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
+            arena, state = storage.create_mapped(path, shape, dtype, n_sink, lazy, rope)
         else:
             arena, state = storage.new_arena(shape, dtype, lazy), storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        self._adopt_rope(*rope)
         if path is not None:
             _FILE_WRITERS.add(self)
 
@@ -223,9 +269,10 @@ class KVCache:
         """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
 
         ``state`` is the cache's only mutable bookkeeping, one intp array
-        laid out ``[seq_lens (B) | evicted (B) | written_end]``, so that a
-        file-backed cache persists it beside its arena. Everything passed
-        in has been validated.
+        laid out ``[seq_lens (B) | evicted (B) | written_end | ring_head
+        (B)]``, so that a file-backed cache persists it beside its arena.
+        Everything passed in has been validated. Rotation is off until
+        ``_adopt_rope``.
         """
         (self.num_layers, _, self.batch_size, self.num_heads,
          self.max_seq_len, self.head_dim) = arena.shape
@@ -247,10 +294,31 @@ class KVCache:
         self._evicted = state[B:2 * B]
         # positions written since the last reset, committed or not: reset()
         # wipes [0, written_end) so nothing of a previous sequence survives
-        self._written = state[2 * B:]
+        self._written = state[2 * B:2 * B + 1]
+        # per row, the slot offset of the oldest window position (class Notes);
+        # 0 without a window
+        self._ring = state[2 * B + 1:]
+        self._adopt_rope(None, None)
         self._lengths_changed()
         self._guard = threading.Lock()      # see exclusive()
         self._lengths_seen = self._seq_lens.tobytes()
+
+    def _adopt_rope(self, rope_theta, rope_style):
+        """Turn rotation inside the cache on (checked ``rope_theta``,
+        ``rope_style``) or off (None, None): the tables and the kernel's
+        position-map arguments."""
+        self.rope_theta, self.rope_style = rope_theta, rope_style
+        self._rope_cos = self._rope_sin = None
+        if rope_theta is not None:
+            self._rope_cos, self._rope_sin = rope_tables(rope_theta, self.max_seq_len,
+                                                         self.head_dim)
+        # what attend() passes the kernel besides the queries
+        self._kernel_map = {}
+        if self.window is not None:
+            self._kernel_map.update(ring_head=self._ring, n_sink=self.n_sink)
+        if rope_theta is not None:
+            self._kernel_map.update(rope_cos=self._rope_cos, rope_sin=self._rope_sin,
+                                    rope_interleaved=rope_style == "interleaved")
 
     # -- validation ----------------------------------------------------------
 
@@ -347,7 +415,14 @@ class KVCache:
         positions, cast to the arena's dtype. Everything is checked."""
         T = key.shape[2]
         keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
-        if self._uniform:
+        if self._turned:
+            # a turned ring: the block's slots, row by row (advanced indices
+            # around a slice put (B, T) first, so the block goes in as (B, T, H, D))
+            slots = self._block_slots(T)
+            rows = np.arange(self.batch_size)[:, None]
+            keys[rows, :, slots] = key.transpose(0, 2, 1, 3)
+            values[rows, :, slots] = value.transpose(0, 2, 1, 3)
+        elif self._uniform:
             p = self._seq_pos
             keys[:, :, p:p + T] = key
             values[:, :, p:p + T] = value
@@ -356,12 +431,49 @@ class KVCache:
                 keys[b, :, p:p + T] = key[b]
                 values[b, :, p:p + T] = value[b]
 
+    def _block_slots(self, T):
+        """Slots of the ``T`` positions after each row's committed ones.
+
+        Returns
+        -------
+        ndarray of intp, shape (batch_size, T), C-contiguous
+            ``[b, t]``: the slot of row ``b``'s position ``seq_lens[b] + t``
+            (call after ``_make_room``).
+        """
+        positions = self._seq_lens[:, None] + np.arange(T)
+        return self._slots(positions, self._ring[:, None])
+
+    def _slots(self, positions, ring_head):
+        """Slots of ``positions`` (ints < max_seq_len) in rows whose rings
+        start at ``ring_head`` (broadcast against ``positions``)."""
+        positions = np.asarray(positions, dtype=np.intp)
+        if self.window is None:
+            return np.ascontiguousarray(positions)
+        ring = self.n_sink + (ring_head + positions - self.n_sink) % self.window
+        return np.where(positions < self.n_sink, positions, ring)
+
+    def _in_order(self, layer_idx, rows, n):
+        """Copies of the first ``n`` positions of ``rows`` (an array of row
+        indices) of one layer, in position order: keys and values
+        ``(len(rows), H, n, D)``."""
+        slots = self._slots(np.arange(n), self._ring[rows, None])[:, None, :, None]
+        return tuple(np.take_along_axis(self._arena[layer_idx, kv, rows], slots, axis=2)
+                     for kv in (0, 1))
+
+    def _row_slots(self, row, n):
+        """Index of row ``row``'s first ``n`` positions along the slot axis,
+        in order: a slice while the row's ring has not turned."""
+        if not self._ring[row]:
+            return slice(0, n)
+        return self._slots(np.arange(n), self._ring[row])
+
     def _detached(self, block):
         """``block``, copied if it may be a view of the arena.
 
-        A sliding window's eviction moves positions before the write, and a
-        view of the positions being written would overlap its destination:
-        either way the block would change while it is copied in.
+        A sliding window's eviction hands the oldest slots to the write,
+        and a view of the positions being written would overlap its
+        destination: either way the block would change while it is copied
+        in.
         """
         # an array that owns its memory cannot be a view of the arena
         if block.base is not None and np.may_share_memory(block, self._arena):
@@ -394,6 +506,11 @@ class KVCache:
             raise RuntimeError(f"seq_lens = {self._seq_lens.tolist()} were changed outside "
                                f"the cache's methods and are no longer in [0, max_seq_len = "
                                f"{self.max_seq_len}]; the cache refuses to write")
+        # the kernel trusts the ring heads too
+        if int(self._ring.view(np.uintp).max(initial=0)) >= (self.window or 1):
+            raise RuntimeError(f"ring heads {self._ring.tolist()} were changed outside the "
+                               f"cache's methods and are no longer in [0, window = "
+                               f"{self.window or 1}); the cache refuses to write")
         self._lengths_changed()
 
     def _lengths_changed(self):
@@ -401,6 +518,8 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
+        # rows whose positions are no longer in slot order (a turned ring)
+        self._turned = bool(self._ring.any())
         self._forget_pending()
 
     def _forget_pending(self):
@@ -414,9 +533,10 @@ class KVCache:
         if self.window is None or self._seq_pos + T <= self.max_seq_len:
             return
         drop = np.maximum(self._seq_lens + T - self.max_seq_len, 0)
-        src = self.n_sink + drop
-        keep = np.where(drop > 0, self._seq_lens - src, 0)
-        self._accessor.move(src, np.full_like(src, self.n_sink), keep)
+        # O(1): the ring turns past the dropped positions, whose slots the
+        # block then overwrites; nothing moves (drop <= seq_lens - n_sink)
+        self._ring += drop
+        self._ring %= self.window
         self._seq_lens -= drop
         self._evicted += drop
         self._lengths_changed()
@@ -450,6 +570,10 @@ class KVCache:
     @property
     def evicted(self):
         return read_only(self._evicted)
+
+    @property
+    def ring_head(self):
+        return read_only(self._ring)
 
     @exclusive
     def update(self, layer_idx, key, value):
@@ -511,7 +635,11 @@ class KVCache:
         Returns
         -------
         keys, values : CacheView, shape (batch_size, num_heads, seq_pos, head_dim)
-            Read-only views of the arena (no copy), in the arena's dtype.
+            Read-only, in the arena's dtype, in position order (a sliding
+            window's sinks, then its window oldest first). Views of the
+            arena (no copy), except for a sliding window whose ring has
+            turned in a row asked for (``evicted`` > 0, unless a multiple
+            of the window was evicted): then a copy, O(positions).
             With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
             With ``pending=True``, ``seq_pos + T`` and ``seq_lens[row] + T``
             positions.
@@ -524,9 +652,13 @@ class KVCache:
                 raise ValueError(f"row must be given when rows hold different lengths; "
                                  f"seq_lens = {self._seq_lens.tolist()}")
             n = self._seq_pos + T
+            if self._turned:
+                return tuple(map(read_only, self._in_order(layer_idx, np.arange(self.batch_size), n)))
             return key_view[:, :, :n], value_view[:, :, :n]
         row = self._row("row", row)
         n = self._seq_lens[row] + T
+        if self._ring[row]:
+            return tuple(map(read_only, self._in_order(layer_idx, np.array([row]), n)))
         return key_view[row:row + 1, :, :n], value_view[row:row + 1, :, :n]
 
     @exclusive
@@ -596,19 +728,23 @@ class KVCache:
             equal) and ``dtype`` (its name). A file-backed cache adds
             ``path`` and ``resident_bytes``: how much of the mapped arena
             this process has in memory now (None where the OS does not
-            tell).
+            tell). ``rope_bytes``: the rotary tables (0 without
+            ``rope_theta``), included in ``total_bytes`` and ``total_mb``;
+            the other figures describe the arena alone.
         """
-        total_bytes = self._arena.nbytes
+        rope_bytes = 0 if self.rope_theta is None else 2 * self._rope_cos.nbytes
+        arena_bytes = self._arena.nbytes
         utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
         usage = {
-            "total_bytes": total_bytes,
-            "total_mb": total_bytes / MIB,
-            "per_layer_mb": total_bytes / MIB / self.num_layers,
+            "total_bytes": arena_bytes + rope_bytes,
+            "total_mb": (arena_bytes + rope_bytes) / MIB,
+            "per_layer_mb": arena_bytes / MIB / self.num_layers,
             "cache_tensors": 2 * self.num_layers,
             "total_elements": self._arena.size,
-            "used_mb": total_bytes * utilization / MIB,
+            "used_mb": arena_bytes * utilization / MIB,
             "utilization": utilization,
             "dtype": self.dtype.name,
+            "rope_bytes": rope_bytes,
         }
         if self.path is not None:
             usage["path"] = self.path
@@ -669,7 +805,8 @@ class KVCache:
         self._room("k", T)
         self._make_room(T)
         self._write(layer_idx, key, value)
-        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
+        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa(),
+                              **self._kernel_map)
         self._wrote(T)
         return out
 
@@ -706,6 +843,7 @@ class KVCache:
             block[:, moved] = gathered
         self._seq_lens[:] = self._seq_lens[idx]
         self._evicted[:] = self._evicted[idx]
+        self._ring[:] = self._ring[idx]          # a row keeps its slots, so its ring
         self._lengths_changed()
 
     @exclusive
@@ -727,10 +865,13 @@ class KVCache:
         length = check_int("length", length)
         if not 0 <= length <= held:
             raise ValueError(f"length must be in [0, seq_lens[src] = {held}]; got {length}")
+        # position by position, each row through its own ring: dst keeps its
+        # ring, so what it holds past `length` (written, not committed) stays put
+        src_slots, dst_slots = self._row_slots(src, length), self._row_slots(dst, length)
         for layer in range(self.num_layers):
             # per layer: NumPy cannot prove two rows of one array disjoint and
             # copies through a temporary, which should stay small
-            self._arena[layer, :, dst, :, :length] = self._arena[layer, :, src, :, :length]
+            self._arena[layer, :, dst][:, :, dst_slots] = self._arena[layer, :, src][:, :, src_slots]
         self._seq_lens[dst] = length
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()
@@ -818,9 +959,10 @@ class KVCache:
         check_finite = check_bool("check_finite", check_finite)
         if max_arena_bytes is not None:
             max_arena_bytes = check_positive("max_arena_bytes", max_arena_bytes)
-        arena, state, n_sink = storage.load(path, max_seq_len, lazy, max_arena_bytes)
+        arena, state, n_sink, rope = storage.load(path, max_seq_len, lazy, max_arena_bytes)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, None, num_threads, check_finite)
+        cache._adopt_rope(*rope)
         return cache
 
     @classmethod
@@ -851,9 +993,10 @@ class KVCache:
         path = check_path("path", path)
         num_threads = check_threads(num_threads)
         check_finite = check_bool("check_finite", check_finite)
-        arena, state, n_sink = storage.open_mapped(path, mode)
+        arena, state, n_sink, rope = storage.open_mapped(path, mode)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, path, num_threads, check_finite)
+        cache._adopt_rope(*rope)
         if mode == "r+":
             _FILE_WRITERS.add(cache)
         return cache
@@ -872,6 +1015,7 @@ class KVCache:
         clone = type(self).__new__(type(self))
         clone._adopt(arena, self._state.astype(np.intp), self.n_sink, None,
                      self.num_threads, self.check_finite)
+        clone._adopt_rope(self.rope_theta, self.rope_style)
         memo[id(self)] = clone
         return clone
 
@@ -887,6 +1031,8 @@ class KVCache:
         lengths = (f"seq_pos={self._seq_pos}" if self._uniform
                    else f"seq_lens={self._seq_lens.tolist()}")
         extra = "" if self.n_sink is None else f", n_sink={self.n_sink}"
+        if self.rope_theta is not None:
+            extra += f", rope_theta={self.rope_theta}, rope_style={self.rope_style!r}"
         extra += "" if self.path is None else f", path={self.path!r}"
         return (f"KVCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"num_layers={self.num_layers}, num_heads={self.num_heads}, "
@@ -907,6 +1053,40 @@ def check_sinks(n_sink, max_seq_len):
         raise ValueError(f"n_sink must be None or in [0, max_seq_len = {max_seq_len}); "
                          f"got {n_sink}")
     return n_sink
+
+
+ROPE_STYLES = ("half", "interleaved")
+
+
+def check_rope(rope_theta, rope_style, head_dim):
+    """``(rope_theta, rope_style)`` checked: ``(None, None)`` or a positive
+    finite float and one of ``ROPE_STYLES`` (default "half")."""
+    if rope_theta is None:
+        if rope_style is not None:
+            raise ValueError(f"rope_style needs rope_theta (rotation inside the cache); "
+                             f"got rope_style={rope_style!r} with rope_theta=None")
+        return None, None
+    if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
+        raise TypeError(f"rope_theta must be None or a real number; got {rope_theta!r} "
+                        f"of type {type(rope_theta).__name__}")
+    if not (np.isfinite(rope_theta) and rope_theta > 0):
+        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
+    if rope_style is None:
+        rope_style = "half"
+    if rope_style not in ROPE_STYLES:
+        raise ValueError(f"rope_style must be one of {ROPE_STYLES}; got {rope_style!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even with rope_theta (rotary pairs); "
+                         f"got {head_dim}")
+    return float(rope_theta), rope_style
+
+
+def rope_tables(rope_theta, max_seq_len, head_dim):
+    """cos and sin of ``position * rope_theta ** (-2i / head_dim)``, float32
+    C-contiguous ``(max_seq_len, head_dim // 2)`` each (computed in float64)."""
+    freqs = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)     # (D/2,)
+    angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * freqs  # (S, D/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def read_only(a):

@@ -59,7 +59,7 @@ KINDS = ["uniform", "ragged", "window", "empty"]
 SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, payload crc32
 P = SNAPSHOT_PREFIX.size
 MAPPED_PREFIX = struct.Struct("<8sII")      # magic, version, header length
-SNAPSHOT_MAGIC, MAPPED_MAGIC, VERSION = b"KVASNAP\0", b"KVAMMAP\0", 1
+SNAPSHOT_MAGIC, MAPPED_MAGIC, VERSION = b"KVASNAP\0", b"KVAMMAP\0", 2
 PAGE = mmap.PAGESIZE
 MIB = 1024 * 1024
 
@@ -241,10 +241,12 @@ def test_file_holds_prefix_header_and_committed_positions_only(tmp_path, rng, dt
     header = json.loads(raw[P:P + header_len])
     assert header == {"shape": [L, 2, B, H, S, D], "dtype": np.dtype(dtype).str,
                       "n_sink": cache.n_sink, "seq_lens": cache.seq_lens.tolist(),
-                      "evicted": cache.evicted.tolist(), "payload_bytes": payload}
-    # payload order: layer, then keys/values, then row; each (H, n, D) in C order
-    blocks = [cache.arena[layer, kv, b, :, :n].tobytes()
-              for layer in range(L) for kv in range(2) for b, n in enumerate(cache.seq_lens)]
+                      "evicted": cache.evicted.tolist(), "payload_bytes": payload,
+                      "rope_theta": None, "rope_style": None}
+    # payload order: layer, then keys/values, then row; each (H, n, D) in C order,
+    # positions in order (get()'s, not the slots of a sliding window's ring)
+    blocks = [cache.get(layer, row=b)[kv][0].tobytes()
+              for layer in range(L) for kv in range(2) for b in range(B)]
     assert raw[P + header_len:] == b"".join(blocks)
     assert header_crc == zlib.crc32(raw[P:P + header_len])
     assert payload_crc == zlib.crc32(raw[P + header_len:])
@@ -406,7 +408,8 @@ DAMAGE = [
     ("magic of .npy", lambda s: s.npy_raw, "not a kvarena snapshot", True),
     ("magic of mapped arena", lambda s: s.mapped_raw, "not a kvarena snapshot", True),
     ("magic bit", lambda s: flip(s.raw, 3), "not a kvarena snapshot", True),
-    ("future version", lambda s: rebuild(s, version=2), "format version 2", True),
+    ("future version", lambda s: rebuild(s, version=3), "format version 3", True),
+    ("version 1", lambda s: rebuild(s, version=1), "format version 1 is not supported", True),
     ("header length 0", lambda s: rebuild(s, b""), "header length 0", True),
     ("header not JSON", lambda s: rebuild(s, b'{"shape": [2, 2'), "not valid JSON", True),
     ("header not UTF-8", lambda s: rebuild(s, b"\xff\xfe{}"), "not valid JSON", True),
@@ -477,7 +480,7 @@ def mapped_layout(raw):
     header = json.loads(raw[16:16 + header_len])
     batch = header["shape"][2]
     state_offset = -(-(16 + header_len) // 8) * 8
-    state_end = state_offset + 8 * (2 * batch + 1)
+    state_end = state_offset + 8 * (3 * batch + 1)
     arena_offset = -(-state_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
     state = np.frombuffer(raw[state_offset:state_end], dtype="<i8")
     return header, state, raw[arena_offset:]
@@ -495,7 +498,8 @@ def test_mapped_cache_reopens_bit_exact_and_r_plus_writes_persist(tmp_path, rng)
 
     # the file itself holds the header, the bookkeeping and the arena
     header, state, arena = mapped_layout(path.read_bytes())
-    assert header == {"shape": [L, 2, B, H, S, D], "dtype": "<f4", "n_sink": N_SINK}
+    assert header == {"shape": [L, 2, B, H, S, D], "dtype": "<f4", "n_sink": N_SINK,
+                      "rope_theta": None, "rope_style": None}
     assert state[:B].tolist() == want.seq_lens.tolist()
     assert state[B:2 * B].tolist() == want.evicted.tolist()
     assert arena == want.arena
@@ -741,7 +745,8 @@ MAPPED_DAMAGE = [
     ("one byte short", lambda raw, snap: raw[:-1], "truncated"),
     ("one trailing byte", lambda raw, snap: raw + b"\0", "trailing data"),
     ("snapshot file", lambda raw, snap: snap, "not a kvarena mapped arena"),
-    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", 2) + raw[12:], "format version 2"),
+    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", 3) + raw[12:], "format version 3"),
+    ("version 1", lambda raw, snap: raw[:8] + struct.pack("<I", 1) + raw[12:], "format version 1"),
     ("seq_lens past capacity", lambda raw, snap: with_state(raw, [7, S + 1, 1]), "seq_lens must be"),
     ("seq_lens negative", lambda raw, snap: with_state(raw, [-7, 3, 1]), "seq_lens must be"),
 ]
@@ -830,5 +835,5 @@ def test_mapped_header_whose_size_overflows_is_refused(tmp_path):
 
 
 def mapped_arena_offset(header_len, batch):
-    state_end = -(-(16 + header_len) // 8) * 8 + 8 * (2 * batch + 1)
+    state_end = -(-(16 + header_len) // 8) * 8 + 8 * (3 * batch + 1)
     return -(-state_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
