@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvarena.checks import check_positive, check_storage_dtype
+from kvarena.checks import check_bool, check_positive, check_storage_dtype
 
 _MEMINFO = "/proc/meminfo"
 
@@ -40,7 +40,10 @@ class Footprint:
         The key/value arena.
     total_bytes : int
         Everything the cache holds that grows with its configuration:
-        ``arena_bytes``.
+        ``arena_bytes + rope_bytes``.
+    rope_bytes : int
+        The rotary tables of a cache that rotates inside (``rope_theta``):
+        float32 cos and sin, ``(max_seq_len, head_dim / 2)`` each; else 0.
     """
 
     batch_size: int
@@ -51,6 +54,7 @@ class Footprint:
     dtype: str
     arena_bytes: int
     total_bytes: int
+    rope_bytes: int = 0
 
 
 def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
@@ -58,7 +62,13 @@ def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
     return 2 * num_layers * num_heads * head_dim * dt.itemsize
 
 
-def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32):
+def _rope_bytes(max_seq_len, head_dim, rope):
+    # float32 cos and sin tables, (max_seq_len, head_dim // 2) each
+    return 2 * max_seq_len * (head_dim // 2) * 4 if rope else 0
+
+
+def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32,
+              rope=False):
     """Bytes ``KVCache(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=dtype)`` allocates.
 
     Parameters
@@ -69,11 +79,14 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
         ``num_kv_heads``, not its query heads.
     dtype : float16, float32 (default) or float64
         Storage dtype of the arena.
+    rope : bool, default False
+        The cache rotates inside (``KVCache(..., rope_theta=...)``): count
+        its rotary tables.
 
     Returns
     -------
     Footprint
-        Exact byte counts of the arena and of the total.
+        Exact byte counts of the arena, the rotary tables and the total.
 
     Raises
     ------
@@ -93,9 +106,11 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
+    rope = check_bool("rope", rope)
     arena = batch_size * max_seq_len * _bytes_per_slot(num_layers, num_heads, head_dim, dt)
+    tables = _rope_bytes(max_seq_len, head_dim, rope)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, arena, arena)
+                     dt.name, arena, arena + tables, tables)
 
 
 def available_memory():
@@ -131,7 +146,7 @@ def available_memory():
 
 
 def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
-         batch_size=None, max_seq_len=None, available_bytes=None):
+         batch_size=None, max_seq_len=None, available_bytes=None, rope=False):
     """The largest batch or context whose cache fits in ``available_bytes``.
 
     Give exactly one of ``batch_size`` and ``max_seq_len``; the other is
@@ -150,6 +165,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
         Fixed context length; ``batch_size`` is maximised.
     available_bytes : int, optional
         Memory budget. Default: ``available_memory()``.
+    rope : bool, default False
+        The cache rotates inside: its rotary tables count against the budget.
 
     Returns
     -------
@@ -179,6 +196,7 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
+    rope = check_bool("rope", rope)
     if available_bytes is None:
         available_bytes = available_memory()
     available_bytes = check_positive("available_bytes", available_bytes)
@@ -186,7 +204,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     slot = _bytes_per_slot(num_layers, num_heads, head_dim, dt)
     if batch_size is not None:
         batch_size = check_positive("batch_size", batch_size)
-        need = batch_size * slot                        # one position of every row
+        # one position of every row, and its line of the rotary tables
+        need = batch_size * slot + _rope_bytes(1, head_dim, rope)
         max_seq_len = available_bytes // need
         if max_seq_len < 1:
             raise ValueError(f"available_bytes={available_bytes} cannot hold one position "
@@ -194,8 +213,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     else:
         max_seq_len = check_positive("max_seq_len", max_seq_len)
         need = max_seq_len * slot                       # one row of every position
-        batch_size = available_bytes // need
+        batch_size = (available_bytes - _rope_bytes(max_seq_len, head_dim, rope)) // need
         if batch_size < 1:
             raise ValueError(f"available_bytes={available_bytes} cannot hold one row "
                              f"for max_seq_len={max_seq_len}: that needs {need} bytes")
-    return footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dt)
+    return footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dt, rope)
