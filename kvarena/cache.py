@@ -415,21 +415,35 @@ class KVCache:
         positions, cast to the arena's dtype. Everything is checked."""
         T = key.shape[2]
         keys, values = self._arena[layer_idx, 0], self._arena[layer_idx, 1]
-        if self._turned:
-            # a turned ring: the block's slots, row by row (advanced indices
-            # around a slice put (B, T) first, so the block goes in as (B, T, H, D))
+        p = self._seq_pos if not self._turned else self._run_start(T)
+        if p is None:
+            # the block's slots, row by row (advanced indices around a slice
+            # put (B, T) first, so the block goes in as (B, T, H, D))
             slots = self._block_slots(T)
             rows = np.arange(self.batch_size)[:, None]
             keys[rows, :, slots] = key.transpose(0, 2, 1, 3)
             values[rows, :, slots] = value.transpose(0, 2, 1, 3)
         elif self._uniform:
-            p = self._seq_pos
             keys[:, :, p:p + T] = key
             values[:, :, p:p + T] = value
         else:
             for b, p in enumerate(self._seq_lens.tolist()):
                 keys[b, :, p:p + T] = key[b]
                 values[b, :, p:p + T] = value[b]
+
+    def _run_start(self, T):
+        """The first slot of the block of ``T`` positions after the committed
+        ones when, in every row, it is the same run of consecutive slots;
+        else None."""
+        if not self._uniform or self._common_head is None:
+            return None
+        p = self._seq_pos
+        if p + T <= self.n_sink:
+            return p
+        if p < self.n_sink:
+            return None                 # from the sinks into the ring
+        slot = self.n_sink + (self._common_head + p - self.n_sink) % self.window
+        return slot if slot + T <= self.max_seq_len else None
 
     def _block_slots(self, T):
         """Slots of the ``T`` positions after each row's committed ones.
@@ -518,8 +532,11 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
-        # rows whose positions are no longer in slot order (a turned ring)
-        self._turned = bool(self._ring.any())
+        # rows whose positions are no longer in slot order (a turned ring), and
+        # the ring head as an int when every row has the same
+        heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
+        self._turned = any(heads)
+        self._common_head = heads[0] if heads.count(heads[0]) == len(heads) else None
         self._forget_pending()
 
     def _forget_pending(self):

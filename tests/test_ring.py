@@ -288,6 +288,21 @@ def test_reorder_copy_and_crop_after_wraps_keep_the_model(rng):
         check_held(cache, rows)
 
 
+@pytest.mark.parametrize("style", ["half", None], ids=str)
+def test_crop_into_the_sinks_of_a_turned_ring_then_refill(rng, style):
+    cache, rows = make(style, n_sink=3), Rows(2, B, 3)
+    for _ in range(S + 2):
+        step(cache, rows, rng, 1, style)
+    assert cache.ring_head.tolist() == [2, 2]
+    cache.crop(1)                                    # keeps one sink; the ring stays turned
+    for held in rows.rows:
+        for r in held:
+            del r[1:]
+    for T in [4, 5, 1, 3]:                           # from the sinks into the ring, and past it
+        step(cache, rows, rng, T, style)
+        check_held(cache, rows)
+
+
 def test_copy_sequence_keeps_what_dst_wrote_past_length(rng):
     # dst's written but uncommitted position stays where its own ring put it
     cache = make(None, n_sink=0, L=1, batch_size=1)
@@ -488,3 +503,27 @@ def test_llama_generate_past_capacity_needs_a_rotating_window():
     model = small_llama("half")
     with pytest.raises(ValueError, match="max_seq_len = 32"):
         model.generate(np.arange(1, 9), 40, cache=model.make_cache(1, max_seq_len=32, n_sink=4))
+
+
+# -- 9. the bench runs (bench/streaming.py --quick); no timing is asserted ------------------
+
+def test_streaming_bench_quick_runs_and_streams_in_constant_memory(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "bench", "streaming.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(tmp_path / "streaming.json") as f:
+        result = json.load(f)
+    ops = {row["op"] for row in result["eviction"]["rows"]}
+    assert {"window S=64: update+advance", "window S=16384: update+advance"} <= ops
+    assert {row["op"] for row in result["rotation"]["rows"]} == {
+        "rotation off", "rotation on", "rotation on, turned ring"}
+    streamed = result["stream"]
+    assert streamed["tokens_generated"] == streamed["new_tokens"] == 10 * streamed["max_seq_len"]
+    assert streamed["evicted"] > 8 * streamed["max_seq_len"] and not streamed["arena_moved"]
+    assert "target <= 1.2x" in proc.stdout and "target <= 1.3x" in proc.stdout
