@@ -237,7 +237,8 @@ class KVCache:
     The rotary tables (``rope_theta``) are per cache: cos and sin of every
     position and pair, float32 ``(max_seq_len, head_dim / 2)`` each,
     ``4 * max_seq_len * head_dim`` bytes, counted by ``get_memory_usage``
-    and ``kvarena.footprint(..., rope=True)``.
+    and ``kvarena.footprint(..., rope=True)``. Being float32, they make a
+    float64 cache's rotation float32-accurate (about 1e-7 relative).
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
