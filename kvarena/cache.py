@@ -500,7 +500,7 @@ class KVCache:
         # the kernel writes at seq_lens as they are in memory now, not at the
         # cached seq_pos: if they changed behind this object's back, recheck
         # (comparing bytes costs a tenth of a reduction)
-        if self._seq_lens.tobytes() != self._lengths_seen:
+        if self._seq_lens.tobytes() != self._lengths_seen or self._ring.tobytes() != self._ring_seen:
             self._lengths_changed_outside()
         if self.window is not None:
             if T > self.window:
@@ -535,6 +535,7 @@ class KVCache:
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
         # rows whose positions are no longer in slot order (a turned ring), and
         # the ring head as an int when every row has the same
+        self._ring_seen = self._ring.tobytes()      # see _room
         heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
         self._turned = any(heads)
         self._common_head = heads[0] if heads.count(heads[0]) == len(heads) else None
@@ -611,6 +612,7 @@ class KVCache:
             In ``[0, num_layers)``.
         key, value : array-like or Tensor, shape (batch_size, num_heads, T, head_dim)
             Any real float dtype; cast to the arena's dtype. ``T >= 1``.
+            With ``rope_theta``, keys before rotation.
 
         Raises
         ------
@@ -781,6 +783,11 @@ class KVCache:
         most ``max_seq_len - T + t + 1``: for decoding (``T = 1``) the
         ``n_sink`` sinks and the latest ``window`` positions, the new one
         included. Like ``update``, this does not advance.
+
+        With ``rope_theta``, ``q`` and ``k`` come before rotation: the kernel
+        rotates every key by its position in the row's kept sequence and
+        query ``t`` by ``seq_lens[b] + t`` (after eviction made room), the
+        position of its own key; without a window, the absolute positions.
 
         Grouped-query and multi-query attention: ``q`` may have any whole
         multiple ``G`` of ``num_heads`` heads; query head ``h`` attends with

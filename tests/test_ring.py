@@ -402,6 +402,27 @@ def test_rope_in_cache_equals_rotating_before_caching(rng, style):
     np.testing.assert_array_equal(inside.get(0)[0][:, :, -T:], k.astype(np.float32))
 
 
+def test_ring_heads_changed_behind_the_cache_are_checked_live(rng):
+    cache, rows = make(None, n_sink=2), Rows(2, B, 2)
+    for _ in range(S + 1):
+        step(cache, rows, rng, 1, None)
+    heads = cache.ring_head
+    heads.flags.writeable = True             # NumPy allows this on a view of writable memory
+    k = rng.standard_normal((B, H, 1, D))
+    for bad in ([S - 2, 0], [-1, 0]):        # the kernel would read past the ring
+        heads[:] = bad
+        before = cache.arena.tobytes()
+        with pytest.raises(RuntimeError, match=r"ring heads \[.*\] were changed outside .*"
+                                               r"window = 6"):
+            cache.update(0, k, k)
+        with pytest.raises(RuntimeError, match="changed outside"):
+            cache.attend(0, k, k, k)
+        assert cache.arena.tobytes() == before
+    heads[:] = [3, 3]                        # in range: honoured
+    cache.update(0, k, k)
+    assert cache.ring_head.tolist() == [4, 4]
+
+
 # -- 7. arguments, memory figures ------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, exc, match", [
