@@ -6,10 +6,11 @@ configuration, the arena
     (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
 
 in the storage dtype (``num_heads`` counts key/value heads: a
-grouped-query model's ``num_kv_heads``). It is linear
-in ``batch_size * max_seq_len``, so the largest batch or context that fits
-a memory budget has a closed form. The attention kernel keeps no buffer
-per cache: its working memory is a few kilobytes per thread (queries,
+grouped-query model's ``num_kv_heads``), and, for a cache that rotates
+inside (``rope_theta``), two float32 ``(max_seq_len, head_dim / 2)`` tables
+of cos and sin. It is linear in ``batch_size * max_seq_len`` (the tables in
+``max_seq_len``), so the largest batch or context that fits a memory budget
+has a closed form. The attention kernel keeps no buffer per cache: its working memory is a few kilobytes per thread (queries,
 accumulators and a 32-row tile) plus, for a long row split across threads,
 ``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
 module imports nothing from ``kvarena.cache``; the two must agree, and the
@@ -107,6 +108,8 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
     rope = check_bool("rope", rope)
+    if rope and head_dim % 2:
+        raise ValueError(f"head_dim must be even with rope=True (rotary pairs); got {head_dim}")
     arena = batch_size * max_seq_len * _bytes_per_slot(num_layers, num_heads, head_dim, dt)
     tables = _rope_bytes(max_seq_len, head_dim, rope)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
