@@ -52,7 +52,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="a 64 MiB rotation case, 3 samples and a 320-token stream")
     parser.add_argument("--out", default=default_results_dir(),
-                        help="directory for streaming.json and streaming.csv (default: bench/results)")
+                        help="directory for streaming.json and streaming.csv "
+                             "(default: bench/results)")
     return parser.parse_args(argv)
 
 
@@ -168,7 +169,8 @@ def stream(capacity):
     after = resident_bytes()
     return {"max_seq_len": capacity, "n_sink": N_SINK, "new_tokens": new_tokens,
             "tokens_generated": int(tokens.size - prompt.size), "tok_s": new_tokens / seconds,
-            "evicted": int(cache.evicted[0]), "cache_bytes": cache.get_memory_usage()["total_bytes"],
+            "evicted": int(cache.evicted[0]),
+            "cache_bytes": cache.get_memory_usage()["total_bytes"],
             "arena_moved": cache.arena.ctypes.data != address,
             "resident_before": before, "resident_after": after,
             "resident_growth": None if before is None else after - before}

@@ -500,7 +500,8 @@ class KVCache:
         # the kernel writes at seq_lens as they are in memory now, not at the
         # cached seq_pos: if they changed behind this object's back, recheck
         # (comparing bytes costs a tenth of a reduction)
-        if self._seq_lens.tobytes() != self._lengths_seen or self._ring.tobytes() != self._ring_seen:
+        if (self._seq_lens.tobytes() != self._lengths_seen
+                or self._ring.tobytes() != self._ring_seen):
             self._lengths_changed_outside()
         if self.window is not None:
             if T > self.window:
@@ -533,9 +534,9 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
+        self._ring_seen = self._ring.tobytes()      # see _room
         # rows whose positions are no longer in slot order (a turned ring), and
         # the ring head as an int when every row has the same
-        self._ring_seen = self._ring.tobytes()      # see _room
         heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
         self._turned = any(heads)
         self._common_head = heads[0] if heads.count(heads[0]) == len(heads) else None
@@ -658,8 +659,8 @@ class KVCache:
             Read-only, in the arena's dtype, in position order (a sliding
             window's sinks, then its window oldest first). Views of the
             arena (no copy), except for a sliding window whose ring has
-            turned in a row asked for (``evicted`` > 0, unless a multiple
-            of the window was evicted): then a copy, O(positions).
+            turned (``ring_head`` not 0) in a row asked for: then a copy,
+            O(positions).
             With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
             With ``pending=True``, ``seq_pos + T`` and ``seq_lens[row] + T``
             positions.
@@ -673,7 +674,8 @@ class KVCache:
                                  f"seq_lens = {self._seq_lens.tolist()}")
             n = self._seq_pos + T
             if self._turned:
-                return tuple(map(read_only, self._in_order(layer_idx, np.arange(self.batch_size), n)))
+                rows = np.arange(self.batch_size)
+                return tuple(map(read_only, self._in_order(layer_idx, rows, n)))
             return key_view[:, :, :n], value_view[:, :, :n]
         row = self._row("row", row)
         n = self._seq_lens[row] + T
@@ -896,7 +898,8 @@ class KVCache:
         for layer in range(self.num_layers):
             # per layer: NumPy cannot prove two rows of one array disjoint and
             # copies through a temporary, which should stay small
-            self._arena[layer, :, dst][:, :, dst_slots] = self._arena[layer, :, src][:, :, src_slots]
+            moved = self._arena[layer, :, src][:, :, src_slots]
+            self._arena[layer, :, dst][:, :, dst_slots] = moved
         self._seq_lens[dst] = length
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()

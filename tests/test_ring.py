@@ -75,7 +75,8 @@ def rotate(x, positions, theta, style):
     half = x.shape[-1] // 2
     pairs = (slice(0, half), slice(half, None)) if style == "half" \
         else (slice(0, None, 2), slice(1, None, 2))
-    angle = np.asarray(positions, np.float64)[:, None] * theta ** (-2.0 * np.arange(half) / x.shape[-1])
+    freqs = theta ** (-2.0 * np.arange(half) / x.shape[-1])
+    angle = np.asarray(positions, np.float64)[:, None] * freqs
     z = (x[..., pairs[0]] + 1j * x[..., pairs[1]]) * np.exp(1j * angle)
     out = np.empty(x.shape)
     out[..., pairs[0]], out[..., pairs[1]] = z.real, z.imag
@@ -129,7 +130,8 @@ def check_held(cache, rows):
             keys, values = cache.get(layer, row=b)
             want_k, want_v = rows.held(layer, b)
             np.testing.assert_array_equal(keys[0], want_k, err_msg=f"keys, layer {layer}, row {b}")
-            np.testing.assert_array_equal(values[0], want_v, err_msg=f"values, layer {layer}, row {b}")
+            np.testing.assert_array_equal(values[0], want_v,
+                                          err_msg=f"values, layer {layer}, row {b}")
 
 
 # -- 1. decoding and blocks across the wrap-around, both styles, every ISA --------------
@@ -362,10 +364,12 @@ def test_mapped_ring_head_out_of_range_is_refused(tmp_path, rng):
     gc.collect()
     raw = bytearray(path.read_bytes())
     header_len = struct.unpack_from("<8sII", raw)[2]
-    ring = -(-(16 + header_len) // 8) * 8 + 8 * (2 * B + 1)       # [seq_lens | evicted | written_end | ring_head]
-    raw[ring + 8:ring + 16] = np.array([S - 3], "<i8").tobytes()  # row 1's head = window: one too far
+    # state: [seq_lens | evicted | written_end | ring_head]
+    ring = -(-(16 + header_len) // 8) * 8 + 8 * (2 * B + 1)
+    raw[ring + 8:ring + 16] = np.array([S - 3], "<i8").tobytes()  # row 1's head = window: too far
     path.write_bytes(bytes(raw))
-    with pytest.raises(CacheFileError, match=r"ring_head must be in \[0, 4\]; got ring_head\[1\] = 5"):
+    with pytest.raises(CacheFileError,
+                       match=r"ring_head must be in \[0, 4\]; got ring_head\[1\] = 5"):
         KVCache.open(path)
 
 
@@ -391,7 +395,9 @@ def test_rope_in_cache_equals_rotating_before_caching(rng, style):
             rng.standard_normal((B, H, T, D)) for _ in range(2))
         positions = start + np.arange(T)[None]
         # the model's own rope takes (B, T, heads, D)
-        turn = lambda x: model_rope(x.transpose(0, 2, 1, 3), positions, THETA, style).transpose(0, 2, 1, 3)
+        def turn(x):
+            return model_rope(x.transpose(0, 2, 1, 3), positions, THETA,
+                              style).transpose(0, 2, 1, 3)
         got = inside.attend(0, q, k, v)
         want = plain.attend(0, turn(q), turn(k), v)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -434,7 +440,8 @@ def test_ring_heads_changed_behind_the_cache_are_checked_live(rng):
     (dict(rope_theta=1e4, rope_style="neox"), ValueError,
      r"^rope_style must be one of \('half', 'interleaved'\); got 'neox'$"),
     (dict(rope_style="half"), ValueError, "rope_style needs rope_theta"),
-    (dict(rope_theta=1e4, head_dim=5), ValueError, r"^head_dim must be even with rope_theta .*got 5$"),
+    (dict(rope_theta=1e4, head_dim=5), ValueError,
+     r"^head_dim must be even with rope_theta .*got 5$"),
 ], ids=["zero", "negative", "inf", "str", "bool", "style", "style-alone", "odd-D"])
 def test_bad_rope_arguments_are_rejected_by_name(kwargs, exc, match):
     head_dim = kwargs.pop("head_dim", D)
@@ -444,7 +451,8 @@ def test_bad_rope_arguments_are_rejected_by_name(kwargs, exc, match):
 
 def test_rope_defaults_and_attributes():
     cache = KVCache(B, S, 1, H, D, rope_theta=np.float32(500))
-    assert (cache.rope_theta, cache.rope_style) == (500.0, "half") and type(cache.rope_theta) is float
+    assert (cache.rope_theta, cache.rope_style) == (500.0, "half")
+    assert type(cache.rope_theta) is float
     assert (KVCache(B, S, 1, H, D).rope_theta, KVCache(B, S, 1, H, D).rope_style) == (None, None)
     assert "rope_theta=500.0, rope_style='half'" in repr(cache)
 
