@@ -552,7 +552,9 @@ class KVCache:
         oldest non-sink positions for ``T`` new ones (``_room`` passed)."""
         if self.window is None or self._seq_pos + T <= self.max_seq_len:
             return
-        drop = np.maximum(self._seq_lens + T - self.max_seq_len, 0)
+        # rows of one length (decoding a batch) drop alike: a scalar is cheaper
+        drop = (self._seq_pos + T - self.max_seq_len if self._uniform
+                else np.maximum(self._seq_lens + T - self.max_seq_len, 0))
         # O(1): the ring turns past the dropped positions, whose slots the
         # block then overwrites; nothing moves (drop <= seq_lens - n_sink)
         self._ring += drop
