@@ -21,7 +21,10 @@ Model rules, from the docstrings:
   so after a reset the whole arena must be zero again);
 - reorder, copy_sequence and crop act on rows as their docstrings say;
 - attend returns attend_reference over the model's layer in float64, to a
-  float32 tolerance (float16 arenas compute in float32);
+  float32 tolerance (float16 arenas compute in float32); with rotation
+  inside the cache (rope_theta), keys rotated at their place in the row
+  (0, 1, ...) and query t at seq_lens[b] + t, computed here as complex
+  multiplications;
 - an invalid call raises and changes neither the cache nor the model.
 Only committed positions are compared after each step, in position order
 through ``get(layer, row=b)``: beyond a row's length the arena holds
@@ -58,6 +61,24 @@ seeds = st.integers(0, 2**32 - 1)
 
 rows = st.integers(0, 1) | st.integers(-1, 2)
 
+ROPE_THETA = 10.0     # turns visibly within S <= 8 positions
+
+
+def rotate(x, positions, style):
+    """x (..., D) rotated at ``positions`` (broadcast against x[..., 0]): each pair
+    of dimensions as a complex number times e^(i position theta^(-2i/D))."""
+    if style is None:
+        return x.astype(np.float64)
+    half = x.shape[-1] // 2
+    pairs = (slice(0, half), slice(half, None)) if style == "half" \
+        else (slice(0, None, 2), slice(1, None, 2))
+    angle = np.asarray(positions, np.float64)[..., None] * \
+        ROPE_THETA ** (-2.0 * np.arange(half) / x.shape[-1])
+    z = (x[..., pairs[0]] + 1j * x[..., pairs[1]]) * np.exp(1j * angle)
+    out = np.empty(x.shape)
+    out[..., pairs[0]], out[..., pairs[1]] = z.real, z.imag
+    return out
+
 
 class CacheMachine(RuleBasedStateMachine):
 
@@ -65,10 +86,14 @@ class CacheMachine(RuleBasedStateMachine):
                 D=st.integers(1, 4), L=st.integers(1, 2),
                 dtype=st.sampled_from(["float32", "float64", "float16"]),
                 num_threads=st.sampled_from([1, 2]),
-                n_sink=st.none() | st.none() | st.integers(0, 3))
-    def build(self, B, H, S, D, L, dtype, num_threads, n_sink):
+                n_sink=st.none() | st.none() | st.integers(0, 3),
+                rope_style=st.sampled_from([None, "half", "interleaved"]))
+    def build(self, B, H, S, D, L, dtype, num_threads, n_sink, rope_style):
         n_sink = n_sink if n_sink is None or n_sink < S else None
-        self.cache = KVCache(B, S, L, H, D, dtype=dtype, num_threads=num_threads, n_sink=n_sink)
+        rope_style = rope_style if D % 2 == 0 else None
+        rope = {} if rope_style is None else dict(rope_theta=ROPE_THETA, rope_style=rope_style)
+        self.cache = KVCache(B, S, L, H, D, dtype=dtype, num_threads=num_threads, n_sink=n_sink,
+                             **rope)
         self.model = np.zeros((L, 2, B, H, S, D), dtype=dtype)
         self.lens = np.zeros(B, dtype=np.intp)
         self.evicted = np.zeros(B, dtype=np.intp)
@@ -215,7 +240,12 @@ class CacheMachine(RuleBasedStateMachine):
             return
         out = self.cache.attend(layer, q, k, v)
         self.write_model(layer, k, v)
-        want = attend_reference(q, *self.in_order(layer), self.lens)
+        keys, values = self.in_order(layer)
+        style, S = self.cache.rope_style, self.cache.max_seq_len
+        keys = rotate(keys, np.arange(S), style)                           # (B, H, S, D)
+        # query t of row b at position lens[b] + t
+        q_at = rotate(q, self.lens[:, None, None] + np.arange(T), style)
+        want = attend_reference(q_at, keys, values, self.lens)
         assert out.dtype == q.dtype    # q is float32 or float64 here: the result keeps it
         if self.cache.dtype == np.float64 and q.dtype == np.float64:
             np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
