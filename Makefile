@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvarena-installed
 BENCH_STAMP := $(VENV)/.kvarena-bench-tools
 
-.PHONY: install test test-debug bench bench-quick memory ops clean
+.PHONY: install test test-debug bench bench-quick memory ops streaming clean
 
 $(STAMP): pyproject.toml setup.py pyx/_arena.pyx pyx/kernel.h pyx/kernel_variants.h pyx/kernel_impl.h pyx/pool.h
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ memory: $(STAMP)
 
 ops: $(STAMP)
 	$(PY) bench/ops.py
+
+streaming: $(STAMP)
+	$(PY) bench/streaming.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvarena/*.so .pytest_cache

@@ -16,6 +16,7 @@ trusts what it is given and computes.
 
 import functools
 import math
+import numbers
 import os
 import threading
 import weakref
@@ -143,7 +144,9 @@ class KVCache:
         evicts the oldest positions after the sinks, so a row keeps its
         first ``n_sink`` positions and its latest ``window = max_seq_len -
         n_sink``. See ``attend`` for what a query sees. Default: no window;
-        writing past ``max_seq_len`` is an error.
+        writing past ``max_seq_len`` is an error. Eviction is O(1): the
+        window is a ring whose oldest slot the new positions overwrite
+        (see Notes).
     path : str, bytes or os.PathLike, optional
         Put the arena in a new memory-mapped file at ``path`` (which must
         not exist) instead of in anonymous memory; reopen it with
@@ -167,6 +170,23 @@ class KVCache:
         enough to split long rows into chunks (flash-decoding).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
+    rope_theta : float, optional
+        Rotary positions inside the cache (StreamingLLM for rotary
+        models): callers pass ``attend`` queries and keys *before*
+        rotation, the cache stores keys as given, and the kernel rotates
+        each key and query by its position in the cache when attending.
+        A key's position is its place in the row's kept sequence (sinks
+        ``0 .. n_sink - 1``, then the window, oldest first); query ``t``
+        of a block sits at the position of its own key. Without a window
+        that is the absolute position, so the result equals rotating
+        before caching. Pair ``i`` turns by ``position * rope_theta **
+        (-2i / head_dim)``; ``head_dim`` must be even. Default: no
+        rotation, keys are attended as stored.
+    rope_style : {"half", "interleaved"}, optional
+        Which dimensions rotate together: ``"half"`` (the default with
+        ``rope_theta``) pairs ``i`` with ``i + head_dim / 2`` (GPT-NeoX, HF
+        ``rotate_half``); ``"interleaved"`` pairs ``2i`` with ``2i + 1``
+        (Meta's Llama, llama2.c). Only with ``rope_theta``.
 
     Raises
     ------
@@ -193,10 +213,16 @@ class KVCache:
         ``j + evicted[b]``.
     window : int or None
         ``max_seq_len - n_sink`` for a sliding-window cache, else None.
+    ring_head : ndarray of intp, shape (batch_size,), read-only
+        Per row, the slot offset of the oldest window position in its ring
+        (see Notes); always 0 without a window.
+    rope_theta : float or None
+    rope_style : str or None
+        As given; None without rotation inside the cache.
     caches : list of (CacheView, CacheView)
-        Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views.
-        int8: a sequence whose items are dequantized float32 copies, made
-        when the item is read.
+        Per layer, read-only full-capacity ``(B, H, max_seq_len, D)`` views,
+        in slot order (see Notes). int8: a sequence whose items are
+        dequantized float32 copies, made when the item is read.
     arena : CacheView
         Read-only view of the whole arena (int8: the raw int8 data).
     scales : CacheView or None
@@ -216,11 +242,29 @@ class KVCache:
     cache (as ``ndarray.copy`` does, never one that shares the arena).
     In a process forked from the one that holds a file-backed cache
     ``"r+"``, that cache refuses every guarded call (see ``ForkedGuard``).
+
+    A sliding window keeps row ``b``'s sinks in slots ``[0, n_sink)`` and
+    its window in a ring of ``window`` slots after them: position ``j >=
+    n_sink`` (in ``get()`` order) is in slot ``n_sink + (ring_head[b] + j -
+    n_sink) % window``. Eviction turns the ring (``ring_head[b]`` moves on
+    by the positions dropped) and the new positions overwrite the oldest
+    slots, so nothing is moved, whatever the window's size. ``get()``
+    returns positions in order: a view while a row's ring has not turned
+    (``ring_head`` 0), a copy once it has. ``caches`` and ``arena`` show
+    slots, not positions. ``crop``, ``reorder`` (a row's ring moves with
+    it), ``copy_sequence`` and mapped files keep each row's ring as it is;
+    a snapshot stores positions in order and loads with every ring at 0.
+
+    The rotary tables (``rope_theta``) are per cache: cos and sin of every
+    position and pair, float32 ``(max_seq_len, head_dim / 2)`` each,
+    ``4 * max_seq_len * head_dim`` bytes, counted by ``get_memory_usage``
+    and ``kvarena.footprint(..., rope=True)``. Being float32, they make a
+    float64 cache's rotation float32-accurate (about 1e-7 relative).
     """
 
     def __init__(self, batch_size, max_seq_len, num_layers, num_heads, head_dim,
                  *, dtype=np.float32, n_sink=None, path=None, lazy=False,
-                 num_threads=None, check_finite=False):
+                 num_threads=None, check_finite=False, rope_theta=None, rope_style=None):
         shape = (check_positive("num_layers", num_layers), 2,
                  check_positive("batch_size", batch_size),
                  check_positive("num_heads", num_heads),
@@ -231,14 +275,16 @@ class KVCache:
         num_threads = check_threads(num_threads)
         lazy = check_bool("lazy", lazy)
         check_finite = check_bool("check_finite", check_finite)
+        rope = check_rope(rope_theta, rope_style, shape[5])
         storage.arena_bytes(shape, dtype)          # addressable, before any file exists
         if path is not None:
             path = check_path("path", path)
-            arena, scales, state = storage.create_mapped(path, shape, dtype, n_sink, lazy)
+            arena, scales, state = storage.create_mapped(path, shape, dtype, n_sink, lazy, rope)
         else:
             arena, scales = storage.new_arena(shape, dtype, lazy)
             state = storage.new_state(shape[2])
         self._adopt(arena, state, n_sink, path, num_threads, check_finite, scales)
+        self._adopt_rope(*rope)
         if path is not None:
             _FILE_WRITERS.add(self)
 
@@ -246,10 +292,11 @@ class KVCache:
         """Take ``arena`` (L, 2, B, H, S, D) and ``state`` as this cache's storage.
 
         ``state`` is the cache's only mutable bookkeeping, one intp array
-        laid out ``[seq_lens (B) | evicted (B) | written_end]``, so that a
-        file-backed cache persists it beside its arena. ``scales``, for an
-        int8 arena only, float32 (L, 2, B, H, S) in the arena's buffer.
-        Everything passed in has been validated.
+        laid out ``[seq_lens (B) | evicted (B) | written_end | ring_head
+        (B)]``, so that a file-backed cache persists it beside its arena.
+        ``scales``, for an int8 arena only, float32 (L, 2, B, H, S) in the
+        arena's buffer. Everything passed in has been validated. Rotation
+        is off until ``_adopt_rope``.
         """
         (self.num_layers, _, self.batch_size, self.num_heads,
          self.max_seq_len, self.head_dim) = arena.shape
@@ -275,10 +322,31 @@ class KVCache:
         self._evicted = state[B:2 * B]
         # positions written since the last reset, committed or not: reset()
         # wipes [0, written_end) so nothing of a previous sequence survives
-        self._written = state[2 * B:]
+        self._written = state[2 * B:2 * B + 1]
+        # per row, the slot offset of the oldest window position (class Notes);
+        # 0 without a window
+        self._ring = state[2 * B + 1:]
+        self._adopt_rope(None, None)
         self._lengths_changed()
         self._guard = threading.Lock()      # see exclusive()
         self._lengths_seen = self._seq_lens.tobytes()
+
+    def _adopt_rope(self, rope_theta, rope_style):
+        """Turn rotation inside the cache on (checked ``rope_theta``,
+        ``rope_style``) or off (None, None): the tables and the kernel's
+        position-map arguments."""
+        self.rope_theta, self.rope_style = rope_theta, rope_style
+        self._rope_cos = self._rope_sin = None
+        if rope_theta is not None:
+            self._rope_cos, self._rope_sin = rope_tables(rope_theta, self.max_seq_len,
+                                                         self.head_dim)
+        # what attend() passes the kernel besides the queries
+        self._kernel_map = {}
+        if self.window is not None:
+            self._kernel_map.update(ring_head=self._ring, n_sink=self.n_sink)
+        if rope_theta is not None:
+            self._kernel_map.update(rope_cos=self._rope_cos, rope_sin=self._rope_sin,
+                                    rope_interleaved=rope_style == "interleaved")
 
     # -- validation ----------------------------------------------------------
 
@@ -385,8 +453,15 @@ class KVCache:
             return self._quantize(layer_idx, key, value)
         T = key.shape[2]
         keys, values = self._layers[layer_idx]
-        if self._uniform:
-            p = self._seq_pos
+        p = self._seq_pos if not self._turned else self._run_start(T)
+        if p is None:
+            # the block's slots, row by row (advanced indices around a slice
+            # put (B, T) first, so the block goes in as (B, T, H, D))
+            slots = self._block_slots(T)
+            rows = np.arange(self.batch_size)[:, None]
+            keys[rows, :, slots] = key.transpose(0, 2, 1, 3)
+            values[rows, :, slots] = value.transpose(0, 2, 1, 3)
+        elif self._uniform:
             keys[:, :, p:p + T] = key
             values[:, :, p:p + T] = value
         else:
@@ -394,12 +469,63 @@ class KVCache:
                 keys[b, :, p:p + T] = key[b]
                 values[b, :, p:p + T] = value[b]
 
+    def _run_start(self, T):
+        """The first slot of the block of ``T`` positions after the committed
+        ones when, in every row, it is the same run of consecutive slots;
+        else None."""
+        if not self._uniform or self._common_head is None:
+            return None
+        p = self._seq_pos
+        if p + T <= self.n_sink:
+            return p
+        if p < self.n_sink:
+            return None                 # from the sinks into the ring
+        slot = self.n_sink + (self._common_head + p - self.n_sink) % self.window
+        return slot if slot + T <= self.max_seq_len else None
+
+    def _block_slots(self, T):
+        """Slots of the ``T`` positions after each row's committed ones.
+
+        Returns
+        -------
+        ndarray of intp, shape (batch_size, T), C-contiguous
+            ``[b, t]``: the slot of row ``b``'s position ``seq_lens[b] + t``
+            (call after ``_make_room``).
+        """
+        positions = self._seq_lens[:, None] + np.arange(T)
+        return self._slots(positions, self._ring[:, None])
+
+    def _slots(self, positions, ring_head):
+        """Slots of ``positions`` (ints < max_seq_len) in rows whose rings
+        start at ``ring_head`` (broadcast against ``positions``)."""
+        positions = np.asarray(positions, dtype=np.intp)
+        if self.window is None:
+            return np.ascontiguousarray(positions)
+        ring = self.n_sink + (ring_head + positions - self.n_sink) % self.window
+        return np.where(positions < self.n_sink, positions, ring)
+
+    def _in_order(self, layer_idx, rows, n):
+        """Copies of the first ``n`` positions of ``rows`` (an array of row
+        indices) of one layer, in position order: keys and values
+        ``(len(rows), H, n, D)``."""
+        slots = self._slots(np.arange(n), self._ring[rows, None])[:, None, :, None]
+        return tuple(np.take_along_axis(self._arena[layer_idx, kv, rows], slots, axis=2)
+                     for kv in (0, 1))
+
+    def _row_slots(self, row, n):
+        """Index of row ``row``'s first ``n`` positions along the slot axis,
+        in order: a slice while the row's ring has not turned."""
+        if not self._ring[row]:
+            return slice(0, n)
+        return self._slots(np.arange(n), self._ring[row])
+
     def _detached(self, block):
         """``block``, copied if it may be a view of the arena.
 
-        A sliding window's eviction moves positions before the write, and a
-        view of the positions being written would overlap its destination:
-        either way the block would change while it is copied in.
+        A sliding window's eviction hands the oldest slots to the write,
+        and a view of the positions being written would overlap its
+        destination: either way the block would change while it is copied
+        in.
         """
         # an array that owns its memory cannot be a view of the arena
         if block.base is not None and np.may_share_memory(block, self._arena):
@@ -411,7 +537,8 @@ class KVCache:
         # the kernel writes at seq_lens as they are in memory now, not at the
         # cached seq_pos: if they changed behind this object's back, recheck
         # (comparing bytes costs a tenth of a reduction)
-        if self._seq_lens.tobytes() != self._lengths_seen:
+        if (self._seq_lens.tobytes() != self._lengths_seen
+                or self._ring.tobytes() != self._ring_seen):
             self._lengths_changed_outside()
         if self.window is not None:
             if T > self.window:
@@ -432,6 +559,11 @@ class KVCache:
             raise RuntimeError(f"seq_lens = {self._seq_lens.tolist()} were changed outside "
                                f"the cache's methods and are no longer in [0, max_seq_len = "
                                f"{self.max_seq_len}]; the cache refuses to write")
+        # the kernel trusts the ring heads too
+        if int(self._ring.view(np.uintp).max(initial=0)) >= (self.window or 1):
+            raise RuntimeError(f"ring heads {self._ring.tolist()} were changed outside the "
+                               f"cache's methods and are no longer in [0, window = "
+                               f"{self.window or 1}); the cache refuses to write")
         self._lengths_changed()
 
     def _lengths_changed(self):
@@ -439,6 +571,12 @@ class KVCache:
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
+        self._ring_seen = self._ring.tobytes()      # see _room
+        # rows whose positions are no longer in slot order (a turned ring), and
+        # the ring head as an int when every row has the same
+        heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
+        self._turned = any(heads)
+        self._common_head = heads[0] if heads.count(heads[0]) == len(heads) else None
         self._forget_pending()
 
     def _forget_pending(self):
@@ -451,12 +589,13 @@ class KVCache:
         oldest non-sink positions for ``T`` new ones (``_room`` passed)."""
         if self.window is None or self._seq_pos + T <= self.max_seq_len:
             return
-        drop = np.maximum(self._seq_lens + T - self.max_seq_len, 0)
-        src = self.n_sink + drop
-        keep = np.where(drop > 0, self._seq_lens - src, 0)
-        self._accessor.move(src, np.full_like(src, self.n_sink), keep)
-        if self._scales is not None:        # the scales move with their rows
-            self._scale_mover.move(src, np.full_like(src, self.n_sink), keep)
+        # rows of one length (decoding a batch) drop alike: a scalar is cheaper
+        drop = (self._seq_pos + T - self.max_seq_len if self._uniform
+                else np.maximum(self._seq_lens + T - self.max_seq_len, 0))
+        # O(1): the ring turns past the dropped positions, whose slots the
+        # block then overwrites; nothing moves (drop <= seq_lens - n_sink)
+        self._ring += drop
+        self._ring %= self.window
         self._seq_lens -= drop
         self._evicted += drop
         self._lengths_changed()
@@ -491,6 +630,10 @@ class KVCache:
     def evicted(self):
         return read_only(self._evicted)
 
+    @property
+    def ring_head(self):
+        return read_only(self._ring)
+
     @exclusive
     def update(self, layer_idx, key, value):
         """Write ``key`` and ``value`` after each row's committed positions.
@@ -510,7 +653,8 @@ class KVCache:
         key, value : array-like or Tensor, shape (batch_size, num_heads, T, head_dim)
             Any real float dtype; cast to the arena's dtype. ``T >= 1``.
             An int8 cache converts them to float32 and stores each vector
-            as int8 values and one scale, absmax / 127.
+            as int8 values and one scale, absmax / 127. With ``rope_theta``,
+            keys before rotation.
 
         Raises
         ------
@@ -555,7 +699,11 @@ class KVCache:
         Returns
         -------
         keys, values : CacheView, shape (batch_size, num_heads, seq_pos, head_dim)
-            Read-only views of the arena (no copy), in the arena's dtype.
+            Read-only, in the arena's dtype, in position order (a sliding
+            window's sinks, then its window oldest first). Views of the
+            arena (no copy), except for a sliding window whose ring has
+            turned (``ring_head`` not 0) in a row asked for: then a copy,
+            O(positions).
             With ``row``, shape ``(1, num_heads, seq_lens[row], head_dim)``.
             With ``pending=True``, ``seq_pos + T`` and ``seq_lens[row] + T``
             positions. An int8 cache returns new float32 arrays instead (a
@@ -572,9 +720,14 @@ class KVCache:
                 raise ValueError(f"row must be given when rows hold different lengths; "
                                  f"seq_lens = {self._seq_lens.tolist()}")
             n = self._seq_pos + T
+            if self._turned:
+                rows = np.arange(self.batch_size)
+                return tuple(map(read_only, self._in_order(layer_idx, rows, n)))
             return key_view[:, :, :n], value_view[:, :, :n]
         row = self._row("row", row)
         n = self._seq_lens[row] + T
+        if self._ring[row]:
+            return tuple(map(read_only, self._in_order(layer_idx, np.array([row]), n)))
         return key_view[row:row + 1, :, :n], value_view[row:row + 1, :, :n]
 
     @exclusive
@@ -649,20 +802,25 @@ class KVCache:
             (``scale_bytes`` is 0 for a float cache). A file-backed cache adds
             ``path`` and ``resident_bytes``: how much of the mapped arena
             this process has in memory now (None where the OS does not
-            tell).
+            tell). ``rope_bytes``: the rotary tables (0 without
+            ``rope_theta``), included in ``total_bytes`` and ``total_mb``;
+            the other figures describe the arena alone.
         """
-        total_bytes = storage.arena_bytes(self._arena.shape, self.dtype)
+        rope_bytes = 0 if self.rope_theta is None else 2 * self._rope_cos.nbytes
+        arena_bytes = storage.arena_bytes(self._arena.shape, self.dtype)   # with int8 scales
+        total_bytes = arena_bytes + rope_bytes
         utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
         usage = {
             "total_bytes": total_bytes,
             "total_mb": total_bytes / MIB,
-            "per_layer_mb": total_bytes / MIB / self.num_layers,
+            "per_layer_mb": arena_bytes / MIB / self.num_layers,
             "cache_tensors": 2 * self.num_layers,
             "total_elements": self._arena.size,
-            "used_mb": total_bytes * utilization / MIB,
+            "used_mb": arena_bytes * utilization / MIB,
             "utilization": utilization,
             "dtype": self.dtype.name,
             "scale_bytes": 0 if self._scales is None else self._scales.nbytes,
+            "rope_bytes": rope_bytes,
         }
         if self.path is not None:
             usage["path"] = self.path
@@ -681,6 +839,11 @@ class KVCache:
         most ``max_seq_len - T + t + 1``: for decoding (``T = 1``) the
         ``n_sink`` sinks and the latest ``window`` positions, the new one
         included. Like ``update``, this does not advance.
+
+        With ``rope_theta``, ``q`` and ``k`` come before rotation: the kernel
+        rotates every key by its position in the row's kept sequence and
+        query ``t`` by ``seq_lens[b] + t`` (after eviction made room), the
+        position of its own key; without a window, the absolute positions.
 
         Grouped-query and multi-query attention: ``q`` may have any whole
         multiple ``G`` of ``num_heads`` heads; query head ``h`` attends with
@@ -726,7 +889,8 @@ class KVCache:
         self._make_room(T)
         self._write(layer_idx, key, value)
         self._wrote(T)   # before the kernel: reset() must wipe these even if it raises
-        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
+        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa(),
+                              **self._kernel_map)
         return out
 
     @exclusive
@@ -764,6 +928,7 @@ class KVCache:
             self._reorder_scales(idx, moved, end)
         self._seq_lens[:] = self._seq_lens[idx]
         self._evicted[:] = self._evicted[idx]
+        self._ring[:] = self._ring[idx]          # a row keeps its slots, so its ring
         self._lengths_changed()
 
     @exclusive
@@ -785,12 +950,17 @@ class KVCache:
         length = check_int("length", length)
         if not 0 <= length <= held:
             raise ValueError(f"length must be in [0, seq_lens[src] = {held}]; got {length}")
+        # position by position, each row through its own ring: dst keeps its
+        # ring, so what it holds past `length` (written, not committed) stays put
+        src_slots, dst_slots = self._row_slots(src, length), self._row_slots(dst, length)
         for layer in range(self.num_layers):
             # per layer: NumPy cannot prove two rows of one array disjoint and
             # copies through a temporary, which should stay small
-            self._arena[layer, :, dst, :, :length] = self._arena[layer, :, src, :, :length]
-        if self._scales is not None:
-            self._scales[:, :, dst, :, :length] = self._scales[:, :, src, :, :length]
+            moved = self._arena[layer, :, src][:, :, src_slots]
+            self._arena[layer, :, dst][:, :, dst_slots] = moved
+        if self._scales is not None:                # the scales move with their rows
+            moved = self._scales[:, :, src][..., src_slots]
+            self._scales[:, :, dst][..., dst_slots] = moved
         self._seq_lens[dst] = length
         self._evicted[dst] = self._evicted[src]
         self._lengths_changed()
@@ -878,9 +1048,11 @@ class KVCache:
         check_finite = check_bool("check_finite", check_finite)
         if max_arena_bytes is not None:
             max_arena_bytes = check_positive("max_arena_bytes", max_arena_bytes)
-        arena, scales, state, n_sink = storage.load(path, max_seq_len, lazy, max_arena_bytes)
+        arena, scales, state, n_sink, rope = storage.load(path, max_seq_len, lazy,
+                                                          max_arena_bytes)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, None, num_threads, check_finite, scales)
+        cache._adopt_rope(*rope)
         return cache
 
     @classmethod
@@ -911,9 +1083,10 @@ class KVCache:
         path = check_path("path", path)
         num_threads = check_threads(num_threads)
         check_finite = check_bool("check_finite", check_finite)
-        arena, scales, state, n_sink = storage.open_mapped(path, mode)
+        arena, scales, state, n_sink, rope = storage.open_mapped(path, mode)
         cache = cls.__new__(cls)
         cache._adopt(arena, state, n_sink, path, num_threads, check_finite, scales)
+        cache._adopt_rope(*rope)
         if mode == "r+":
             _FILE_WRITERS.add(cache)
         return cache
@@ -934,6 +1107,7 @@ class KVCache:
         clone = type(self).__new__(type(self))
         clone._adopt(arena, self._state.astype(np.intp), self.n_sink, None,
                      self.num_threads, self.check_finite, scales)
+        clone._adopt_rope(self.rope_theta, self.rope_style)
         memo[id(self)] = clone
         return clone
 
@@ -962,6 +1136,8 @@ class KVCache:
         values, value_scales : CacheView
             As ``keys`` and ``key_scales``. All four are read-only views of
             the arena's allocation; with ``row``, of one row, as for ``get``.
+            As for ``get``, once a sliding window's ring has turned in a row
+            asked for, they are read-only copies in position order.
 
         Raises
         ------
@@ -976,6 +1152,13 @@ class KVCache:
         layer_idx = self._layer(layer_idx)
         rows, n = self._extent(layer_idx, row, pending)
         data, scales = self.arena[layer_idx], self.scales[layer_idx]
+        turned = self._ring[rows]
+        if turned.any():     # a sliding window's ring: positions in order, copied
+            slots = self._slots(np.arange(n), turned[:, None])          # (rows, n)
+            return tuple(read_only(np.take_along_axis(a[kv, rows], index, axis=2))
+                         for kv in (0, 1)
+                         for a, index in ((data, slots[:, None, :, None]),
+                                          (scales, slots[:, None, :])))
         return (data[0, rows, :, :n], scales[0, rows, :, :n],
                 data[1, rows, :, :n], scales[1, rows, :, :n])
 
@@ -1002,9 +1185,6 @@ class KVCache:
             return
         self.scales = read_only(self._scales)
         self.caches = DequantizedLayers(self.arena, self.scales)
-        # the scales as a (L, 2, B, H, S, 1) float32 arena: the accessor's
-        # move then moves one scale per position, as it moves the data
-        self._scale_mover = _arena.ArenaAccessor(self._scales[..., np.newaxis], 1)
 
     def _to_quantize(self, name, a):
         """Keys or values ``a`` (checked) as the float32 C-contiguous rows that
@@ -1038,7 +1218,9 @@ class KVCache:
         """int8: store key and value (B, H, T, D), float32 C-contiguous, after
         each row's committed positions, with their scales."""
         T = key.shape[2]
-        if T == 1:           # per token: the lengths themselves, as a (B, 1) view
+        if self._turned:     # a sliding window's ring: the slots of each row's positions
+            slots = self._block_slots(T)
+        elif T == 1:         # per token: the lengths themselves, as a (B, 1) view
             slots = self._seq_lens[:, np.newaxis]
         else:
             slots = self._seq_lens[:, np.newaxis] + np.arange(T, dtype=np.intp)   # (B, T)
@@ -1065,6 +1247,8 @@ class KVCache:
         lengths = (f"seq_pos={self._seq_pos}" if self._uniform
                    else f"seq_lens={self._seq_lens.tolist()}")
         extra = "" if self.n_sink is None else f", n_sink={self.n_sink}"
+        if self.rope_theta is not None:
+            extra += f", rope_theta={self.rope_theta}, rope_style={self.rope_style!r}"
         extra += "" if self.path is None else f", path={self.path!r}"
         return (f"KVCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"num_layers={self.num_layers}, num_heads={self.num_heads}, "
@@ -1125,6 +1309,40 @@ def _overlaps_itself(a):
             return True
         extent = stride * (n - 1) + extent
     return False
+
+
+ROPE_STYLES = ("half", "interleaved")
+
+
+def check_rope(rope_theta, rope_style, head_dim):
+    """``(rope_theta, rope_style)`` checked: ``(None, None)`` or a positive
+    finite float and one of ``ROPE_STYLES`` (default "half")."""
+    if rope_theta is None:
+        if rope_style is not None:
+            raise ValueError(f"rope_style needs rope_theta (rotation inside the cache); "
+                             f"got rope_style={rope_style!r} with rope_theta=None")
+        return None, None
+    if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
+        raise TypeError(f"rope_theta must be None or a real number; got {rope_theta!r} "
+                        f"of type {type(rope_theta).__name__}")
+    if not (np.isfinite(rope_theta) and rope_theta > 0):
+        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
+    if rope_style is None:
+        rope_style = "half"
+    if rope_style not in ROPE_STYLES:
+        raise ValueError(f"rope_style must be one of {ROPE_STYLES}; got {rope_style!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even with rope_theta (rotary pairs); "
+                         f"got {head_dim}")
+    return float(rope_theta), rope_style
+
+
+def rope_tables(rope_theta, max_seq_len, head_dim):
+    """cos and sin of ``position * rope_theta ** (-2i / head_dim)``, float32
+    C-contiguous ``(max_seq_len, head_dim // 2)`` each (computed in float64)."""
+    freqs = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)     # (D/2,)
+    angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * freqs  # (S, D/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def read_only(a):

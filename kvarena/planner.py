@@ -11,10 +11,12 @@ its scales, one float32 per stored D-vector
 
     (num_layers, 2, batch_size, num_heads, max_seq_len)
 
-after the int8 data, from the next 64-byte boundary (``arena_layout``).
-The size is linear in ``batch_size * max_seq_len`` (up to those 63 bytes
-of padding), so the largest batch or context that fits a memory budget
-has a closed form. The attention kernel keeps no buffer
+after the int8 data, from the next 64-byte boundary (``arena_layout``). A
+cache that rotates inside (``rope_theta``) adds two float32
+``(max_seq_len, head_dim / 2)`` tables of cos and sin. The size is linear
+in ``batch_size * max_seq_len`` (up to those 63 bytes of padding; the
+tables in ``max_seq_len``), so the largest batch or context that fits a
+memory budget has a closed form. The attention kernel keeps no buffer
 per cache: its working memory is a few kilobytes per thread (queries,
 accumulators and a 32-row tile) plus, for a long row split across threads,
 ``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvarena.checks import check_positive, check_storage_dtype
+from kvarena.checks import check_bool, check_positive, check_storage_dtype
 
 _MEMINFO = "/proc/meminfo"
 #: int8 arenas: one scale (absmax / 127) of this dtype per stored D-vector
@@ -77,11 +79,14 @@ class Footprint:
     arena_bytes : int
         The key/value data (for int8, the int8 values alone).
     total_bytes : int
-        Everything the cache holds that grows with its configuration, one
-        allocation: ``arena_bytes``, and for int8 up to 63 bytes of
-        padding and ``scale_bytes``.
+        Everything the cache holds that grows with its configuration: the
+        one arena buffer (``arena_bytes``, and for int8 up to 63 bytes of
+        padding and ``scale_bytes``) and ``rope_bytes``.
     scale_bytes : int
         int8 only: one float32 scale per stored D-vector (0 otherwise).
+    rope_bytes : int
+        The rotary tables of a cache that rotates inside (``rope_theta``):
+        float32 cos and sin, ``(max_seq_len, head_dim / 2)`` each; else 0.
     """
 
     batch_size: int
@@ -93,6 +98,7 @@ class Footprint:
     arena_bytes: int
     total_bytes: int
     scale_bytes: int = 0
+    rope_bytes: int = 0
 
 
 def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
@@ -102,7 +108,13 @@ def _bytes_per_slot(num_layers, num_heads, head_dim, dt):
     return 2 * num_layers * num_heads * (head_dim * dt.itemsize + scale)
 
 
-def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32):
+def _rope_bytes(max_seq_len, head_dim, rope):
+    # float32 cos and sin tables, (max_seq_len, head_dim // 2) each
+    return 2 * max_seq_len * (head_dim // 2) * 4 if rope else 0
+
+
+def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np.float32,
+              rope=False):
     """Bytes ``KVCache(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=dtype)`` allocates.
 
     Parameters
@@ -113,12 +125,15 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
         ``num_kv_heads``, not its query heads.
     dtype : float16, float32 (default), float64 or int8
         Storage dtype of the arena.
+    rope : bool, default False
+        The cache rotates inside (``KVCache(..., rope_theta=...)``): count
+        its rotary tables.
 
     Returns
     -------
     Footprint
-        Exact byte counts of the arena, of an int8 arena's scales and of
-        the total (the one buffer the cache allocates).
+        Exact byte counts of the arena, an int8 arena's scales, the
+        rotary tables and the total.
 
     Raises
     ------
@@ -138,10 +153,14 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
+    rope = check_bool("rope", rope)
+    if rope and head_dim % 2:
+        raise ValueError(f"head_dim must be even with rope=True (rotary pairs); got {head_dim}")
     shape = (num_layers, 2, batch_size, num_heads, max_seq_len, head_dim)
     data, offset, total = arena_layout(shape, dt)
+    tables = _rope_bytes(max_seq_len, head_dim, rope)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, data, total, total - offset)
+                     dt.name, data, total + tables, total - offset, tables)
 
 
 def available_memory():
@@ -177,7 +196,7 @@ def available_memory():
 
 
 def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
-         batch_size=None, max_seq_len=None, available_bytes=None):
+         batch_size=None, max_seq_len=None, available_bytes=None, rope=False):
     """The largest batch or context whose cache fits in ``available_bytes``.
 
     Give exactly one of ``batch_size`` and ``max_seq_len``; the other is
@@ -196,6 +215,8 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
         Fixed context length; ``batch_size`` is maximised.
     available_bytes : int, optional
         Memory budget. Default: ``available_memory()``.
+    rope : bool, default False
+        The cache rotates inside: its rotary tables count against the budget.
 
     Returns
     -------
@@ -225,15 +246,17 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     num_heads = check_positive("num_heads", num_heads)
     head_dim = check_positive("head_dim", head_dim)
     dt = check_storage_dtype(dtype)
+    rope = check_bool("rope", rope)
     if available_bytes is None:
         available_bytes = available_memory()
     available_bytes = check_positive("available_bytes", available_bytes)
 
     slot = _bytes_per_slot(num_layers, num_heads, head_dim, dt)
-    sizes = (num_layers, num_heads, head_dim, dt)
+    sizes = (num_layers, num_heads, head_dim, dt, rope)
     if batch_size is not None:
         batch_size = check_positive("batch_size", batch_size)
-        need = batch_size * slot                        # one position of every row
+        # one position of every row, and its line of the rotary tables
+        need = batch_size * slot + _rope_bytes(1, head_dim, rope)
         max_seq_len = available_bytes // need
         # int8: the scales' alignment may add up to 63 bytes
         while max_seq_len >= 1 and footprint(batch_size, max_seq_len, *sizes).total_bytes \
@@ -246,7 +269,7 @@ def plan(num_layers, num_heads, head_dim, *, dtype=np.float32,
     else:
         max_seq_len = check_positive("max_seq_len", max_seq_len)
         need = max_seq_len * slot                       # one row of every position
-        batch_size = available_bytes // need
+        batch_size = (available_bytes - _rope_bytes(max_seq_len, head_dim, rope)) // need
         while batch_size >= 1 and footprint(batch_size, max_seq_len, *sizes).total_bytes \
                 > available_bytes:
             batch_size -= 1

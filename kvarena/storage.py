@@ -3,9 +3,8 @@
 Two file formats, both little-endian, both starting with an 8-byte magic,
 a uint32 format version and the uint32 length of a UTF-8 JSON header that
 describes the arena (``shape``, ``dtype`` as ``numpy.dtype.str``,
-``n_sink``). Each file is written in the earliest version that describes
-it, so that older kvarenas read every file they can: version 1 for float
-arenas, version 2 for int8 ones (which adds their scales); both are read.
+``n_sink``, ``rope_theta`` and ``rope_style``, null without rotation
+inside the cache).
 
 Snapshot (``KVCache.save`` / ``KVCache.load``)::
 
@@ -14,8 +13,9 @@ Snapshot (``KVCache.save`` / ``KVCache.load``)::
 The header adds ``seq_lens``, ``evicted`` and ``payload_bytes``. The
 payload is the committed positions only: for each layer, keys then values,
 for each row ``b``, the ``(num_heads, seq_lens[b], head_dim)`` block in C
-order; for an int8 arena each block is followed by its scales, float32
-``(num_heads, seq_lens[b])``. The header has its own crc32, checked before anything is allocated;
+order, positions in order (a sliding window's ring is written unrolled,
+and loads with its ring at 0); for an int8 arena each block is followed
+by its scales, float32 ``(num_heads, seq_lens[b])``. The header has its own crc32, checked before anything is allocated;
 the payload's is checked before anything is returned. The file's size must
 match the header exactly.
 
@@ -24,11 +24,15 @@ Mapped arena (``KVCache(..., path=...)`` / ``KVCache.open``)::
     b"KVAMMAP\\0" | version | header length | header | state | arena
 
 ``state`` is the cache's bookkeeping, int64 ``[seq_lens | evicted |
-written_end]``, 8-byte aligned; the arena starts on an allocation-granularity
+written_end | ring_head]``, 8-byte aligned; the arena starts on an allocation-granularity
 boundary, laid out as in memory (``kvarena.planner.arena_layout``: an int8
 arena's scales follow its data from the next 64-byte boundary). Both are
 mapped, so lengths and contents persist as the cache runs. A live arena
 has no checksum.
+
+Version 3 (this one) added int8 arenas (their scales), the rotary fields
+and ``ring_head``; files of versions 1 and 2 are refused with a
+``CacheFileError``.
 
 Sharing rules, enforced with advisory ``flock`` locks taken without
 waiting: a mapped-arena file is held exclusively by the cache that created
@@ -64,9 +68,7 @@ except ImportError:     # Windows: no flock, so no lock on mapped files
 # a FIFO opened without it blocks until a writer comes (absent on Windows)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
-FORMAT_VERSION = 2          # the newest this kvarena writes (for int8 arenas)
-FLOAT_FORMAT_VERSION = 1    # what it writes for float arenas, which version 1 describes
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
 SNAPSHOT_MAGIC = b"KVASNAP\0"
 MAPPED_MAGIC = b"KVAMMAP\0"
 SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header and payload crc32
@@ -98,11 +100,6 @@ def arena_bytes(shape, dtype):
                           f"num_heads, max_seq_len, head_dim) and dtype {dtype.name} needs "
                           f"{nbytes} bytes, more than this platform can address ({MAX_INTP})")
     return nbytes
-
-
-def file_version(dtype):
-    """The format version a file of an arena of ``dtype`` is written in."""
-    return FORMAT_VERSION if dtype == np.int8 else FLOAT_FORMAT_VERSION
 
 
 def arena_views(buffer, shape, dtype):
@@ -156,9 +153,14 @@ def new_arena(shape, dtype, lazy):
     return arena_views(buffer, shape, dtype)
 
 
+def state_size(batch_size):
+    """Length of a cache's bookkeeping: ``[seq_lens | evicted | written_end | ring_head]``."""
+    return 3 * batch_size + 1
+
+
 def new_state(batch_size):
-    """Zeroed bookkeeping of a cache: intp ``[seq_lens | evicted | written_end]``."""
-    return np.zeros(2 * batch_size + 1, dtype=np.intp)
+    """Zeroed bookkeeping of a cache: intp ``[seq_lens | evicted | written_end | ring_head]``."""
+    return np.zeros(state_size(batch_size), dtype=np.intp)
 
 
 # -- snapshots ---------------------------------------------------------------
@@ -192,6 +194,7 @@ def save(cache, path):
     header = json.dumps({
         "shape": list(arena.shape), "dtype": arena.dtype.str, "n_sink": cache.n_sink,
         "seq_lens": seq_lens, "evicted": cache._evicted.tolist(), "payload_bytes": payload,
+        "rope_theta": cache.rope_theta, "rope_style": cache.rope_style,
     }).encode()
     directory = os.path.dirname(target)
     fd, tmp = _unnamed_file(directory, target)
@@ -203,15 +206,16 @@ def save(cache, path):
             f.write(header)
             crc = 0
             for layer, kv, b, n in _payload_blocks(L, seq_lens):
-                block = np.ascontiguousarray(arena[layer, kv, b, :, :n])
+                slots = cache._row_slots(b, n)   # positions in order, through the ring
+                block = np.ascontiguousarray(arena[layer, kv, b][:, slots])
                 crc = zlib.crc32(block, crc)
                 f.write(block)
                 if scales is not None:       # the block's scales move with it
-                    block = np.ascontiguousarray(scales[layer, kv, b, :, :n])
+                    block = np.ascontiguousarray(scales[layer, kv, b][:, slots])
                     crc = zlib.crc32(block, crc)
                     f.write(block)
             f.seek(0)
-            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, file_version(arena.dtype), len(header),
+            f.write(SNAPSHOT_PREFIX.pack(SNAPSHOT_MAGIC, FORMAT_VERSION, len(header),
                                          zlib.crc32(header), crc))
             f.flush()
             os.fsync(f.fileno())                 # the data is on disk before the name is
@@ -314,7 +318,8 @@ def _unlink_quietly(name):
 def load(path, max_seq_len, lazy, max_arena_bytes):
     """Read the snapshot at ``path`` into a new arena.
 
-    Returns ``(arena, state, n_sink)`` for ``KVCache._adopt``. Everything in
+    Returns ``(arena, state, n_sink, (rope_theta, rope_style))`` for
+    ``KVCache._adopt`` and ``_adopt_rope``. Everything in
     the file is checked (size before allocating, checksum after reading);
     on any failure nothing is returned and the new arena is dropped.
     Nothing larger than the file's payload is allocated unless the arena
@@ -329,7 +334,8 @@ def load(path, max_seq_len, lazy, max_arena_bytes):
         if zlib.crc32(header) != header_crc:
             raise CacheFileError(f"{path}: header checksum mismatch; the file is corrupted")
         meta = _parse_header(header, path)
-        shape, dtype, n_sink = _check_arena(meta, path, version)
+        shape, dtype, n_sink = _check_arena(meta, path)
+        rope = _check_rope(meta, shape[5], path)
         L, _, B, H, S, D = shape
         seq_lens = _check_lengths(meta, "seq_lens", B, S, path)
         evicted = _check_lengths(meta, "evicted", B, None, path)
@@ -366,7 +372,7 @@ def load(path, max_seq_len, lazy, max_arena_bytes):
                              f"contents give {crc_seen:#010x}); the file is corrupted")
     state = new_state(B)
     state[:B], state[B:2 * B], state[2 * B] = seq_lens, evicted, seq_lens.max()
-    return arena, scales, state, n_sink
+    return arena, scales, state, n_sink, rope
 
 
 def _check_arena_budget(path, shape, dtype, max_arena_bytes):
@@ -386,7 +392,7 @@ def _check_arena_budget(path, shape, dtype, max_arena_bytes):
 
 # -- mapped arenas -------------------------------------------------------------
 
-def create_mapped(path, shape, dtype, n_sink, lazy):
+def create_mapped(path, shape, dtype, n_sink, lazy, rope=(None, None)):
     """Create the mapped-arena file at ``path``; return ``(arena, scales, state)``.
 
     The file must not exist. It is locked for this cache (see the module
@@ -405,13 +411,14 @@ def create_mapped(path, shape, dtype, n_sink, lazy):
         directory cannot be written.
     """
     _check_state_dtype()
-    header = json.dumps({"shape": list(shape), "dtype": dtype.str, "n_sink": n_sink}).encode()
+    header = json.dumps({"shape": list(shape), "dtype": dtype.str, "n_sink": n_sink,
+                         "rope_theta": rope[0], "rope_style": rope[1]}).encode()
     state_offset, arena_offset = _mapped_offsets(len(header), shape[2])
     total = arena_offset + arena_bytes(shape, dtype)
     with open(path, "xb+") as f:   # FileExistsError rather than overwrite a cache
         try:
             _lock(f, path, "r+")
-            f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, file_version(dtype), len(header)))
+            f.write(MAPPED_PREFIX.pack(MAPPED_MAGIC, FORMAT_VERSION, len(header)))
             f.write(header)
             f.flush()
             _reserve(f, path, total)
@@ -425,7 +432,8 @@ def create_mapped(path, shape, dtype, n_sink, lazy):
 
 
 def open_mapped(path, mode):
-    """Map the mapped-arena file at ``path``; return ``(arena, scales, state, n_sink)``.
+    """Map the mapped-arena file at ``path``; return ``(arena, scales, state, n_sink,
+    (rope_theta, rope_style))``.
 
     Reads the header and the lengths only: the arena's pages come from the
     file on touch. ``"c"`` gets a private copy of the lengths.
@@ -448,7 +456,8 @@ def open_mapped(path, mode):
         _, version, header_len = _read_prefix(f, path, size, MAPPED_PREFIX, MAPPED_MAGIC,
                                               "mapped arena")
         meta = _parse_header(f.read(header_len), path)
-        shape, dtype, n_sink = _check_arena(meta, path, version)
+        shape, dtype, n_sink = _check_arena(meta, path)
+        rope = _check_rope(meta, shape[5], path)
         state_offset, arena_offset = _mapped_offsets(header_len, shape[2])
         expected = arena_offset + arena_bytes(shape, dtype)
         if size != expected:
@@ -459,8 +468,8 @@ def open_mapped(path, mode):
         # a private mapping shows the file's bytes until this process writes
         # them: read the lengths once, now, into memory of our own
         state = np.array(state, dtype=np.intp)
-    _check_state(state, shape[2], shape[4], path)
-    return (*arena_views(buffer, shape, dtype), state, n_sink)
+    _check_state(state, shape[2], shape[4], path, n_sink)
+    return (*arena_views(buffer, shape, dtype), state, n_sink, rope)
 
 
 def _open_regular(path, writable):
@@ -590,10 +599,9 @@ def _read_prefix(f, path, size, layout, magic, kind):
     if fields[0] != magic:
         raise CacheFileError(f"{path} is not a kvarena {kind}: it starts with {fields[0]!r}, "
                              f"expected {magic!r}")
-    if fields[1] not in READABLE_VERSIONS:
+    if fields[1] != FORMAT_VERSION:
         raise CacheFileError(f"{path}: format version {fields[1]} is not supported; this "
-                             f"kvarena reads versions "
-                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+                             f"kvarena reads version {FORMAT_VERSION}")
     if not 0 < fields[2] <= min(MAX_HEADER_BYTES, size - layout.size):
         raise CacheFileError(f"{path}: header length {fields[2]} does not fit the file "
                              f"of {size} bytes; it is truncated or corrupted")
@@ -611,8 +619,8 @@ def _parse_header(raw, path):
     return meta
 
 
-def _check_arena(meta, path, version):
-    """``(shape, dtype, n_sink)`` from a header of a file of format ``version``, each checked."""
+def _check_arena(meta, path):
+    """``(shape, dtype, n_sink)`` from a header, each checked."""
     shape = meta.get("shape")
     if not (isinstance(shape, list) and len(shape) == 6 and shape[1] == 2
             and all(type(n) is int and 1 <= n <= MAX_INTP for n in shape)):
@@ -628,15 +636,25 @@ def _check_arena(meta, path, version):
     if dtype is None or dtype not in SUPPORTED_DTYPES or dtype.byteorder == ">":
         raise CacheFileError(f"{path}: header dtype must be a little-endian one of "
                              f"{DTYPE_NAMES}; got {meta.get('dtype')!r}")
-    if version < file_version(dtype):
-        raise CacheFileError(f"{path}: header dtype {dtype.name} needs format version "
-                             f"{file_version(dtype)} (its scales); the file says version "
-                             f"{version}: it is corrupted")
     n_sink = meta.get("n_sink")
     if n_sink is not None and not (type(n_sink) is int and 0 <= n_sink < shape[4]):
         raise CacheFileError(f"{path}: header n_sink must be null or in [0, {shape[4]}); "
                              f"got {n_sink!r}")
     return tuple(shape), dtype, n_sink
+
+
+def _check_rope(meta, head_dim, path):
+    """``(rope_theta, rope_style)`` from a header: both null, or a positive
+    finite number and a known style (with an even head_dim)."""
+    theta, style = meta.get("rope_theta"), meta.get("rope_style")
+    if theta is None and style is None:
+        return None, None
+    if not (type(theta) in (int, float) and math.isfinite(theta) and theta > 0
+            and style in ("half", "interleaved") and head_dim % 2 == 0):
+        raise CacheFileError(f"{path}: header rope_theta and rope_style must both be null, "
+                             f"or a number > 0 and 'half' or 'interleaved' (with an even "
+                             f"head_dim, here {head_dim}); got {theta!r} and {style!r}")
+    return float(theta), style
 
 
 def _check_lengths(meta, name, B, limit, path):
@@ -649,14 +667,16 @@ def _check_lengths(meta, name, B, limit, path):
     return np.array(values, dtype=np.intp)
 
 
-def _check_state(state, B, S, path):
-    """A mapped file's ``[seq_lens | evicted | written_end]``, each in range.
+def _check_state(state, B, S, path, n_sink=None):
+    """A mapped file's ``[seq_lens | evicted | written_end | ring_head]``, each in range.
 
     Vectorised, and naming only the first value out of range: a crafted
     header can make ``B`` large.
     """
+    ring_top = 0 if n_sink is None else S - n_sink - 1     # in [0, window)
     for name, values, top in [("seq_lens", state[:B], S), ("evicted", state[B:2 * B], MAX_INTP),
-                              ("written_end", state[2 * B:], S)]:
+                              ("written_end", state[2 * B:2 * B + 1], S),
+                              ("ring_head", state[2 * B + 1:], ring_top)]:
         bad = np.flatnonzero((values < 0) | (values > top))
         if bad.size:
             raise CacheFileError(f"{path}: {name} must be in [0, {top}]; got "
@@ -665,7 +685,7 @@ def _check_state(state, B, S, path):
 
 def _mapped_offsets(header_len, batch_size):
     state_offset = -(-(MAPPED_PREFIX.size + header_len) // 8) * 8
-    state_end = state_offset + (2 * batch_size + 1) * STATE_DTYPE.itemsize
+    state_end = state_offset + state_size(batch_size) * STATE_DTYPE.itemsize
     granule = mmap.ALLOCATIONGRANULARITY
     return state_offset, -(-state_end // granule) * granule
 
@@ -675,7 +695,7 @@ def _map(f, path, mode, shape, dtype, state_offset, arena_offset):
     # np.memmap returns memmaps, which nothing here wants. The arena's whole
     # buffer (an int8 arena's scales included) is one map of uint8.
     try:
-        state = np.memmap(f, STATE_DTYPE, mode, state_offset, (2 * shape[2] + 1,))
+        state = np.memmap(f, STATE_DTYPE, mode, state_offset, (state_size(shape[2]),))
         arena = np.memmap(f, np.uint8, mode, arena_offset, (arena_bytes(shape, dtype),))
     except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
         raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "

@@ -670,7 +670,7 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
         PREFIX = struct.Struct("<8sIIII")
         filled().save("good.kva")             # (L, 2, B, H, S, D) = (2, 2, 2, 2, 8, 4), seq_lens [3, 3]
         raw = open("good.kva", "rb").read()
-        header_len = PREFIX.unpack_from(raw)[2]
+        _, version, header_len = PREFIX.unpack_from(raw)[:3]
         good = json.loads(raw[PREFIX.size:PREFIX.size + header_len])
         payload = raw[PREFIX.size + header_len:]
 
@@ -678,7 +678,7 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
             """The good snapshot with header changes and checksums that match them."""
             header = json.dumps({**good, **changes}).encode()
             with open("crafted.kva", "wb") as f:
-                f.write(PREFIX.pack(b"KVASNAP\\0", 1, len(header), zlib.crc32(header),
+                f.write(PREFIX.pack(b"KVASNAP\\0", version, len(header), zlib.crc32(header),
                                     zlib.crc32(payload)) + header + payload)
             return "crafted.kva"
 
@@ -690,6 +690,10 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
             (dict(shape=[2, 2, 2, 2**62, 2**62, 4]), "more elements than this platform can address"),
             (dict(n_sink=2**64), "n_sink must be"),
             (dict(payload_bytes=2**64), "payload_bytes"),
+            (dict(rope_theta=-1.0, rope_style="half"), "rope_theta and rope_style must"),
+            (dict(rope_theta=1e4, rope_style="sideways"), "rope_theta and rope_style must"),
+            (dict(rope_theta=1e4), "rope_theta and rope_style must"),
+            (dict(rope_style="half"), "rope_theta and rope_style must"),
         ]
         for changes, pattern in cases:
             refused(CacheFileError, rf"crafted.kva: .*{pattern}", KVCache.load, crafted(**changes))
@@ -723,11 +727,13 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
         gc.collect()
         with open("m.kvm", "rb") as f:
             header_len = struct.unpack_from("<8sII", f.read(16))[2]
-        state_offset = -(-(16 + header_len) // 8) * 8           # [seq_lens | evicted | written_end]
+        state_offset = -(-(16 + header_len) // 8) * 8    # [seq_lens | evicted | written_end | ring_head]
         for state, pattern in [([3, 3, -1, 0, 3], r"evicted must be in \\[0, 9223372036854775807\\]; "
                                                   r"got evicted\\[0\\] = -1"),
                                ([3, 3, 0, 0, 9], r"written_end must be in \\[0, 8\\]; got written_end\\[0\\] = 9"),
                                ([3, 3, 0, 0, -5], "written_end must be"),
+                               # no window: every ring head is 0
+                               ([3, 3, 0, 0, 3, 0, 1], r"ring_head must be in \\[0, 0\\]; got ring_head\\[1\\] = 1"),
                                ([3, 2**62, 0, 0, 3], r"seq_lens must be in \\[0, 8\\]; "
                                                  r"got seq_lens\\[1\\] = 4611686018427387904")]:
             with open("m.kvm", "r+b") as f:

@@ -21,6 +21,7 @@ import pytest
 
 from kvarena import CacheFileError, KVCache, attend_reference, footprint, kernel
 from kvarena.kernel import forced_isa
+from kvarena.storage import FORMAT_VERSION
 
 B, H, D = 2, 3, 64
 
@@ -412,10 +413,8 @@ def test_snapshot_round_trip_is_bit_exact(tmp_path):
                                  cache.get_quantized(layer, row=b)):
                 assert got.tobytes() == want.tobytes()
     assert_mirrors(loaded, floats)
-    # written in format version 2; a float cache's snapshot stays version 1
-    assert struct.unpack_from("<I", (tmp_path / "c.kvs").read_bytes(), 8)[0] == 2
-    floats.save(tmp_path / "f.kvs")
-    assert struct.unpack_from("<I", (tmp_path / "f.kvs").read_bytes(), 8)[0] == 1
+    # written in the current format version, as float snapshots are
+    assert struct.unpack_from("<I", (tmp_path / "c.kvs").read_bytes(), 8)[0] == FORMAT_VERSION
 
 
 def test_snapshot_scales_are_checksummed(tmp_path):
@@ -425,15 +424,6 @@ def test_snapshot_scales_are_checksummed(tmp_path):
     raw[-1] ^= 0x40                    # the last scale of the last block
     (tmp_path / "c.kvs").write_bytes(bytes(raw))
     with pytest.raises(CacheFileError, match="payload checksum mismatch"):
-        KVCache.load(tmp_path / "c.kvs")
-
-
-def test_int8_file_claiming_version_1_is_refused(tmp_path):
-    cache, _ = ragged_pair()
-    cache.save(tmp_path / "c.kvs")
-    raw = (tmp_path / "c.kvs").read_bytes()
-    (tmp_path / "c.kvs").write_bytes(raw[:8] + struct.pack("<I", 1) + raw[12:])
-    with pytest.raises(CacheFileError, match="int8 needs format version 2"):
         KVCache.load(tmp_path / "c.kvs")
 
 
@@ -487,3 +477,32 @@ def test_both_reference_models_run_on_an_int8_cache():
         err = relative(np.stack(got, axis=1), want[:, 4:])
         # int8 keys and values move the logits by about 1%, not more
         assert 1e-5 < err < 0.05, err
+
+
+def test_int8_sliding_window_ring_after_many_wraps(tmp_path, rng):
+    # the ring (issue 13) and int8 storage together: quantized at the ring's
+    # slots, scales read through them, in get, attend, copy_sequence and save;
+    # a float32 window fed the dequantized values is the model
+    B, S, H, D = 2, 9, 2, 8
+    cache = KVCache(B, S, 1, H, D, dtype=np.int8, n_sink=2)
+    model = KVCache(B, S, 1, H, D, n_sink=2)
+    for step in range(40):                       # 7 window slots, wrapped 5 times
+        k, v = rng.standard_normal((2, B, H, 1, D)).astype(np.float32)
+        q = rng.standard_normal((B, H, 1, D))
+        out = cache.attend(0, q, k, v)
+        want = model.attend(0, q, dequantized(k), dequantized(v))
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        cache.advance()
+        model.advance()
+    assert cache.ring_head.tolist() == model.ring_head.tolist() != [0, 0]
+    for got, want in zip(cache.get(0), model.get(0)):
+        np.testing.assert_array_equal(got, want)
+    raw = cache.get_quantized(0)                 # in position order, as get()
+    np.testing.assert_array_equal(raw[0] * raw[1][..., None], cache.get(0)[0])
+    cache.copy_sequence(0, 1)
+    model.copy_sequence(0, 1)
+    np.testing.assert_array_equal(cache.get(0, row=1)[1], model.get(0, row=1)[1])
+    cache.save(tmp_path / "w.kvs")
+    loaded = KVCache.load(tmp_path / "w.kvs")
+    for got, want in zip(loaded.get_quantized(0), cache.get_quantized(0)):
+        assert got.tobytes() == want.tobytes()

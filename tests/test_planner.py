@@ -66,6 +66,26 @@ def test_footprint_is_what_kvcache_allocates(shape, dtype):
     assert sum(buffers) <= 8 * intp * (shape[0] + 1), (buffers, shape, dtype)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 2), (3, 7, 5, 3, 12), (2, 101, 3, 1, 18)])
+def test_footprint_with_rope_is_what_kvcache_allocates(shape):
+    fp = footprint(*shape, rope=True)
+    buffers, cache = numpy_buffers_allocated(lambda: KVCache(*shape, rope_theta=1e4, lazy=True))
+    # the arena, then the cos and sin tables: float32 (max_seq_len, head_dim / 2) each
+    for size in (fp.arena_bytes, fp.rope_bytes // 2, fp.rope_bytes // 2):
+        assert size in buffers, (buffers, fp)
+        buffers.remove(size)
+    assert fp.total_bytes == fp.arena_bytes + fp.rope_bytes == cache.get_memory_usage()["total_bytes"]
+    intp = np.dtype(np.intp).itemsize
+    assert sum(buffers) <= 8 * intp * (shape[0] + 1), (buffers, shape)
+
+
+def test_footprint_with_rope_needs_an_even_head_dim():
+    with pytest.raises(ValueError, match=r"^head_dim must be even with rope=True .*got 7$"):
+        footprint(1, 8, 1, 1, 7, rope=True)
+    with pytest.raises(TypeError, match="^rope must be True or False"):
+        footprint(1, 8, 1, 1, 8, rope=1)
+
+
 def test_footprint_normalises_and_freezes():
     fp = footprint(np.int64(2), np.int32(3), 1, 1, 1, dtype=">f8")
     assert type(fp.batch_size) is int and type(fp.max_seq_len) is int

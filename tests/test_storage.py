@@ -60,7 +60,7 @@ KINDS = ["uniform", "ragged", "window", "empty"]
 SNAPSHOT_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header crc32, payload crc32
 P = SNAPSHOT_PREFIX.size
 MAPPED_PREFIX = struct.Struct("<8sII")      # magic, version, header length
-SNAPSHOT_MAGIC, MAPPED_MAGIC, VERSION = b"KVASNAP\0", b"KVAMMAP\0", 1
+SNAPSHOT_MAGIC, MAPPED_MAGIC, VERSION = b"KVASNAP\0", b"KVAMMAP\0", 3
 PAGE = mmap.PAGESIZE
 MIB = 1024 * 1024
 
@@ -238,8 +238,7 @@ def test_file_holds_prefix_header_and_committed_positions_only(tmp_path, rng, dt
 
     magic, version, header_len, header_crc, payload_crc = SNAPSHOT_PREFIX.unpack_from(raw)
     int8 = np.dtype(dtype) == np.int8
-    # int8 files are version 2 (they carry scales); float files stay version 1
-    assert (magic, version) == (SNAPSHOT_MAGIC, 2 if int8 else VERSION)
+    assert (magic, version) == (SNAPSHOT_MAGIC, VERSION)     # every dtype: one version
     scale = 4 if int8 else 0
     payload = 2 * L * H * (D * np.dtype(dtype).itemsize + scale) * int(cache.seq_lens.sum())
     assert len(raw) == P + header_len + payload
@@ -250,12 +249,18 @@ def test_file_holds_prefix_header_and_committed_positions_only(tmp_path, rng, dt
     header = json.loads(raw[P:P + header_len])
     assert header == {"shape": [L, 2, B, H, S, D], "dtype": np.dtype(dtype).str,
                       "n_sink": cache.n_sink, "seq_lens": cache.seq_lens.tolist(),
-                      "evicted": cache.evicted.tolist(), "payload_bytes": payload}
-    # payload order: layer, then keys/values, then row; each (H, n, D) in C order
-    # (an int8 block followed by its scales, (H, n) float32)
-    blocks = [cache.arena[layer, kv, b, :, :n].tobytes()
-              + (cache.scales[layer, kv, b, :, :n].tobytes() if int8 else b"")
-              for layer in range(L) for kv in range(2) for b, n in enumerate(cache.seq_lens)]
+                      "evicted": cache.evicted.tolist(), "payload_bytes": payload,
+                      "rope_theta": None, "rope_style": None}
+    # payload order: layer, then keys/values, then row; each (H, n, D) in C order,
+    # positions in order (get()'s, not the slots of a sliding window's ring); an
+    # int8 block followed by its scales, (H, n) float32
+
+    def block(layer, kv, b):
+        if int8:
+            raw = cache.get_quantized(layer, row=b)
+            return raw[2 * kv][0].tobytes() + raw[2 * kv + 1][0].tobytes()
+        return cache.get(layer, row=b)[kv][0].tobytes()
+    blocks = [block(layer, kv, b) for layer in range(L) for kv in range(2) for b in range(B)]
     assert raw[P + header_len:] == b"".join(blocks)
     assert header_crc == zlib.crc32(raw[P:P + header_len])
     assert payload_crc == zlib.crc32(raw[P + header_len:])
@@ -417,7 +422,9 @@ DAMAGE = [
     ("magic of .npy", lambda s: s.npy_raw, "not a kvarena snapshot", True),
     ("magic of mapped arena", lambda s: s.mapped_raw, "not a kvarena snapshot", True),
     ("magic bit", lambda s: flip(s.raw, 3), "not a kvarena snapshot", True),
-    ("future version", lambda s: rebuild(s, version=3), "format version 3", True),
+    ("future version", lambda s: rebuild(s, version=VERSION + 1), f"format version {VERSION + 1}", True),
+    ("version 1", lambda s: rebuild(s, version=1), "format version 1 is not supported", True),
+    ("version 2", lambda s: rebuild(s, version=2), "format version 2 is not supported", True),
     ("header length 0", lambda s: rebuild(s, b""), "header length 0", True),
     ("header not JSON", lambda s: rebuild(s, b'{"shape": [2, 2'), "not valid JSON", True),
     ("header not UTF-8", lambda s: rebuild(s, b"\xff\xfe{}"), "not valid JSON", True),
@@ -488,7 +495,7 @@ def mapped_layout(raw):
     header = json.loads(raw[16:16 + header_len])
     batch = header["shape"][2]
     state_offset = -(-(16 + header_len) // 8) * 8
-    state_end = state_offset + 8 * (2 * batch + 1)
+    state_end = state_offset + 8 * (3 * batch + 1)
     arena_offset = -(-state_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
     state = np.frombuffer(raw[state_offset:state_end], dtype="<i8")
     return header, state, raw[arena_offset:]
@@ -506,7 +513,8 @@ def test_mapped_cache_reopens_bit_exact_and_r_plus_writes_persist(tmp_path, rng)
 
     # the file itself holds the header, the bookkeeping and the arena
     header, state, arena = mapped_layout(path.read_bytes())
-    assert header == {"shape": [L, 2, B, H, S, D], "dtype": "<f4", "n_sink": N_SINK}
+    assert header == {"shape": [L, 2, B, H, S, D], "dtype": "<f4", "n_sink": N_SINK,
+                      "rope_theta": None, "rope_style": None}
     assert state[:B].tolist() == want.seq_lens.tolist()
     assert state[B:2 * B].tolist() == want.evicted.tolist()
     assert arena == want.arena
@@ -752,7 +760,10 @@ MAPPED_DAMAGE = [
     ("one byte short", lambda raw, snap: raw[:-1], "truncated"),
     ("one trailing byte", lambda raw, snap: raw + b"\0", "trailing data"),
     ("snapshot file", lambda raw, snap: snap, "not a kvarena mapped arena"),
-    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", 3) + raw[12:], "format version 3"),
+    ("future version", lambda raw, snap: raw[:8] + struct.pack("<I", VERSION + 1) + raw[12:],
+     f"format version {VERSION + 1}"),
+    ("version 1", lambda raw, snap: raw[:8] + struct.pack("<I", 1) + raw[12:], "format version 1"),
+    ("version 2", lambda raw, snap: raw[:8] + struct.pack("<I", 2) + raw[12:], "format version 2"),
     ("seq_lens past capacity", lambda raw, snap: with_state(raw, [7, S + 1, 1]), "seq_lens must be"),
     ("seq_lens negative", lambda raw, snap: with_state(raw, [-7, 3, 1]), "seq_lens must be"),
 ]
@@ -841,5 +852,5 @@ def test_mapped_header_whose_size_overflows_is_refused(tmp_path):
 
 
 def mapped_arena_offset(header_len, batch):
-    state_end = -(-(16 + header_len) // 8) * 8 + 8 * (2 * batch + 1)
+    state_end = -(-(16 + header_len) // 8) * 8 + 8 * (3 * batch + 1)
     return -(-state_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY

@@ -13,14 +13,18 @@ H_kv = n_kv_heads K/V heads, D = head_dim, E = dim. Activations are
 (B, T, H, D), as in Meta's code; ``attend`` takes (B, H, T, D) views of them.
 
 Rotary positions: keys are cached after rotation, at their absolute
-position. The rotation happens in one place, ``Attention.rotate``.
+position, unless the cache rotates by itself (``make_cache(...,
+rotate_in_cache=True)``): then keys are cached unrotated and the kernel
+rotates them by their place in the cache, which is what lets a
+sliding-window cache stream past ``max_seq_len`` (StreamingLLM). The model
+side of this happens in one place, ``Attention.rotate``.
 """
 
 import numpy as np
 
 from kvarena.attention import check_groups
 from kvarena.cache import KVCache
-from kvarena.checks import check_int, check_positive
+from kvarena.checks import check_bool, check_int, check_positive
 from kvarena.models import decoding
 from kvarena.models.attention import Linear, causal_attention, repeat_kv
 
@@ -184,11 +188,13 @@ class Llama:
     ``generate(..., cache=)``): a ``KVCache`` of ``n_kv_heads`` heads
     (``make_cache``), or any object with the same ``attend``, ``advance``,
     ``reset``, ``seq_lens`` (e.g. ``NumpyKVCache``). Keys are cached after
-    rotation, at their absolute positions. A sliding-window cache
-    (``n_sink``) would keep keys rotated at positions the model then
-    attends from far away; StreamingLLM for a rotary model needs a cache
-    that rotates by position in the cache, which ``Attention.rotate``
-    defers to when the cache has a ``rope_theta``.
+    rotation, at their absolute positions, unless the cache has a
+    ``rope_theta``: then ``Attention.rotate`` leaves the rotation to the
+    cache, which rotates by position in the cache. A sliding-window cache
+    (``n_sink``) that rotates by itself is StreamingLLM: ``generate`` then
+    runs past the cache's ``max_seq_len`` at constant memory. (A window
+    that does not rotate would keep keys rotated at positions the model
+    then attends from far away.)
     """
 
     def __init__(self, vocab_size, dim, n_layers, n_heads, max_seq_len, n_kv_heads=None,
@@ -220,12 +226,17 @@ class Llama:
         self.norm = RMSNorm(dim, dtype, norm_eps)
         self.output = Linear(dim, vocab_size, rng, dtype, bias=False)
 
-    def make_cache(self, batch_size=1, max_seq_len=None, **options):
+    def make_cache(self, batch_size=1, max_seq_len=None, rotate_in_cache=False, **options):
         """A ``KVCache`` for this model: ``n_kv_heads`` heads of ``head_dim``, one per layer.
 
-        ``max_seq_len`` defaults to the model's; ``options`` go to ``KVCache``.
+        ``max_seq_len`` defaults to the model's; ``options`` go to ``KVCache``
+        (``n_sink=`` for a sliding window). ``rotate_in_cache=True`` makes the
+        cache rotate keys and queries by their position in the cache, with
+        this model's ``rope_theta`` and ``rope_style``.
         """
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+        if check_bool("rotate_in_cache", rotate_in_cache):
+            options.update(rope_theta=self.rope_theta, rope_style=self.rope_style)
         return KVCache(batch_size, max_seq_len, self.n_layers, self.n_kv_heads,
                        self.head_dim, **options)
 
@@ -291,7 +302,9 @@ class Llama:
             A list of prompts of different lengths is a ragged batch.
         max_new_tokens : int
             The longest prompt plus ``max_new_tokens`` must not exceed
-            ``max_seq_len`` (the cache's, when one is given).
+            ``max_seq_len`` (the cache's, when one is given), unless the
+            cache is a sliding window that rotates by itself (``n_sink``
+            and ``rotate_in_cache``): that one streams without limit.
         use_cache : bool, default True
         temperature : float, default 0
             0 is greedy; above 0, sampling from ``softmax(logits / temperature)``.
@@ -315,7 +328,9 @@ class Llama:
         if cache is not None:
             self._check_cache(cache, B)
         capacity = self.max_seq_len if cache is None else cache.max_seq_len
-        if T + max_new_tokens > capacity:
+        streaming = (getattr(cache, "window", None) is not None
+                     and getattr(cache, "rope_theta", None) is not None)
+        if T + max_new_tokens > capacity and not streaming:
             raise ValueError(f"prompt length + max_new_tokens must be <= max_seq_len = "
                              f"{capacity}; got {T} + {max_new_tokens}")
 
