@@ -114,6 +114,11 @@ cdef class ArenaAccessor:
         self.storage = _STORAGE_CODES[arena.dtype]
         self.L, _, self.B, self.H, self.S, self.D = arena.shape
         self.itemsize = arena.dtype.itemsize
+        if (scales is not None) != (self.storage == KV_I8) or \
+                (scales is not None and scales.shape != arena.shape[:5]):
+            raise ValueError(f"scales must be float32 {arena.shape[:5]} for an int8 arena, "
+                             f"and None otherwise; got "
+                             f"{None if scales is None else scales.shape} for {arena.dtype}")
         if scales is not None:
             self.scale = scales
 
@@ -152,6 +157,9 @@ cdef class ArenaAccessor:
         if self.scales is not None:
             c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
             c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
+        # the options are checked in every build: O(B), and a wrong one
+        # would send the kernel outside the arena or its tables
+        self._check_options(isa, q, out, base, ring_head, n_sink, rope_cos, rope_sin)
         c.n_sink = n_sink
         c.ring_head = NULL
         if ring_head is not None:
@@ -185,6 +193,34 @@ cdef class ArenaAccessor:
             status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
+
+    cdef _check_options(self, int isa, cnp.ndarray q, cnp.ndarray out, cnp.ndarray base,
+                        const Py_ssize_t[::1] ring_head, Py_ssize_t n_sink,
+                        const float[:, ::1] rope_cos, const float[:, ::1] rope_sin):
+        cdef Py_ssize_t b, window = self.S - n_sink
+        if not 0 <= isa <= BEST_ISA:
+            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
+        if cnp.PyArray_NDIM(q) != 4 or cnp.PyArray_NDIM(out) != 4 \
+                or base.shape[0] != self.B or base.dtype != np.intp:
+            raise ValueError(f"q and out must be 4-d, base intp ({self.B},); got q "
+                             f"{(<object>q).shape}, out {(<object>out).shape}, base "
+                             f"{(<object>base).shape} {base.dtype}")
+        if ring_head is not None:
+            if not 0 <= n_sink < self.S or ring_head.shape[0] != self.B:
+                raise ValueError(f"ring_head must have {self.B} entries and n_sink be in "
+                                 f"[0, {self.S}); got {ring_head.shape[0]} and {n_sink}")
+            for b in range(self.B):
+                if not 0 <= ring_head[b] < window:
+                    raise ValueError(f"ring_head[{b}] must be in [0, {window}); "
+                                     f"got {ring_head[b]}")
+        if (rope_cos is None) != (rope_sin is None):
+            raise ValueError("rope_cos and rope_sin go together")
+        if rope_cos is not None and (self.D % 2 or
+                                     rope_cos.shape[0] != self.S or rope_sin.shape[0] != self.S or
+                                     rope_cos.shape[1] != self.D // 2 or
+                                     rope_sin.shape[1] != self.D // 2):
+            raise ValueError(f"rope tables must be ({self.S}, {self.D // 2}) with an even "
+                             f"head_dim {self.D}")
 
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
         # the thread count that has been faster per byte, or now and then the other
@@ -220,8 +256,16 @@ cdef class ArenaAccessor:
         """
         cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
         cdef Py_ssize_t S = self.raw.shape[4], b, t
+        # shapes in every build (a mismatch would write outside the arena)
+        if self.scales is None or B != self.B or H != self.H or D != self.D \
+                or value.shape[0] != B or value.shape[1] != H or value.shape[2] != T \
+                or value.shape[3] != D or slots.shape[0] != B or slots.shape[1] != T:
+            raise ValueError(f"quantize: an int8 arena and key, value ({self.B}, {self.H}, T, "
+                             f"{self.D}) with slots (B, T) are needed; got key "
+                             f"{(<object>key).shape}, value {(<object>value).shape}, slots "
+                             f"{(<object>slots).shape}, storage {self.arena.dtype}")
         if KVARENA_BOUNDSCHECK:
-            if not 0 <= layer < self.raw.shape[0] or self.scales is None:
+            if not 0 <= layer < self.raw.shape[0]:
                 raise IndexError(f"quantize: layer {layer} out of [0, {self.raw.shape[0]}) "
                                  f"or not an int8 arena")
             for b in range(B):

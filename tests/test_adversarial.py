@@ -838,3 +838,37 @@ def test_truncating_a_mapped_file_is_a_sigbus_as_documented(tmp_path):
     proc = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr)
+
+
+# -- the accessor's own options ---------------------------------------------------
+
+def test_accessor_options_are_checked_in_every_build(tmp_path):
+    # kvarena._arena trusts shapes and indices, but not the options that steer
+    # the kernel into other memory (a ring head, rotary tables, int8 scales,
+    # the instruction set): before these checks each of them crashed the process
+    run('''
+        from kvarena import _arena
+        arena = np.zeros((1, 2, 2, 2, 8, 4), np.float32)
+        acc = _arena.ArenaAccessor(arena, 1)
+        q = np.zeros((2, 2, 1, 4), np.float32)
+        out, base = np.empty_like(q), np.array([3, 3], np.intp)
+        refused(ValueError, "isa must be in", acc.attend, 0, base, q, out, 99)
+        refused(ValueError, "4-d", acc.attend, 0, base, q[0], out[0], 0)
+        refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 7", acc.attend, 0, base,
+                q, out, 0, ring_head=np.array([0, 7], np.intp), n_sink=2)
+        refused(ValueError, "ring_head must have 2 entries", acc.attend, 0, base, q, out, 0,
+                ring_head=np.array([0], np.intp), n_sink=2)
+        refused(ValueError, "go together", acc.attend, 0, base, q, out, 0,
+                rope_cos=np.zeros((8, 2), np.float32))
+        refused(ValueError, "rope tables must be", acc.attend, 0, base, q, out, 0,
+                rope_cos=np.zeros((8, 3), np.float32), rope_sin=np.zeros((8, 3), np.float32))
+        refused(ValueError, "scales must be float32", _arena.ArenaAccessor,
+                np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1)
+        int8 = _arena.ArenaAccessor(np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1,
+                                    np.zeros((1, 2, 2, 2, 8), np.float32))
+        wide = np.zeros((2, 3, 1, 4), np.float32)
+        refused(ValueError, "quantize: an int8 arena", int8.quantize, 0,
+                np.zeros((2, 1), np.intp), wide, wide)
+        refused(ValueError, "quantize: an int8 arena", acc.quantize, 0,
+                np.zeros((2, 1), np.intp), q, q)
+    ''', tmp_path)
