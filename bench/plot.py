@@ -82,7 +82,7 @@ def plot_generation(result, out, plt):
     right.legend(fontsize=8)
     lines = [f"kvarena.models.GPT, greedy, prompt of {len(result['prompt'])} tokens, batch 1, float32; "
              f"medians of up to 5 runs taken in turn; BLAS: {result['blas']}. "
-             "small: E=128 L=4 H=4; large: E=384 L=6 H=6. Cached: kernel on 1 thread, the default."]
+             "small: E=128 L=4 H=4; large: E=384 L=6 H=6. Cached: kernel on 1 thread, and on 2 (cached 2thr)."]
     if skipped:
         lines.append("A missing uncached point: that run was skipped because its time, projected "
                      f"as N^2 from the previous one, exceeded the {result['budget_s']:.0f} s "

@@ -72,6 +72,7 @@ typedef struct {
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static inline ptrdiff_t kv_round64(ptrdiff_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* position map: the slot of logical position pos in row b */
 static inline ptrdiff_t kv_slot(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos)

@@ -266,11 +266,19 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     const ptrdiff_t lo = chunk * job->chunk_len, hi = kv_min(end, lo + job->chunk_len);
     const KV_REAL scale = (KV_REAL)(1.0 / sqrt((double)D));
 
-    /* per-item scratch: queries, accumulators, scores, and the K and V tiles */
-    KV_REAL *mem = (KV_REAL *)kv_scratch(sizeof(KV_REAL) * (2 * Q * D + 2 * Q + Q * KV_BLK + 2 * KV_BLK * D));
+    /* per-item scratch: the K and V tiles, queries, accumulators, scores,
+     * each from a 64-byte boundary (kv_scratch's is one): a tile vector
+     * split across two cache lines costs every store and load, and the
+     * forwarding of each converted row from its store to the dot */
+    const ptrdiff_t tile = kv_round64(KV_BLK * D * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    const ptrdiff_t rows = kv_round64(Q * D * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    const ptrdiff_t per_query = kv_round64(Q * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    const ptrdiff_t scores = kv_round64(Q * KV_BLK * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    KV_REAL *mem = (KV_REAL *)kv_scratch(sizeof(KV_REAL) *
+                                         (2 * tile + 2 * rows + 2 * per_query + scores));
     if (!mem) return -1;
-    KV_REAL *qv = mem, *acc = qv + Q * D, *m = acc + Q * D, *l = m + Q, *w = l + Q;
-    KV_REAL *ktile = w + Q * KV_BLK, *vtile = ktile + KV_BLK * D;
+    KV_REAL *ktile = mem, *vtile = ktile + tile, *qv = vtile + tile, *acc = qv + rows;
+    KV_REAL *m = acc + rows, *l = m + per_query, *w = l + per_query;
 
     /* query i = t * G + g is head h * G + g at position t0 + t */
     for (ptrdiff_t t = 0; t < nt; t++)
