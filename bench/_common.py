@@ -436,6 +436,22 @@ def table(rows, columns, title=None, notes=()):
     return "\n".join(lines) + "\n"
 
 
+def write_results(out, name, result, text, rows=None, note=""):
+    """Write ``name``.json (``result``), ``name``.csv (``rows``, if given) and
+    ``name``.txt (``text``) into ``out``, then print the text and where it went."""
+    path = os.path.join(out, f"{name}.json")
+    write_json(path, result)
+    also = [f"{name}.txt"]
+    if rows is not None:
+        write_csv(os.path.join(out, f"{name}.csv"), rows)
+        also.insert(0, f"{name}.csv")
+    with open(os.path.join(out, f"{name}.txt"), "w") as f:
+        f.write(text)
+    log("")
+    log(text)
+    log(f"results: {path} (and {', '.join(also)}) in {result['elapsed_s']:.0f} s{note}")
+
+
 def write_json(path, data):
     with open(path, "w") as f:
         json.dump(data, f, indent=2, default=_jsonable)

@@ -53,9 +53,9 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (MachineLoad, Progress, default_results_dir, header, log,  # noqa: E402
-                     median, others_note, print_header, results_dir, table, thread_pools,
-                     wait_for_quiet, write_csv, write_json)
+from _common import (MachineLoad, Progress, default_results_dir, header, median,  # noqa: E402
+                     others_note, print_header, results_dir, table, thread_pools,
+                     wait_for_quiet, write_results)
 
 import kvarena  # noqa: E402
 import kvarena.models  # noqa: E402
@@ -238,15 +238,7 @@ def main(argv=None):
                                  max_runs=3 if args.quick else 5)
     result = {"header": info, "prompt": PROMPT.tolist(), "budget_s": args.budget,
               "blas": blas, "rows": rows, "elapsed_s": time.perf_counter() - started}
-    path = os.path.join(out, "generation.json")
-    write_json(path, result)
-    write_csv(os.path.join(out, "generation.csv"), rows)
-    text = generation_table(result)
-    with open(os.path.join(out, "generation.txt"), "w") as f:
-        f.write(text)
-    log("")
-    log(text)
-    log(f"results: {path} (and generation.csv, generation.txt) in {result['elapsed_s']:.0f} s")
+    write_results(out, "generation", result, generation_table(result), rows)
     return 0
 
 

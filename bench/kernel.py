@@ -53,8 +53,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Progress, default_results_dir, header, log, others_note,  # noqa: E402
-                     print_header, results_dir, table, time_many, wait_for_quiet, write_csv,
-                     write_json)
+                     print_header, results_dir, table, time_many, wait_for_quiet, write_results)
 
 import kvarena  # noqa: E402
 
@@ -520,19 +519,12 @@ def main(argv=None):
         results["gqa"] = gqa_case(*plan["gqa"], plan, progress)
     results["elapsed_s"] = time.perf_counter() - started
 
-    path = os.path.join(out, "kernel.json")
-    write_json(path, results)
-    write_csv(os.path.join(out, "kernel.csv"), results["decode"])
     tables = "\n".join([decode_table(results["decode"], lib is not None, plan),
                         dtype_table(results["dtypes"], plan),
                         prefill_table(results["prefill"], plan),
                         gqa_table(results["gqa"], plan)])
-    with open(os.path.join(out, "kernel.txt"), "w") as f:
-        f.write(tables)
-    log("")
-    log(tables)
-    log(f"results: {path} (and kernel.csv, kernel.txt) in {results['elapsed_s']:.0f} s, "
-        f"{results['waited_s']:.0f} s of it waiting for other processes")
+    write_results(out, "kernel", results, tables, results["decode"],
+                  note=f", {results['waited_s']:.0f} s of it waiting for other processes")
     return 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Progress, default_results_dir, header, log, print_header,  # noqa: E402
-                     results_dir, table, write_json)
+                     results_dir, table, write_results)
 
 MIB = 2 ** 20
 INTERVAL = 0.005          # memory_profiler sampling period, seconds
@@ -317,17 +317,10 @@ def main(argv=None):
         progress.step("4. zero copy", weights["zero copy"])
         results["zero_copy"] = check_zero_copy(100 if args.quick else 1000)
     results["elapsed_s"] = time.perf_counter() - started
-    path = os.path.join(out, "memory.json")
-    write_json(path, results)
-
     tables = "\n".join([footprint_table(results["footprint"]), lazy_table(results["lazy"]),
                         generation_table(results["generation"]),
                         zero_copy_table(results["zero_copy"])])
-    with open(os.path.join(out, "memory.txt"), "w") as f:
-        f.write(tables)
-    log("")
-    log(tables)
-    log(f"results: {path} (and memory.txt) in {results['elapsed_s']:.0f} s")
+    write_results(out, "memory", results, tables)
     return 0
 
 

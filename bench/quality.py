@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (default_results_dir, header, log, print_header,  # noqa: E402
-                     results_dir, table, write_json)
+from _common import (default_results_dir, header, log, print_header, results_dir,  # noqa: E402
+                     table, write_results)
 
 from kvarena import disable_kv_cache, enable_kv_cache  # noqa: E402
 from kvarena.models import GPT, Llama  # noqa: E402
@@ -145,14 +145,7 @@ def main(argv=None):
         rows += run_model(name, batch_size, steps, rng)
     result = {"header": info, "rows": rows, "targets": TARGETS,
               "elapsed_s": time.perf_counter() - started}
-    write_json(os.path.join(out, "quality.json"), result)
-    text = quality_table(rows, batch_size, steps)
-    with open(os.path.join(out, "quality.txt"), "w") as f:
-        f.write(text)
-    log("")
-    log(text)
-    log(f"results: {os.path.join(out, 'quality.json')} (and quality.txt) in "
-        f"{result['elapsed_s']:.0f} s")
+    write_results(out, "quality", result, quality_table(rows, batch_size, steps))
     return 0
 
 

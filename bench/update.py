@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, log, others_note,  # noqa: E402
-                     print_header, results_dir, table, time_many, write_csv, write_json)
+from _common import (Progress, default_results_dir, header, others_note,  # noqa: E402
+                     print_header, results_dir, table, time_many, write_results)
 
 import kvarena  # noqa: E402
 
@@ -125,15 +125,7 @@ def main(argv=None):
                              f"int8 update {r['update_i8_us']:.2f} us")
     result = {"header": info, "repeat": repeat, "rows": rows,
               "elapsed_s": time.perf_counter() - started}
-    path = os.path.join(out, "update.json")
-    write_json(path, result)
-    write_csv(os.path.join(out, "update.csv"), rows)
-    text = update_table(result)
-    with open(os.path.join(out, "update.txt"), "w") as f:
-        f.write(text)
-    log("")
-    log(text)
-    log(f"results: {path} (and update.csv, update.txt) in {result['elapsed_s']:.0f} s")
+    write_results(out, "update", result, update_table(result), rows)
     return 0
 
 
