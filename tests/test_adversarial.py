@@ -757,8 +757,11 @@ def test_lazy_reset_commits_no_untouched_page(tmp_path):
         cache.update(0, k, k)                 # layer 0 only: 16 MiB written
         cache.advance(1024)
         written = resident() - start
-        # up to all of layer 0's 32 MiB where NumPy's arena gets huge pages
-        assert 16 * MIB <= written <= 34 * MIB, written / MIB
+        # up to all of layer 0's 32 MiB where NumPy's arena gets huge pages,
+        # plus what the process's first update faults in besides the arena
+        # (code pages of NumPy and kvarena: 0.24 MiB over 2 MiB once, in a
+        # fresh clone), the same 4 MiB allowed to reset below
+        assert 16 * MIB <= written <= 32 * MIB + 4 * MIB, written / MIB
         cache.reset()
         grown = resident() - start - written
         # zeroing positions 0..1023 of every layer would commit 7 more layers:
