@@ -61,7 +61,7 @@ def exclusive(method):
     The guard is a lock taken without waiting: a call that finds it held
     (another thread is inside a guarded method of the same cache) raises
     ``RuntimeError`` at once, before touching anything, instead of letting
-    two threads corrupt the arena, the lengths or the kernel's scratch.
+    two threads corrupt the arena or the lengths.
     A call that returns records the lengths it leaves, so that the next
     write can tell whether they were changed outside the cache's methods
     (``KVCache._room``).
@@ -131,7 +131,9 @@ class KVCache:
     Parameters
     ----------
     batch_size, max_seq_len, num_layers, num_heads, head_dim : int
-        Positive sizes of the cache.
+        Positive sizes of the cache. ``num_heads`` counts the key/value
+        heads stored (a grouped-query model's ``num_kv_heads``); ``attend``
+        takes queries with any whole multiple of it.
     dtype : float16, float32 (default), float64 or int8
         Storage type of the arena. Inputs are cast to it on write; int8
         stores each D-vector as D int8 values and one float32 scale
