@@ -35,6 +35,10 @@ enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instructio
 #ifndef KV_BLK
 #define KV_BLK 32   /* rows per block: a float32 K and V tile of D = 64 is 16 KiB */
 #endif
+#ifndef KV_CONVERT_FROM
+#define KV_CONVERT_FROM 2   /* queries sharing a block from which float16 and int8 rows
+                               are converted once into a tile rather than read in place */
+#endif
 
 /* one layer of the arena as the kernel reads it */
 typedef struct {
@@ -97,6 +101,9 @@ static inline ptrdiff_t kv_run(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos, pt
     if (pos < c->n_sink) return kv_min(n, c->n_sink - pos);
     return kv_min(n, c->S - kv_slot(c, b, pos));
 }
+
+/* bytes per stored element, by storage type (KV_F16 .. KV_I8) */
+static const ptrdiff_t kv_elem_bytes[4] = {2, 4, 8, 1};
 
 static inline ptrdiff_t kv_partial_index(const kv_job *job, ptrdiff_t b, ptrdiff_t head,
                                          ptrdiff_t t, ptrdiff_t chunk)

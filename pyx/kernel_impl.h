@@ -12,47 +12,230 @@
  * D head_dim, T new positions, BLK rows read per block.
  */
 
-/* row reader: n rows of one (row, head) block, from slot `slot` on, as KV_REAL */
-static void KV_FN(read_run)(const kv_layer *c, int kv, ptrdiff_t bh, ptrdiff_t slot,
-                            ptrdiff_t n, KV_REAL *dst)
-{
-    const ptrdiff_t D = c->D, first = (bh * c->S + slot) * D, m = n * D;
-    switch (c->dtype) {
-    case KV_F32: {
-        const float *s = (const float *)c->data[kv] + first;
-#pragma omp simd
-        for (ptrdiff_t i = 0; i < m; i++) dst[i] = (KV_REAL)s[i];
-        break;
-    }
-    case KV_F64: {
-        const double *s = (const double *)c->data[kv] + first;
-#pragma omp simd
-        for (ptrdiff_t i = 0; i < m; i++) dst[i] = (KV_REAL)s[i];
-        break;
-    }
-    case KV_F16: {
-        const uint16_t *s = (const uint16_t *)c->data[kv] + first;
-        ptrdiff_t i = 0;
-#if KV_F16C == 16 && !KV_DOUBLE     /* the CPU converts 16 halves at once */
-        for (; i + 16 <= m; i += 16)
-            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
-#elif KV_F16C == 8 && !KV_DOUBLE
-        for (; i + 8 <= m; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+/* the instruction set's native vector, loadable at any float alignment */
+typedef KV_REAL KV_FN(vec) __attribute__((vector_size(KV_VBYTES), aligned(sizeof(KV_REAL))));
+#define KV_W ((ptrdiff_t)(KV_VBYTES / sizeof(KV_REAL)))     /* lanes per vector */
+#define KV_INLINE static inline __attribute__((always_inline))
+#if KV_DOUBLE
+#define KV_NATIVE KV_F64            /* the storage type read without conversion */
+#else
+#define KV_NATIVE KV_F32
 #endif
-        for (; i < m; i++) dst[i] = (KV_REAL)kv_half_to_float(s[i]);
-        break;
+
+/* row reader, the only code that knows how each storage type is laid out:
+ * W stored elements from element i of p as one vector of the compute type.
+ * `kind` is a constant at every call (the callers are always_inline), so
+ * each caller compiles to straight-line code for one storage type. int8
+ * elements come unscaled: the callers fold each row's scale into its score
+ * and its weight, one multiply per row instead of one per element */
+KV_INLINE KV_FN(vec) KV_FN(load)(const void *p, ptrdiff_t i, int kind)
+{
+    typedef KV_FN(vec) vec;
+#if !KV_DOUBLE
+    if (kind == KV_I8) {    /* sign-extend to 32 bits, then convert (GCC's generic
+                               int8 -> float conversion is lane by lane) */
+        const int8_t *b = (const int8_t *)p + i;
+#if KV_HAVE_X86 && KV_VBYTES == 64
+        return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)));
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+        return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+#else
+        vec x;
+        for (ptrdiff_t w = 0; w < KV_W; w++) x[w] = (KV_REAL)b[w];
+        return x;
+#endif
     }
-    case KV_I8: {
-        const int8_t *s = (const int8_t *)c->data[kv] + first;
-        const float *scale = c->scale[kv] + bh * c->S + slot;
-        for (ptrdiff_t r = 0; r < n; r++) {
-            const KV_REAL f = (KV_REAL)scale[r];
-#pragma omp simd
-            for (ptrdiff_t d = 0; d < D; d++) dst[r * D + d] = f * (KV_REAL)s[r * D + d];
+    if (kind == KV_F16) {
+        const uint16_t *h = (const uint16_t *)p + i;
+#if KV_F16C == 16
+        return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+#elif KV_F16C == 8
+        return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+        vec x;
+        for (ptrdiff_t w = 0; w < KV_W; w++) x[w] = kv_half_to_float(h[w]);
+        return x;
+#endif
+    }
+#endif
+    (void)kind;
+    return *(const vec *)((const KV_REAL *)p + i);
+}
+
+/* one stored element, for the last D mod W lanes */
+KV_INLINE KV_REAL KV_FN(load1)(const void *p, ptrdiff_t i, int kind)
+{
+    if (kind == KV_I8) return (KV_REAL)((const int8_t *)p)[i];
+    if (kind == KV_F16) return (KV_REAL)kv_half_to_float(((const uint16_t *)p)[i]);
+    return ((const KV_REAL *)p)[i];
+}
+
+/* dot product of q with one stored row, in registers: two vector sums,
+ * then a tree of the lanes */
+KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind)
+{
+    typedef KV_FN(vec) vec;
+    vec s0 = {0}, s1 = {0};
+    ptrdiff_t d = 0;
+    for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
+        s0 += *(const vec *)(q + d) * KV_FN(load)(row, d, kind);
+        s1 += *(const vec *)(q + d + KV_W) * KV_FN(load)(row, d + KV_W, kind);
+    }
+    if (d + KV_W <= D) {
+        s0 += *(const vec *)(q + d) * KV_FN(load)(row, d, kind);
+        d += KV_W;
+    }
+    s0 += s1;
+    KV_REAL s = 0;
+    for (ptrdiff_t w = 0; w < KV_W; w++) s += s0[w];
+    for (; d < D; d++) s += q[d] * KV_FN(load1)(row, d, kind);
+    return s;
+}
+
+/* acc += sum over r < n of p[r] * row r of `rows`. Up to four native
+ * vectors of acc stay in registers for the whole run, each with two sums
+ * (even and odd rows) so that no add waits on the one before; the rows
+ * are read in order */
+KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *rows,
+                                 ptrdiff_t n, ptrdiff_t D, int kind)
+{
+    typedef KV_FN(vec) vec;
+    const ptrdiff_t W = KV_W;
+#define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
+    ptrdiff_t d = 0;
+    for (; d + 4 * W <= D; d += 4 * W) {
+        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2) {
+            const KV_REAL pe = p[r], po = p[r + 1];
+            e0 += pe * KV_LD(r, 0);
+            e1 += pe * KV_LD(r, W);
+            e2 += pe * KV_LD(r, 2 * W);
+            e3 += pe * KV_LD(r, 3 * W);
+            o0 += po * KV_LD(r + 1, 0);
+            o1 += po * KV_LD(r + 1, W);
+            o2 += po * KV_LD(r + 1, 2 * W);
+            o3 += po * KV_LD(r + 1, 3 * W);
         }
-        break;
+        if (r < n) {
+            const KV_REAL pe = p[r];
+            e0 += pe * KV_LD(r, 0);
+            e1 += pe * KV_LD(r, W);
+            e2 += pe * KV_LD(r, 2 * W);
+            e3 += pe * KV_LD(r, 3 * W);
+        }
+        *(vec *)(acc + d) += e0 + o0;
+        *(vec *)(acc + d + W) += e1 + o1;
+        *(vec *)(acc + d + 2 * W) += e2 + o2;
+        *(vec *)(acc + d + 3 * W) += e3 + o3;
     }
+    for (; d + W <= D; d += W) {    /* fewer than four vectors left */
+        vec e = {0}, o = {0};
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2) {
+            e += p[r] * KV_LD(r, 0);
+            o += p[r + 1] * KV_LD(r + 1, 0);
+        }
+        if (r < n) e += p[r] * KV_LD(r, 0);
+        *(vec *)(acc + d) += e + o;
+    }
+#undef KV_LD
+    for (; d < D; d++) {            /* the last D mod W lanes */
+        KV_REAL e = 0;
+        for (ptrdiff_t r = 0; r < n; r++) e += p[r] * KV_FN(load1)(rows, r * D + d, kind);
+        acc[d] += e;
+    }
+}
+
+/* a run of rows in consecutive slots, as the loops below read it: stored
+ * rows of type `kind` (int8 with one scale per row), or converted ones */
+typedef struct {
+    const void *rows;
+    const float *scale;          /* int8: one per row; else NULL */
+    ptrdiff_t n;
+    int kind;
+} KV_FN(run);
+
+/* w[r] = (q . row r) * scale (times the row's own scale when `scaled`)
+ * for the n rows of a run; returns the largest of them and best */
+KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
+                                    ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
+                                    int kind, int scaled)
+{
+    const ptrdiff_t stride = D * kv_elem_bytes[kind];
+    for (ptrdiff_t r = 0; r < n; r++) {
+        const KV_REAL f = scaled ? scale * run->scale[r] : scale;
+        w[r] = KV_FN(dot)(q, (const char *)run->rows + r * stride, D, kind) * f;
+        best = w[r] > best ? w[r] : best;
+    }
+    return best;
+}
+
+/* acc += the n rows of a run weighted by p (`scaled`: by p times each row's scale) */
+KV_INLINE void KV_FN(accumulate_kind)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run,
+                                      ptrdiff_t n, ptrdiff_t D, int kind, int scaled)
+{
+    if (scaled) {
+        KV_REAL scaled[KV_BLK];
+        for (ptrdiff_t r = 0; r < n; r++) scaled[r] = p[r] * run->scale[r];
+        KV_FN(accumulate)(acc, scaled, run->rows, n, D, kind);
+    } else {
+        KV_FN(accumulate)(acc, p, run->rows, n, D, kind);
+    }
+}
+
+/* the n rows of a run into dst as the compute type (int8 rows unscaled:
+ * their scales apply as in place, so both ways give the same bits) */
+KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D, int kind)
+{
+    typedef KV_FN(vec) vec;
+    const ptrdiff_t stride = D * kv_elem_bytes[kind];
+    for (ptrdiff_t r = 0; r < run->n; r++, dst += D) {
+        const void *row = (const char *)run->rows + r * stride;
+        ptrdiff_t d = 0;
+        for (; d + KV_W <= D; d += KV_W) *(vec *)(dst + d) = KV_FN(load)(row, d, kind);
+        for (; d < D; d++) dst[d] = KV_FN(load1)(row, d, kind);
+    }
+}
+
+/* the two above for a run's storage type: one branch per run, none per row */
+static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
+                            KV_REAL scale, KV_REAL *w, KV_REAL best)
+{
+    switch (run->kind) {
+#if !KV_DOUBLE
+    case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0);
+    case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1);
+#endif
+    default:
+        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 1);
+        return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0);
+    }
+}
+
+static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)
+{
+    switch (run->kind) {
+#if !KV_DOUBLE
+    case KV_F16: KV_FN(convert_kind)(run, dst, D, KV_F16); break;
+    case KV_I8: KV_FN(convert_kind)(run, dst, D, KV_I8); break;
+#endif
+    default: KV_FN(convert_kind)(run, dst, D, KV_NATIVE); break;
+    }
+}
+
+static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
+                         ptrdiff_t D)
+{
+    switch (run->kind) {
+#if !KV_DOUBLE
+    case KV_F16: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_F16, 0); break;
+    case KV_I8: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_I8, 1); break;
+#endif
+    default:
+        if (run->scale) KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 1);
+        else KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 0);
+        break;
     }
 }
 
@@ -77,105 +260,37 @@ static void KV_FN(rotate)(const kv_layer *c, KV_REAL *x, ptrdiff_t pos)
     }
 }
 
-/* the instruction set's native vector, loadable at any float alignment */
-typedef KV_REAL KV_FN(vec) __attribute__((vector_size(KV_VBYTES), aligned(sizeof(KV_REAL))));
-
-
-/* dot product of two D-vectors, in registers: two vector sums, then a tree of the lanes */
-static inline KV_REAL KV_FN(dot)(const KV_REAL *a, const KV_REAL *b, ptrdiff_t D)
+/* the rows at logical positions pos .. pos + n - 1 of (row b, head h) as
+ * one run. In place, read in registers by every dot and accumulate, when
+ * they lie in consecutive slots and `convert` is 0; else converted once
+ * into `tile` as the compute type and rotated (keys), with their int8
+ * scales in tile_scale, which pays when many queries share the block.
+ * Either way a block is summed in the same order: the same bits */
+static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t h,
+                               ptrdiff_t pos, ptrdiff_t n, int convert, KV_REAL *tile,
+                               float *tile_scale)
 {
-    typedef KV_FN(vec) vec;
-    const ptrdiff_t W = KV_VBYTES / sizeof(KV_REAL);
-    vec s0 = {0}, s1 = {0};
-    ptrdiff_t d = 0;
-    for (; d + 2 * W <= D; d += 2 * W) {
-        s0 += *(const vec *)(a + d) * *(const vec *)(b + d);
-        s1 += *(const vec *)(a + d + W) * *(const vec *)(b + d + W);
-    }
-    if (d + W <= D) {
-        s0 += *(const vec *)(a + d) * *(const vec *)(b + d);
-        d += W;
-    }
-    s0 += s1;
-    KV_REAL s = 0;
-    for (ptrdiff_t w = 0; w < W; w++) s += s0[w];
-    for (; d < D; d++) s += a[d] * b[d];
-    return s;
-}
-
-/* acc += sum over r < n of p[r] * values[r]. Up to four native vectors
- * of acc stay in registers for the whole block, each with two sums (even
- * and odd rows) so that no add waits on the one before; the rows are read
- * in order */
-static inline void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const KV_REAL *values,
-                                     ptrdiff_t n, ptrdiff_t D)
-{
-    typedef KV_FN(vec) vec;
-    const ptrdiff_t W = KV_VBYTES / sizeof(KV_REAL);
-    ptrdiff_t d = 0;
-    for (; d + 4 * W <= D; d += 4 * W) {
-        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
-        const KV_REAL *v = values + d;
-        ptrdiff_t r = 0;
-        for (; r + 2 <= n; r += 2, v += 2 * D) {
-            const KV_REAL pe = p[r], po = p[r + 1];
-            e0 += pe * *(const vec *)v;
-            e1 += pe * *(const vec *)(v + W);
-            e2 += pe * *(const vec *)(v + 2 * W);
-            e3 += pe * *(const vec *)(v + 3 * W);
-            o0 += po * *(const vec *)(v + D);
-            o1 += po * *(const vec *)(v + D + W);
-            o2 += po * *(const vec *)(v + D + 2 * W);
-            o3 += po * *(const vec *)(v + D + 3 * W);
-        }
-        if (r < n) {
-            const KV_REAL pe = p[r];
-            e0 += pe * *(const vec *)v;
-            e1 += pe * *(const vec *)(v + W);
-            e2 += pe * *(const vec *)(v + 2 * W);
-            e3 += pe * *(const vec *)(v + 3 * W);
-        }
-        *(vec *)(acc + d) += e0 + o0;
-        *(vec *)(acc + d + W) += e1 + o1;
-        *(vec *)(acc + d + 2 * W) += e2 + o2;
-        *(vec *)(acc + d + 3 * W) += e3 + o3;
-    }
-    for (; d + W <= D; d += W) {    /* fewer than four vectors left */
-        vec e = {0}, o = {0};
-        ptrdiff_t r = 0;
-        for (; r + 2 <= n; r += 2) {
-            e += p[r] * *(const vec *)(values + r * D + d);
-            o += p[r + 1] * *(const vec *)(values + (r + 1) * D + d);
-        }
-        if (r < n) e += p[r] * *(const vec *)(values + r * D + d);
-        *(vec *)(acc + d) += e + o;
-    }
-    for (; d < D; d++) {            /* the last D mod W lanes */
-        KV_REAL e = 0;
-        for (ptrdiff_t r = 0; r < n; r++) e += p[r] * values[r * D + d];
-        acc[d] += e;
-    }
-}
-
-/* rows at logical positions pos .. pos + n - 1 of (row b, head h): a pointer
- * into the arena when they are stored as KV_REAL in one run and need no
- * rotation, else converted (and rotated) into `tile` */
-static const KV_REAL *KV_FN(load_rows)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t h,
-                                       ptrdiff_t pos, ptrdiff_t n, KV_REAL *tile)
-{
+    KV_FN(run) runs[3];          /* at most three: sinks, the ring's end, its start */
     const ptrdiff_t bh = b * c->H + h, D = c->D;
-    ptrdiff_t slot = kv_slot(c, b, pos), run = kv_run(c, b, pos, n);
-    const int rotate = kv == 0 && c->rope_cos != NULL;
-    if (run == n && !rotate && c->dtype == (sizeof(KV_REAL) == 4 ? KV_F32 : KV_F64))
-        return (const KV_REAL *)c->data[kv] + (bh * c->S + slot) * D;
-    for (ptrdiff_t done = 0; done < n; done += run) {
-        slot = kv_slot(c, b, pos + done);
-        run = kv_run(c, b, pos + done, n - done);
-        KV_FN(read_run)(c, kv, bh, slot, run, tile + done * D);
+    int count = 0;
+    for (ptrdiff_t done = 0, len; done < n; done += len) {
+        const ptrdiff_t slot = kv_slot(c, b, pos + done);
+        len = kv_run(c, b, pos + done, n - done);
+        const float *scale = c->scale[kv] ? c->scale[kv] + bh * c->S + slot : NULL;
+        runs[count++] = (KV_FN(run)){(const char *)c->data[kv] +
+                                     (bh * c->S + slot) * D * kv_elem_bytes[c->dtype],
+                                     scale, len, c->dtype};
     }
-    if (rotate)
+    if (count == 1 && !convert) return runs[0];
+    KV_REAL *dst = tile;
+    float *dst_scale = tile_scale;
+    for (int k = 0; k < count; dst += runs[k].n * D, dst_scale += runs[k].n, k++) {
+        KV_FN(convert)(&runs[k], dst, D);
+        if (runs[k].scale) memcpy(dst_scale, runs[k].scale, runs[k].n * sizeof(float));
+    }
+    if (kv == 0 && c->rope_cos)
         for (ptrdiff_t r = 0; r < n; r++) KV_FN(rotate)(c, tile + r * D, pos + r);
-    return tile;
+    return (KV_FN(run)){tile, c->scale[kv] ? tile_scale : NULL, n, KV_NATIVE};
 }
 
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
@@ -294,20 +409,23 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         }
     for (ptrdiff_t i = 0; i < Q * D; i++) acc[i] = 0;
 
+    /* convert a block once when several queries share it; a lone query
+     * reads the stored rows in registers (keys to be rotated: always once) */
+    const int convert = Q > KV_CONVERT_FROM && c->dtype != KV_NATIVE;
+    float kscale[KV_BLK], vscale[KV_BLK];
+
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
-        const KV_REAL *keys = KV_FN(load_rows)(c, 0, b, h, j0, n, ktile);
+        const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert || c->rope_cos, ktile,
+                                             kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
          *    was accumulated when the running maximum grows */
         for (ptrdiff_t i = 0; i < Q; i++) {
             const ptrdiff_t seen = kv_seen(q->base[b] + t0 + i / G, j0, n);
             KV_REAL *wi = w + i * KV_BLK, best = m[i];
-            for (ptrdiff_t r = 0; r < seen; r++) {
-                wi[r] = KV_FN(dot)(qv + i * D, keys + r * D, D) * scale;
-                best = wi[r] > best ? wi[r] : best;
-            }
+            best = KV_FN(score)(qv + i * D, &keys, seen, D, scale, wi, best);
             /* 2. softmax weights, max-subtracted for stability */
             const KV_REAL total = KV_FN(softmax_weights)(wi, seen, best);
             if (best > m[i]) {
@@ -321,10 +439,10 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         }
 
         /* 3. weighted sum of the values, each row read once for all Q queries */
-        const KV_REAL *values = KV_FN(load_rows)(c, 1, b, h, j0, n, vtile);
+        const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert, vtile, vscale);
         for (ptrdiff_t i = 0; i < Q; i++)
-            KV_FN(accumulate)(acc + i * D, w + i * KV_BLK, values,
-                              kv_seen(q->base[b] + t0 + i / G, j0, n), D);
+            KV_FN(weigh)(acc + i * D, w + i * KV_BLK, &values,
+                         kv_seen(q->base[b] + t0 + i / G, j0, n), D);
     }
 
     /* one chunk: normalise into out; several: keep (m, l, acc) for the merge */
@@ -363,3 +481,7 @@ static void KV_FN(merge)(const kv_job *job, ptrdiff_t b, ptrdiff_t head, ptrdiff
     }
     KV_FN(store)(job->q, b, head, t, acc, (KV_REAL)1 / total, D);
 }
+
+#undef KV_W
+#undef KV_INLINE
+#undef KV_NATIVE
