@@ -70,6 +70,28 @@ KV_INLINE KV_REAL KV_FN(load1)(const void *p, ptrdiff_t i, int kind)
     return ((const KV_REAL *)p)[i];
 }
 
+/* the sum of a vector's lanes, as a fixed tree of halves (the build does
+ * not reassociate, so every caller sums in exactly this order) */
+KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
+{
+#if KV_HAVE_X86 && KV_VBYTES == 64 && !KV_DOUBLE
+    return _mm512_reduce_add_ps((__m512)v);
+#elif KV_HAVE_X86 && KV_VBYTES == 64
+    return _mm512_reduce_add_pd((__m512d)v);
+#elif KV_HAVE_X86 && KV_VBYTES == 32 && !KV_DOUBLE
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+    __m128d x = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)));
+#else
+    for (ptrdiff_t half = KV_W / 2; half > 0; half /= 2)
+        for (ptrdiff_t w = 0; w < half; w++) v[w] += v[w + half];
+    return v[0];
+#endif
+}
+
 /* dot product of q with one stored row, in registers: two vector sums,
  * then a tree of the lanes */
 KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind)
@@ -85,9 +107,7 @@ KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int
         s0 += *(const vec *)(q + d) * KV_FN(load)(row, d, kind);
         d += KV_W;
     }
-    s0 += s1;
-    KV_REAL s = 0;
-    for (ptrdiff_t w = 0; w < KV_W; w++) s += s0[w];
+    KV_REAL s = KV_FN(sum_lanes)(s0 + s1);
     for (; d < D; d++) s += q[d] * KV_FN(load1)(row, d, kind);
     return s;
 }
@@ -199,8 +219,8 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
 }
 
 /* the two above for a run's storage type: one branch per run, none per row */
-static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
-                            KV_REAL scale, KV_REAL *w, KV_REAL best)
+KV_INLINE KV_REAL KV_FN(score_d)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
+                                 ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
@@ -224,8 +244,8 @@ static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)
     }
 }
 
-static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
-                         ptrdiff_t D)
+KV_INLINE void KV_FN(weigh_d)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run,
+                              ptrdiff_t n, ptrdiff_t D)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
@@ -237,6 +257,23 @@ static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, 
         else KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 0);
         break;
     }
+}
+
+/* the usual head sizes compiled with D known: loops unrolled, no tails */
+static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
+                            KV_REAL scale, KV_REAL *w, KV_REAL best)
+{
+    if (D == 64) return KV_FN(score_d)(q, run, n, 64, scale, w, best);
+    if (D == 128) return KV_FN(score_d)(q, run, n, 128, scale, w, best);
+    return KV_FN(score_d)(q, run, n, D, scale, w, best);
+}
+
+static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
+                         ptrdiff_t D)
+{
+    if (D == 64) KV_FN(weigh_d)(acc, p, run, n, 64);
+    else if (D == 128) KV_FN(weigh_d)(acc, p, run, n, 128);
+    else KV_FN(weigh_d)(acc, p, run, n, D);
 }
 
 /* rotation: x (one D-vector) by its logical position `pos` */
@@ -295,9 +332,8 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
 
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
  * degree-6 polynomial for e^r; exactly 0 below -87, so no subnormal weight
- * ever reaches the sum of values. r = x - k ln2 in one step (the build's
- * reassociation would fold a two-constant split anyway): relative error
- * about |x| 2^-24, far below what a softmax weight needs */
+ * ever reaches the sum of values. r = x - k ln2 in one step: relative
+ * error about |x| 2^-24, far below what a softmax weight needs */
 #ifndef KV_EXP_POLY
 #define KV_EXP_POLY(p, f)                                                     \
     p = 1.3888889e-3f * (f) + 8.3333333e-3f;                                  \
@@ -347,7 +383,7 @@ static inline KV_REAL KV_FN(softmax_weights)(KV_REAL *w, ptrdiff_t n, KV_REAL be
         *(vec *)(w + r) = (vec)((ivec)e & ~under);
         sum += *(const vec *)(w + r);
     }
-    for (ptrdiff_t i = 0; i < W; i++) total += sum[i];
+    total = KV_FN(sum_lanes)(sum);
 #endif
     for (; r < n; r++) {
         w[r] = KV_FN(exp_neg)(w[r] - best);
