@@ -23,6 +23,8 @@ runs of each cache. Uncached: one run, and none at
 1000 tokens unless --uncached-1000 (its cost grows as N^2: minutes),
 after a short warm-up run.
 
+The main job (bench/sweep.py) runs it; alone:
+
     python bench/llama.py [--quick] [--uncached-1000] [--out DIR]
 """
 
@@ -34,14 +36,15 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (default_results_dir, header, log, print_header,  # noqa: E402
-                     results_dir, table, time_many, write_json)
+from _common import (Progress, default_results_dir, header, print_header,  # noqa: E402
+                     results_dir, table, time_many, write_results)
 
 from kvarena.models import Llama, NumpyKVCache  # noqa: E402
 
 CONFIG = dict(vocab_size=512, dim=288, n_layers=6, n_heads=6, n_kv_heads=2)
 PROMPT = np.array([1, 345, 22, 401, 9, 77, 130, 5])
 DTYPE = np.float32
+BATCH_SIZES = (1, 2)
 MIB = 2 ** 20
 
 
@@ -56,19 +59,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run(args):
+def run(args, progress):
     counts = [16] if args.quick else [200, 1000]
     repeat = 2 if args.quick else 5
     max_seq_len = len(PROMPT) + max(counts)
     model = Llama(**CONFIG, max_seq_len=max_seq_len, seed=0, dtype=DTYPE)
     rows = []
-    for batch_size in (1, 2):
+    for batch_size in BATCH_SIZES:
         prompt = np.tile(PROMPT, (batch_size, 1))
         shape = (batch_size, max_seq_len, model.n_layers, model.n_kv_heads, model.head_dim)
         caches = {"numpy": NumpyKVCache(*shape, dtype=DTYPE), "kvarena": model.make_cache(
             batch_size, dtype=DTYPE)}
         for n in counts:
-            log(f"[llama] B={batch_size}, {n} new tokens")
+            progress.step(f"B={batch_size}, {n} new tokens", weight(batch_size, n, args))
             tokens = {}
 
             def generate(name):
@@ -108,12 +111,21 @@ COLUMNS = [("batch_size", "B", "d"), ("n_new", "new tokens", "d"),
            ("kvarena_vs_uncached", "kvarena / uncached", ".1f"), ("identical", "same tokens", "")]
 
 
+def weight(batch_size, n, args):
+    """Proportional to a row's expected time: cached runs grow as n, uncached as n^2."""
+    uncached = (n / 200) ** 2 if n <= 200 or args.uncached_1000 else 0
+    return batch_size ** 0.5 * (n / 200 + uncached)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = results_dir(args.out)
     info = header({"dtype": np.dtype(DTYPE).name, "model": CONFIG, "quick": args.quick})
     print_header("kvarena bench: Llama-style generation (bench/llama.py)", info)
-    rows, max_seq_len, memory = run(args)
+    counts = [16] if args.quick else [200, 1000]
+    started = time.perf_counter()
+    with Progress("llama", sum(weight(b, n, args) for b in BATCH_SIZES for n in counts)) as progress:
+        rows, max_seq_len, memory = run(args, progress)
     notes = [f"model: dim {CONFIG['dim']}, {CONFIG['n_layers']} layers, {CONFIG['n_heads']} query "
              f"/ {CONFIG['n_kv_heads']} K/V heads, vocab {CONFIG['vocab_size']}; max_seq_len "
              f"{max_seq_len}; tok/s counts the tokens of every row",
@@ -121,12 +133,13 @@ def main(argv=None):
              f"{memory['kvarena']:.2f} MiB (kvarena) at B=2; the NumPy cache repeats them per "
              f"step, kvarena's attend does not",
              "kvarena / NumPy and kvarena / uncached: ratios of medians (of one run, uncached)"]
-    log(table(rows, COLUMNS, title="Greedy generation, tokens per second", notes=notes))
-    write_json(os.path.join(out, "llama.json"),
-               {"header": info, "generation": {"rows": rows, "max_seq_len": max_seq_len,
-                                               "cache_mib_b2": memory}})
+    result = {"header": info, "elapsed_s": time.perf_counter() - started,
+              "generation": {"rows": rows, "max_seq_len": max_seq_len, "cache_mib_b2": memory}}
+    write_results(out, "llama", result,
+                  table(rows, COLUMNS, title="Greedy generation, tokens per second", notes=notes),
+                  rows)
     if not all(row["identical"] for row in rows):
-        log("ERROR: the caches and the uncached model gave different tokens")
+        print("ERROR: the caches and the uncached model gave different tokens", file=sys.stderr)
         return 1
     return 0
 

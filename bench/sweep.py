@@ -4,16 +4,18 @@ Runs, each in a fresh interpreter (so that one question's thread pools and
 memory do not carry into the next), with the same ``--quick`` and ``--out``:
 
 1. ``generation.py``: what the cache buys (cached vs uncached generation);
-2. ``kernel.py``: how fast attention is against NumPy, a plain C loop and
+2. ``llama.py``: a grouped-query Llama-style model on kvarena against the
+   NumPy cache such models write (repeat_kv) and against no cache;
+3. ``kernel.py``: how fast attention is against NumPy, a plain C loop and
    the read floor (decode, storage dtypes, prefill, grouped-query);
-3. ``update.py``: what writing one token costs (float32 and int8);
-4. ``quality.py``: what int8 and float16 caches cost in generation quality;
-5. ``plot.py``: the PNGs of 1 and 2.
+4. ``update.py``: what writing one token costs (float32 and int8);
+5. ``quality.py``: what int8 and float16 caches cost in generation quality;
+6. ``plot.py``: the PNGs of 1 and 3.
 
 Each script prints its own progress and tables; this one prints where the
 sweep stands. ``make memory`` and ``make ops`` are separate runs.
 
-    python bench/sweep.py [--quick] [--out DIR] [--only generation,kernel,update,quality]
+    python bench/sweep.py [--quick] [--out DIR] [--only generation,llama,kernel,update,quality]
 """
 
 import argparse
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import default_results_dir, log, results_dir  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ("generation", "kernel", "update", "quality")
+SCRIPTS = ("generation", "llama", "kernel", "update", "quality")
 
 
 def main(argv=None):

@@ -25,3 +25,5 @@ def test_llama_bench_quick_gives_the_same_tokens_three_ways(tmp_path):
         assert row["identical"], row
         assert row["uncached_tok_s"] > 0 and row["numpy_tok_s"] > 0 and row["kvarena_tok_s"] > 0
     assert "Greedy generation, tokens per second" in proc.stdout
+    assert (tmp_path / "llama.csv").exists()
+    assert (tmp_path / "llama.txt").read_text().startswith("Greedy generation, tokens per second")
