@@ -219,8 +219,8 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
 }
 
 /* the two above for a run's storage type: one branch per run, none per row */
-KV_INLINE KV_REAL KV_FN(score_d)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
-                                 ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best)
+static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
+                            KV_REAL scale, KV_REAL *w, KV_REAL best)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
@@ -244,8 +244,8 @@ static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)
     }
 }
 
-KV_INLINE void KV_FN(weigh_d)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run,
-                              ptrdiff_t n, ptrdiff_t D)
+static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
+                         ptrdiff_t D)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
@@ -257,23 +257,6 @@ KV_INLINE void KV_FN(weigh_d)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *
         else KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 0);
         break;
     }
-}
-
-/* the usual head sizes compiled with D known: loops unrolled, no tails */
-static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
-                            KV_REAL scale, KV_REAL *w, KV_REAL best)
-{
-    if (D == 64) return KV_FN(score_d)(q, run, n, 64, scale, w, best);
-    if (D == 128) return KV_FN(score_d)(q, run, n, 128, scale, w, best);
-    return KV_FN(score_d)(q, run, n, D, scale, w, best);
-}
-
-static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
-                         ptrdiff_t D)
-{
-    if (D == 64) KV_FN(weigh_d)(acc, p, run, n, 64);
-    else if (D == 128) KV_FN(weigh_d)(acc, p, run, n, 128);
-    else KV_FN(weigh_d)(acc, p, run, n, D);
 }
 
 /* rotation: x (one D-vector) by its logical position `pos` */
