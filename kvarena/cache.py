@@ -1226,7 +1226,7 @@ class KVCache:
             slots = self._seq_lens[:, np.newaxis]
         else:
             slots = self._seq_lens[:, np.newaxis] + np.arange(T, dtype=np.intp)   # (B, T)
-        self._accessor.quantize(layer_idx, slots, key, value)
+        self._accessor.quantize(layer_idx, slots, key, value, kernel.current_isa())
 
     def _wipe_scales(self):
         # reset(): the scales of every written position, in the blocks that hold any

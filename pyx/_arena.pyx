@@ -55,7 +55,8 @@ cdef extern from "kernel.h" nogil:
                   int run_threads)
     int kv_best_isa()
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
-                     Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T)
+                     Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T,
+                     int isa)
 
 #: True when this extension was built with KVARENA_CYTHON_DEBUG=1.
 BOUNDSCHECK = bool(KVARENA_BOUNDSCHECK)
@@ -247,9 +248,10 @@ cdef class ArenaAccessor:
         return self.seconds_per_byte[0], self.seconds_per_byte[1]
 
     def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
-                 const float[:, :, :, ::1] key, const float[:, :, :, ::1] value):
+                 const float[:, :, :, ::1] key, const float[:, :, :, ::1] value, int isa):
         """int8 arenas: store key and value (B, H, T, D) of ``layer``, row b's
-        position t at slot slots[b, t], as int8 with one absmax / 127 scale per row.
+        position t at slot slots[b, t], as int8 with one absmax / 127 scale per
+        row, on instruction set ``isa`` (checked: 0 <= isa <= BEST_ISA).
 
         Caller checked: 0 <= layer < L; the arena is int8; key and value
         are float32, C-contiguous, (B, H, T, D); slots is (B, T), in [0, S).
@@ -264,6 +266,8 @@ cdef class ArenaAccessor:
                              f"{self.D}) with slots (B, T) are needed; got key "
                              f"{(<object>key).shape}, value {(<object>value).shape}, slots "
                              f"{(<object>slots).shape}, storage {self.arena.dtype}")
+        if not 0 <= isa <= BEST_ISA:
+            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
         if KVARENA_BOUNDSCHECK:
             if not 0 <= layer < self.raw.shape[0]:
                 raise IndexError(f"quantize: layer {layer} out of [0, {self.raw.shape[0]}) "
@@ -274,9 +278,9 @@ cdef class ArenaAccessor:
                         raise IndexError(f"quantize: slot {slots[b, t]} out of [0, {S})")
         with nogil:
             kv_quantize(&key[0, 0, 0, 0], <signed char *>&self.raw[layer, 0, 0, 0, 0, 0],
-                        &self.scale[layer, 0, 0, 0, 0], &slots[0, 0], B, H, S, D, T)
+                        &self.scale[layer, 0, 0, 0, 0], &slots[0, 0], B, H, S, D, T, isa)
             kv_quantize(&value[0, 0, 0, 0], <signed char *>&self.raw[layer, 1, 0, 0, 0, 0],
-                        &self.scale[layer, 1, 0, 0, 0], &slots[0, 0], B, H, S, D, T)
+                        &self.scale[layer, 1, 0, 0, 0], &slots[0, 0], B, H, S, D, T, isa)
 
     def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
              const Py_ssize_t[::1] count):

@@ -208,31 +208,27 @@ static int kv_run_item(void *ctx, ptrdiff_t item)
     return t->fn(t->job, item);
 }
 
+typedef float (*kv_quantize_fn)(const float *, int8_t *, ptrdiff_t);
+#if KV_HAVE_X86
+static const kv_quantize_fn kv_quantize_row[3] = {quantize_row_f_baseline, quantize_row_f_avx2,
+                                                  quantize_row_f_avx512};
+#else
+static const kv_quantize_fn kv_quantize_row[3] = {quantize_row_f_baseline, quantize_row_f_baseline,
+                                                  quantize_row_f_baseline};
+#endif
+
 /* int8 storage: rows[b, h, t] of a (B, H, T, D) float32 block, C-contiguous,
- * into slot slots[b * T + t] of (b, h), each as D int8 values and one scale,
- * absmax / 127 (0 for an all-zero row); rounding to nearest, ties to even */
+ * into slot slots[b * T + t] of (b, h), each as D int8 values and one scale
+ * (absmax / 127), on instruction set `isa` */
 static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptrdiff_t *slots,
-                        ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D, ptrdiff_t T)
+                        ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D, ptrdiff_t T, int isa)
 {
+    const kv_quantize_fn row = kv_quantize_row[isa];
     for (ptrdiff_t b = 0; b < B; b++)
         for (ptrdiff_t h = 0; h < H; h++)
             for (ptrdiff_t t = 0; t < T; t++) {
-                const float *x = rows + ((b * H + h) * T + t) * D;
                 const ptrdiff_t slot = (b * H + h) * S + slots[b * T + t];
-                /* a compare rather than fmaxf, lrintf rather than nearbyintf:
-                   both inline (maxss, cvtss2si) where the libm calls did not,
-                   and that was 90% of a token's write; lrintf rounds in the
-                   current mode (to nearest, ties to even) as nearbyintf did */
-                float big = 0;
-                for (ptrdiff_t d = 0; d < D; d++) {
-                    const float a = fabsf(x[d]);
-                    big = a > big ? a : big;
-                }
-                const float step = big / 127.0f;
-                float inv = big > 0 ? 127.0f / big : 0.0f;
-                if (inv > 3.0e38f) inv = 3.0e38f;   /* absmax below ~4e-37: keep x * inv finite */
-                for (ptrdiff_t d = 0; d < D; d++) data[slot * D + d] = (int8_t)lrintf(x[d] * inv);
-                scale[slot] = step;
+                scale[slot] = row(rows + ((b * H + h) * T + t) * D, data + slot * D, D);
             }
 }
 

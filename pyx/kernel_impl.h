@@ -386,6 +386,52 @@ static void KV_FN(store)(const kv_query *q, ptrdiff_t b, ptrdiff_t head, ptrdiff
     }
 }
 
+#if !KV_DOUBLE
+/* int8 storage: the D-vector x as int8 in q, rounded to nearest (ties to
+ * even, the CPU's mode, as lrintf); returns its scale absmax / 127 (0 for
+ * an all-zero vector). NaNs take no part in the absmax */
+static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
+{
+    typedef KV_FN(vec) vec;
+    typedef int32_t ivec __attribute__((vector_size(KV_VBYTES), aligned(4)));
+    vec most = {0};
+    ptrdiff_t d = 0;
+    for (; d + KV_W <= D; d += KV_W) {
+        const vec a = (vec)((ivec) * (const vec *)(x + d) & 0x7fffffff);     /* |x| */
+        const ivec larger = a > most;
+        most = (vec)(((ivec)a & larger) | ((ivec)most & ~larger));
+    }
+    float big = 0;
+    for (ptrdiff_t w = 0; w < KV_W; w++) big = most[w] > big ? most[w] : big;
+    for (ptrdiff_t e = d; e < D; e++) big = fabsf(x[e]) > big ? fabsf(x[e]) : big;
+    float inv = big > 0 ? 127.0f / big : 0.0f;
+    if (inv > 3.0e38f) inv = 3.0e38f;       /* absmax below ~4e-37: keep x * inv finite */
+    d = 0;
+#if KV_HAVE_X86 && KV_VBYTES == 64
+    for (; d + 16 <= D; d += 16)            /* round in the current mode, narrow to bytes */
+        _mm_storeu_si128((__m128i *)(q + d), _mm512_cvtepi32_epi8(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_set1_ps(inv)))));
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+    for (; d + 8 <= D; d += 8) {            /* |values| <= 127: the saturating packs are exact */
+        const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + d),
+                                                             _mm256_set1_ps(inv)));
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32),
+                                            _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(q + d), _mm_packs_epi16(i16, i16));
+    }
+#elif KV_HAVE_X86
+    for (; d + 4 <= D; d += 4) {
+        const __m128i i32 = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + d), _mm_set1_ps(inv)));
+        const __m128i i16 = _mm_packs_epi32(i32, i32);
+        const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(i16, i16));
+        memcpy(q + d, &bytes, 4);
+    }
+#endif
+    for (; d < D; d++) q[d] = (int8_t)lrintf(x[d] * inv);
+    return big / 127.0f;
+}
+#endif
+
 /* one work item: query heads h*G .. h*G + G - 1 of row b, query positions
  * t0 .. t0 + nt - 1, over logical positions [lo, hi) of the row */
 static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)

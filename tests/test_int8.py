@@ -78,6 +78,29 @@ def test_stored_values_are_exactly_absmax_over_127():
     assert (np.abs(keys.astype(int)).max(axis=-1) == 127).all()
 
 
+@pytest.mark.parametrize("isa", kernel.kernel_info()["isas"])
+@pytest.mark.parametrize("D", [1, 7, 17, 64, 65])
+def test_every_compiled_quantizer_stores_absmax_over_127(isa, D):
+    # each instruction set's quantizer, vector body and scalar tail, against
+    # NumPy; one vector's absmax is 127 so that its values are scaled by
+    # exactly 1 and land on ties (0.5, 1.5, 2.5, ...: to even)
+    x = normal((2, 3, 5, D), seed=D)
+    ties = np.resize(np.float32([0.5, -1.5, 2.5, -3.5, 126.5, -0.5, 4.0]), D)
+    ties[0] = 127
+    x[1, 2, 4] = ties
+    cache = KVCache(2, 5, 1, 3, D, dtype=np.int8)
+    with forced_isa(isa):
+        cache.update(0, x, x[:, :, ::-1])
+    cache.advance(5)
+    keys, key_scales, values, value_scales = cache.get_quantized(0)
+    for got, got_scales, want in ((keys, key_scales, x), (values, value_scales, x[:, :, ::-1])):
+        want_data, want_scales = quantize(want)
+        np.testing.assert_array_equal(got, want_data)
+        np.testing.assert_array_equal(got_scales, want_scales)
+    if D > 1:
+        assert keys[1, 2, 4, 1:5].tolist() == [-2, 2, -4, 126][:D - 1]
+
+
 def test_worked_example():
     # one vector [0.5, -1.27, 0.01, 0 ...]: absmax 1.27, scale 0.01; 0.5 / 0.01
     # = 50, -1.27 -> -127, 0.01 -> 1
