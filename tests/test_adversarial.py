@@ -871,7 +871,9 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
                                     np.zeros((1, 2, 2, 2, 8), np.float32))
         wide = np.zeros((2, 3, 1, 4), np.float32)
         refused(ValueError, "quantize: an int8 arena", int8.quantize, 0,
-                np.zeros((2, 1), np.intp), wide, wide)
+                np.zeros((2, 1), np.intp), wide, wide, 0)
         refused(ValueError, "quantize: an int8 arena", acc.quantize, 0,
-                np.zeros((2, 1), np.intp), q, q)
+                np.zeros((2, 1), np.intp), q, q, 0)
+        refused(ValueError, "isa must be in", int8.quantize, 0,
+                np.zeros((2, 1), np.intp), q, q, 99)
     ''', tmp_path)
