@@ -1,8 +1,10 @@
 /* kernel.h: kvarena's attention kernel, for decoding (T = 1) and prefill (T > 1).
  *
  * One kernel, four orthogonal parts:
- *   row reader    stored rows -> compute type, a block at a time: float16,
- *                 float32, float64, or int8 with one scale per row
+ *   row reader    stored vectors -> compute type, in registers inside the
+ *                 dot product and the weighted sum (kernel_impl.h's load):
+ *                 float16, float32, float64, or int8 with one scale per row;
+ *                 a block that many queries share is converted once instead
  *   position map  a row's logical position -> its slot in the arena: linear,
  *                 or n_sink sinks followed by a ring (a sliding window)
  *   rotation      optional rotary positions, applied to keys as they are read
