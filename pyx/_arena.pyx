@@ -254,7 +254,9 @@ cdef class ArenaAccessor:
         row, on instruction set ``isa`` (checked: 0 <= isa <= BEST_ISA).
 
         Caller checked: 0 <= layer < L; the arena is int8; key and value
-        are float32, C-contiguous, (B, H, T, D); slots is (B, T), in [0, S).
+        are float32, C-contiguous, (B, H, T, D) and finite (what a NaN or
+        infinity becomes differs between instruction sets); slots is
+        (B, T), in [0, S).
         """
         cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
         cdef Py_ssize_t S = self.raw.shape[4], b, t

@@ -389,7 +389,8 @@ static void KV_FN(store)(const kv_query *q, ptrdiff_t b, ptrdiff_t head, ptrdiff
 #if !KV_DOUBLE
 /* int8 storage: the D-vector x as int8 in q, rounded to nearest (ties to
  * even, the CPU's mode, as lrintf); returns its scale absmax / 127 (0 for
- * an all-zero vector). NaNs take no part in the absmax */
+ * an all-zero vector). x must be finite: the caller (KVCache) refuses
+ * NaN and infinity, whose conversion differs between instruction sets */
 static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
 {
     typedef KV_FN(vec) vec;
