@@ -174,18 +174,52 @@ typedef struct {
     const float *scale;          /* int8: one per row; else NULL */
     ptrdiff_t n;
     int kind;
+    const float *cos, *sin;      /* keys rotated in the dot product (pairs
+                                    (i, i + D/2)): row r by cos, sin + r * D/2 */
 } KV_FN(run);
+
+#if !KV_DOUBLE
+/* q . (row rotated by cs, sn), pairs (i, i + D/2): the key is rotated in
+ * registers and never stored (float64 arenas rotate theirs in the tile) */
+KV_INLINE KV_REAL KV_FN(dot_rotated)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind,
+                                     const float *cs, const float *sn)
+{
+    typedef KV_FN(vec) vec;
+    const ptrdiff_t half = D / 2;
+    vec s0 = {0}, s1 = {0};
+    ptrdiff_t d = 0;
+    for (; d + KV_W <= half; d += KV_W) {
+        const vec lo = KV_FN(load)(row, d, kind), hi = KV_FN(load)(row, d + half, kind);
+        const vec c = *(const vec *)(cs + d), s = *(const vec *)(sn + d);
+        s0 += *(const vec *)(q + d) * (lo * c - hi * s);
+        s1 += *(const vec *)(q + d + half) * (lo * s + hi * c);
+    }
+    KV_REAL sum = KV_FN(sum_lanes)(s0 + s1);
+    for (; d < half; d++) {
+        const KV_REAL a = KV_FN(load1)(row, d, kind), b = KV_FN(load1)(row, d + half, kind);
+        sum += q[d] * (a * cs[d] - b * sn[d]) + q[d + half] * (a * sn[d] + b * cs[d]);
+    }
+    return sum;
+}
+#endif
 
 /* w[r] = (q . row r) * scale (times the row's own scale when `scaled`)
  * for the n rows of a run; returns the largest of them and best */
 KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
                                     ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
-                                    int kind, int scaled)
+                                    int kind, int scaled, int rotated)
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     for (ptrdiff_t r = 0; r < n; r++) {
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
-        w[r] = KV_FN(dot)(q, (const char *)run->rows + r * stride, D, kind) * f;
+        const void *row = (const char *)run->rows + r * stride;
+#if !KV_DOUBLE
+        if (rotated)
+            w[r] = KV_FN(dot_rotated)(q, row, D, kind, run->cos + r * (D / 2),
+                                      run->sin + r * (D / 2)) * f;
+        else
+#endif
+            w[r] = KV_FN(dot)(q, row, D, kind) * f;
         best = w[r] > best ? w[r] : best;
     }
     return best;
@@ -222,14 +256,23 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
 static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
                             KV_REAL scale, KV_REAL *w, KV_REAL best)
 {
+#if !KV_DOUBLE
+    if (run->cos) {             /* keys rotated in the dot product: stored ones only */
+        switch (run->kind) {
+        case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0, 1);
+        case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1, 1);
+        default: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0, 1);
+        }
+    }
+#endif
     switch (run->kind) {
 #if !KV_DOUBLE
-    case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0);
-    case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1);
+    case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0, 0);
+    case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1, 0);
 #endif
     default:
-        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 1);
-        return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0);
+        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 1, 0);
+        return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0, 0);
     }
 }
 
@@ -299,18 +342,27 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
         const float *scale = c->scale[kv] ? c->scale[kv] + bh * c->S + slot : NULL;
         runs[count++] = (KV_FN(run)){(const char *)c->data[kv] +
                                      (bh * c->S + slot) * D * kv_elem_bytes[c->dtype],
-                                     scale, len, c->dtype};
+                                     scale, len, c->dtype, NULL, NULL};
     }
-    if (count == 1 && !convert) return runs[0];
+    /* keys to rotate: in the dot product for "half" pairs in float compute,
+       else in the tile */
+    const int rotate = kv == 0 && c->rope_cos != NULL;
+    if (count == 1 && !convert && (!rotate || (!c->rope_interleaved && !KV_DOUBLE))) {
+        if (rotate) {
+            runs[0].cos = c->rope_cos + pos * (D / 2);
+            runs[0].sin = c->rope_sin + pos * (D / 2);
+        }
+        return runs[0];
+    }
     KV_REAL *dst = tile;
     float *dst_scale = tile_scale;
     for (int k = 0; k < count; dst += runs[k].n * D, dst_scale += runs[k].n, k++) {
         KV_FN(convert)(&runs[k], dst, D);
         if (runs[k].scale) memcpy(dst_scale, runs[k].scale, runs[k].n * sizeof(float));
     }
-    if (kv == 0 && c->rope_cos)
+    if (rotate)
         for (ptrdiff_t r = 0; r < n; r++) KV_FN(rotate)(c, tile + r * D, pos + r);
-    return (KV_FN(run)){tile, c->scale[kv] ? tile_scale : NULL, n, KV_NATIVE};
+    return (KV_FN(run)){tile, c->scale[kv] ? tile_scale : NULL, n, KV_NATIVE, NULL, NULL};
 }
 
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
@@ -475,16 +527,18 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         }
     for (ptrdiff_t i = 0; i < Q * D; i++) acc[i] = 0;
 
-    /* convert a block once when several queries share it; a lone query
-     * reads the stored rows in registers (keys to be rotated: always once) */
-    const int convert = Q > KV_CONVERT_FROM && c->dtype != KV_NATIVE;
+    /* convert (and rotate) a block once when several queries share it; a
+     * lone query reads the stored rows in registers, and rotates its keys
+     * there too */
+    const int shared = Q > KV_CONVERT_FROM;
+    const int convert_values = shared && c->dtype != KV_NATIVE;
+    const int convert_keys = shared && (c->dtype != KV_NATIVE || c->rope_cos != NULL);
     float kscale[KV_BLK], vscale[KV_BLK];
 
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
-        const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert || c->rope_cos, ktile,
-                                             kscale);
+        const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
          *    was accumulated when the running maximum grows */
@@ -505,7 +559,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         }
 
         /* 3. weighted sum of the values, each row read once for all Q queries */
-        const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert, vtile, vscale);
+        const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
         for (ptrdiff_t i = 0; i < Q; i++)
             KV_FN(weigh)(acc + i * D, w + i * KV_BLK, &values,
                          kv_seen(q->base[b] + t0 + i / G, j0, n), D);

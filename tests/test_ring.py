@@ -385,21 +385,28 @@ def test_deepcopy_keeps_rings_and_rope(rng):
 
 # -- 6. without a window: rotating inside equals rotating before caching -----------------
 
+@pytest.mark.parametrize("isa", kernel_info()["isas"])
+@pytest.mark.parametrize("head_dim", [D, 64, 70])
+@pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("style", ["half", "interleaved"])
-def test_rope_in_cache_equals_rotating_before_caching(rng, style):
-    inside = KVCache(B, 32, 1, H, D, rope_theta=THETA, rope_style=style)
-    plain = KVCache(B, 32, 1, H, D)
+def test_rope_in_cache_equals_rotating_before_caching(rng, style, G, head_dim, isa):
+    # one query per K/V head rotates "half" keys inside the dot product;
+    # three share keys rotated once in a tile. head_dim 64 and 70 reach
+    # the vector body (and, 70, its tail) of every instruction set
+    inside = KVCache(B, 32, 1, H, head_dim, rope_theta=THETA, rope_style=style)
+    plain = KVCache(B, 32, 1, H, head_dim)
     start = 0
     for T in [5, 1, 1, 7, 1, 3]:
-        q, k, v = (rng.standard_normal((B, 3 * H, T, D)),) + tuple(
-            rng.standard_normal((B, H, T, D)) for _ in range(2))
+        q, k, v = (rng.standard_normal((B, G * H, T, head_dim)),) + tuple(
+            rng.standard_normal((B, H, T, head_dim)) for _ in range(2))
         positions = start + np.arange(T)[None]
         # the model's own rope takes (B, T, heads, D)
         def turn(x):
             return model_rope(x.transpose(0, 2, 1, 3), positions, THETA,
                               style).transpose(0, 2, 1, 3)
-        got = inside.attend(0, q, k, v)
-        want = plain.attend(0, turn(q), turn(k), v)
+        with forced_isa(isa):
+            got = inside.attend(0, q, k, v)
+            want = plain.attend(0, turn(q), turn(k), v)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
         inside.advance(T)
         plain.advance(T)
