@@ -8,7 +8,8 @@
  *   position map  a row's logical position -> its slot in the arena: linear,
  *                 or n_sink sinks followed by a ring (a sliding window)
  *   rotation      optional rotary positions, applied to keys as they are read
- *                 and to each query, by logical position
+ *                 (in the dot product, or once in a shared tile) and to each
+ *                 query, by logical position
  *   group loop    the G query heads of one K/V head (and a tile of query
  *                 positions) share every K/V block that is read
  * Keys and values are read once per query tile, in one pass, with an online
