@@ -175,9 +175,16 @@ static inline float kv_half_to_float(uint16_t h)
 typedef int (*kv_item_fn)(const kv_job *, ptrdiff_t);
 typedef void (*kv_merge_fn)(const kv_job *, ptrdiff_t, ptrdiff_t, ptrdiff_t, void *);
 
-/* [isa][0 = float compute, 1 = double] */
-#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa}, {attend_item_d_##isa, merge_d_##isa}}
-static const struct { kv_item_fn item; kv_merge_fn merge; } kv_variants[3][2] = {
+typedef float (*kv_quantize_fn)(const float *, int8_t *, ptrdiff_t);
+
+/* [isa][0 = float compute, 1 = double]; int8 quantization is float only */
+#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa, quantize_row_f_##isa}, \
+                         {attend_item_d_##isa, merge_d_##isa, NULL}}
+static const struct {
+    kv_item_fn item;
+    kv_merge_fn merge;
+    kv_quantize_fn quantize;
+} kv_variants[3][2] = {
     KV_VARIANT(baseline),
 #if KV_HAVE_X86
     KV_VARIANT(avx2),
@@ -215,22 +222,13 @@ static int kv_run_item(void *ctx, ptrdiff_t item)
     return t->fn(t->job, item);
 }
 
-typedef float (*kv_quantize_fn)(const float *, int8_t *, ptrdiff_t);
-#if KV_HAVE_X86
-static const kv_quantize_fn kv_quantize_row[3] = {quantize_row_f_baseline, quantize_row_f_avx2,
-                                                  quantize_row_f_avx512};
-#else
-static const kv_quantize_fn kv_quantize_row[3] = {quantize_row_f_baseline, quantize_row_f_baseline,
-                                                  quantize_row_f_baseline};
-#endif
-
 /* int8 storage: rows[b, h, t] of a (B, H, T, D) float32 block, C-contiguous,
  * into slot slots[b * T + t] of (b, h), each as D int8 values and one scale
  * (absmax / 127), on instruction set `isa` */
 static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptrdiff_t *slots,
                         ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D, ptrdiff_t T, int isa)
 {
-    const kv_quantize_fn row = kv_quantize_row[isa];
+    const kv_quantize_fn row = kv_variants[isa][0].quantize;
     for (ptrdiff_t b = 0; b < B; b++)
         for (ptrdiff_t h = 0; h < H; h++)
             for (ptrdiff_t t = 0; t < T; t++) {

@@ -252,7 +252,7 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
     }
 }
 
-/* the two above for a run's storage type: one branch per run, none per row */
+/* the three above for a run's storage type: one branch per run, none per row */
 static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
                             KV_REAL scale, KV_REAL *w, KV_REAL best)
 {
@@ -328,7 +328,8 @@ static void KV_FN(rotate)(const kv_layer *c, KV_REAL *x, ptrdiff_t pos)
  * they lie in consecutive slots and `convert` is 0; else converted once
  * into `tile` as the compute type and rotated (keys), with their int8
  * scales in tile_scale, which pays when many queries share the block.
- * Either way a block is summed in the same order: the same bits */
+ * Either way a block is summed in the same order: the same bits (keys
+ * rotated in the dot product excepted: rotation there rounds otherwise) */
 static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t h,
                                ptrdiff_t pos, ptrdiff_t n, int convert, KV_REAL *tile,
                                float *tile_scale)
