@@ -366,6 +366,30 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
     return (KV_FN(run)){tile, c->scale[kv] ? tile_scale : NULL, n, KV_NATIVE, NULL, NULL};
 }
 
+/* int8 rows: ask the memory system early for the stored rows and scales
+ * at logical positions pos .. pos + n - 1 of (row b, head h), keys and
+ * values. The CPU's streamer starts over at every 4 KiB page, and a block
+ * of int8 rows is half a page per stream. Measured side by side in one
+ * process (Xeon, B x H x S = 8 x 12 x 16384, decode): int8 0.82x the time
+ * without, on 1 and 2 threads, 0.91x with 32 query heads over 8; in L2
+ * 1.05x. Two blocks ahead: 1.11x. Asked for float16 rows: 1.24x, and for
+ * float32 grouped-query blocks 1.21x (the requests crowd out the loads) */
+static void KV_FN(prefetch)(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t pos,
+                            ptrdiff_t n)
+{
+    const ptrdiff_t bh = b * c->H + h, row_bytes = c->D * kv_elem_bytes[c->dtype];
+    for (ptrdiff_t done = 0, len; done < n; done += len) {
+        const ptrdiff_t slot = kv_slot(c, b, pos + done);
+        len = kv_run(c, b, pos + done, n - done);
+        for (int kv = 0; kv < 2; kv++) {
+            const char *first = (const char *)c->data[kv] + (bh * c->S + slot) * row_bytes;
+            for (ptrdiff_t off = 0; off < len * row_bytes; off += 64)
+                __builtin_prefetch(first + off, 0, 2);
+            __builtin_prefetch(c->scale[kv] + bh * c->S + slot, 0, 2);
+        }
+    }
+}
+
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
  * degree-6 polynomial for e^r; exactly 0 below -87, so no subnormal weight
  * ever reaches the sum of values. r = x - k ln2 in one step: relative
@@ -539,6 +563,8 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
+        if (c->dtype == KV_I8 && j0 + KV_BLK < hi)     /* the next block */
+            KV_FN(prefetch)(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK));
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
