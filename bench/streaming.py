@@ -12,8 +12,8 @@ Three questions, float32, medians of samples taken round-robin:
    the difference is what eviction adds to the attention it serves
    (target: at most 1%; at this size it is within the noise).
 2. Rotation inside the cache. Decode attention (T=1, one layer) over a
-   full cache whose K and V exceed the last-level cache (B=1, H=8, D=128,
-   S=32,768: 256 MiB; --quick S=8,192: 64 MiB), rotation off against
+   full cache whose K and V exceed the last-level cache (B=4, H=8, D=128,
+   S=32,768: 1 GiB; --quick B=1, S=8,192: 64 MiB), rotation off against
    rotation on (``rope_theta``), without a window and with a turned
    ring. Target: rotation on at most 1.3x off.
 3. A rotary model streaming far past its capacity: kvarena's Llama
@@ -43,7 +43,9 @@ MIB = 2 ** 20
 N_SINK = 4
 THETA = 10000.0
 WINDOWS = (64, 16384)                    # question 1: (B, H, D) = (1, 8, 64), L = 1
-ROPE_SHAPE = {"full": (1, 8, 32768, 128), "quick": (1, 8, 8192, 128)}   # question 2: (B, H, S, D)
+# question 2: (B, H, S, D). Full: 1 GiB of K and V, twice the largest last-level
+# cache seen here (480 MiB), so that the kernel reads from memory
+ROPE_SHAPE = {"full": (4, 8, 32768, 128), "quick": (1, 8, 8192, 128)}
 STREAM_CAPACITY = {"full": 64, "quick": 32}
 
 
