@@ -207,10 +207,11 @@ KV_INLINE KV_REAL KV_FN(dot_rotated)(const KV_REAL *q, const void *row, ptrdiff_
  * for the n rows of a run; returns the largest of them and best */
 KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
                                     ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
-                                    int kind, int scaled, int rotated)
+                                    const kv_ahead *ahead, int kind, int scaled, int rotated)
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     for (ptrdiff_t r = 0; r < n; r++) {
+        kv_ask(ahead, r);
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
         const void *row = (const char *)run->rows + r * stride;
 #if !KV_DOUBLE
@@ -254,25 +255,25 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
 
 /* the three above for a run's storage type: one branch per run, none per row */
 static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
-                            KV_REAL scale, KV_REAL *w, KV_REAL best)
+                            KV_REAL scale, KV_REAL *w, KV_REAL best, const kv_ahead *ahead)
 {
 #if !KV_DOUBLE
     if (run->cos) {             /* keys rotated in the dot product: stored ones only */
         switch (run->kind) {
-        case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0, 1);
-        case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1, 1);
-        default: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0, 1);
+        case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_F16, 0, 1);
+        case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_I8, 1, 1);
+        default: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0, 1);
         }
     }
 #endif
     switch (run->kind) {
 #if !KV_DOUBLE
-    case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_F16, 0, 0);
-    case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_I8, 1, 0);
+    case KV_F16: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_F16, 0, 0);
+    case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_I8, 1, 0);
 #endif
     default:
-        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 1, 0);
-        return KV_FN(score_kind)(q, run, n, D, scale, w, best, KV_NATIVE, 0, 0);
+        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 1, 0);
+        return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0, 0);
     }
 }
 
@@ -364,30 +365,6 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
     if (rotate)
         for (ptrdiff_t r = 0; r < n; r++) KV_FN(rotate)(c, tile + r * D, pos + r);
     return (KV_FN(run)){tile, c->scale[kv] ? tile_scale : NULL, n, KV_NATIVE, NULL, NULL};
-}
-
-/* int8 rows: ask the memory system early for the stored rows and scales
- * at logical positions pos .. pos + n - 1 of (row b, head h), keys and
- * values. The CPU's streamer starts over at every 4 KiB page, and a block
- * of int8 rows is half a page per stream. Measured side by side in one
- * process (Xeon, B x H x S = 8 x 12 x 16384, decode): int8 0.82x the time
- * without, on 1 and 2 threads, 0.91x with 32 query heads over 8; in L2
- * 1.05x. Two blocks ahead: 1.11x. Asked for float16 rows: 1.24x, and for
- * float32 grouped-query blocks 1.21x (the requests crowd out the loads) */
-static void KV_FN(prefetch)(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t pos,
-                            ptrdiff_t n)
-{
-    const ptrdiff_t bh = b * c->H + h, row_bytes = c->D * kv_elem_bytes[c->dtype];
-    for (ptrdiff_t done = 0, len; done < n; done += len) {
-        const ptrdiff_t slot = kv_slot(c, b, pos + done);
-        len = kv_run(c, b, pos + done, n - done);
-        for (int kv = 0; kv < 2; kv++) {
-            const char *first = (const char *)c->data[kv] + (bh * c->S + slot) * row_bytes;
-            for (ptrdiff_t off = 0; off < len * row_bytes; off += 64)
-                __builtin_prefetch(first + off, 0, 2);
-            __builtin_prefetch(c->scale[kv] + bh * c->S + slot, 0, 2);
-        }
-    }
 }
 
 /* e^x for x <= 0: 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, and a
@@ -563,8 +540,10 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
-        if (c->dtype == KV_I8 && j0 + KV_BLK < hi)     /* the next block */
-            KV_FN(prefetch)(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK));
+        /* the next block's rows, asked for by the query that sees every row */
+        const int ask = c->ask_ahead && j0 + KV_BLK < hi;
+        const kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK))
+                                  : (kv_ahead){0};
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
@@ -572,7 +551,8 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         for (ptrdiff_t i = 0; i < Q; i++) {
             const ptrdiff_t seen = kv_seen(q->base[b] + t0 + i / G, j0, n);
             KV_REAL *wi = w + i * KV_BLK, best = m[i];
-            best = KV_FN(score)(qv + i * D, &keys, seen, D, scale, wi, best);
+            best = KV_FN(score)(qv + i * D, &keys, seen, D, scale, wi, best,
+                               ask && i == Q - 1 ? &next : NULL);
             /* 2. softmax weights, max-subtracted for stability */
             const KV_REAL total = KV_FN(softmax_weights)(wi, seen, best);
             if (best > m[i]) {
