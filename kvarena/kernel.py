@@ -43,10 +43,7 @@ def kernel_info():
         ``"baseline"``); ``best_isa``: the widest this CPU runs; ``isas``:
         every one it can run, narrowest first; ``threads``: how the kernel
         spreads work (its own pool; see ``KVCache(num_threads=...)``);
-        ``boundscheck``: whether this is the bounds-checked debug build;
-        ``llc_bytes``: the last-level cache's size, as the C library reports
-        it: calls that read more keys and values than this ask the memory
-        for each next block's rows while computing the current one.
+        ``boundscheck``: whether this is the bounds-checked debug build.
     """
     return {
         "isa": _ISA_NAMES[_isa],
@@ -54,7 +51,6 @@ def kernel_info():
         "isas": _ISA_NAMES[:_arena.BEST_ISA + 1],
         "threads": "kvarena pool (pthreads, passive wait)",
         "boundscheck": bool(_arena.BOUNDSCHECK),
-        "llc_bytes": _arena.LLC_BYTES,
     }
 
 

@@ -43,7 +43,6 @@ cdef extern from "kernel.h" nogil:
         const float *rope_cos
         const float *rope_sin
         int rope_interleaved
-        int ask_ahead
     ctypedef struct kv_query:
         const void *q
         void *out
@@ -55,8 +54,6 @@ cdef extern from "kernel.h" nogil:
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                   int run_threads)
     int kv_best_isa()
-    void kv_init()
-    Py_ssize_t kv_llc_bytes
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
                      Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T,
                      int isa)
@@ -69,11 +66,6 @@ ISA_NAMES = ("baseline", "avx2", "avx512")
 
 #: The widest instruction set this CPU runs (an index into ISA_NAMES).
 BEST_ISA = kv_best_isa()
-
-kv_init()
-#: Bytes of the last-level cache: a call that reads more K and V than this
-#: asks for each next block's rows while it computes the current one.
-LLC_BYTES = kv_llc_bytes
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
                   np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}
@@ -192,9 +184,6 @@ cdef class ArenaAccessor:
         for b in range(c.B):
             work += starts[b] + qq.T
         work *= 2 * c.H * c.D * self.itemsize
-        # rows that every layer's call of a step reads add up to more than
-        # the last-level cache holds: they come from memory, so ask early
-        c.ask_ahead = work * self.L > LLC_BYTES
         # each tile of queries reads K and V again (kv_attend: 64 queries a tile)
         tile = max(1, 64 // (qq.Hq // c.H))
         work *= (qq.T + tile - 1) // tile

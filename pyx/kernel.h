@@ -31,7 +31,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 enum { KV_F16 = 0, KV_F32 = 1, KV_F64 = 2, KV_I8 = 3 };            /* storage types */
 enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instruction sets */
@@ -62,8 +61,6 @@ typedef struct {
     /* rotation: cos and sin of position * frequency, (S, D / 2); NULL: none */
     const float *rope_cos, *rope_sin;
     int rope_interleaved;        /* pairs (2i, 2i+1); else (i, i + D/2) */
-    int ask_ahead;               /* ask for each next block's rows early (kv_ahead):
-                                    the caller's guess that they are not cached */
 } kv_layer;
 
 /* the queries of one call and where their outputs go */
@@ -121,11 +118,11 @@ static const ptrdiff_t kv_elem_bytes[4] = {2, 4, 8, 1};
  * the registers. The requests are spread over the rows of the dot products:
  * a burst of them per block crowds out the loads that are waiting (float32
  * grouped-query 1.21x slower, int8 0.79x as fast as spread). Measured side
- * by side in one process (Xeon, decode, B x H x S = 8 x 12 x 16384, 2
- * threads): float32 0.79x the time without, float16 0.92x, int8 0.64x, 32
- * query heads over 8 0.91x; over K and V that fit the last-level cache,
- * 0.95-1.08x, so only calls whose rows are not likely to be cached ask
- * (kv_layer.ask_ahead) */
+ * by side in one process (Xeon, decode, 2 threads), against not asking:
+ * out of cache (B x H x S = 8 x 12 x 16384) float32 0.79x the time,
+ * float16 0.90x, int8 0.63x, 32 query heads over 8 0.91x; in the
+ * last-level cache (1 x 12 x 1024-16384) 0.80-0.98x on 2 threads and
+ * 0.72-1.04x on 1; in L2 0.95-0.99x. So every call asks */
 typedef struct {
     const char *k, *v;           /* the next block's first stored K and V rows */
     const float *ks, *vs;        /* int8: their scales, else NULL */
@@ -281,20 +278,6 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
                 const ptrdiff_t slot = (b * H + h) * S + slots[b * T + t];
                 scale[slot] = row(rows + ((b * H + h) * T + t) * D, data + slot * D, D);
             }
-}
-
-/* bytes of the last-level cache (32 MiB when the C library cannot say),
- * for the caller's kv_layer.ask_ahead. Set once, at import (kv_init) */
-static ptrdiff_t kv_llc_bytes = (ptrdiff_t)32 << 20;
-
-static void kv_init(void)
-{
-    long bytes = 0;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (bytes <= 0) bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    if (bytes > 0) kv_llc_bytes = (ptrdiff_t)bytes;
 }
 
 /* attention of q over one layer, into q->out, on run_threads threads; the

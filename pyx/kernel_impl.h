@@ -541,7 +541,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
         /* the next block's rows, asked for by the query that sees every row */
-        const int ask = c->ask_ahead && j0 + KV_BLK < hi;
+        const int ask = j0 + KV_BLK < hi;
         const kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK))
                                   : (kv_ahead){0};
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
