@@ -115,18 +115,22 @@ static const ptrdiff_t kv_elem_bytes[4] = {2, 4, 8, 1};
 /* the stored rows of the next block, asked for while this one is computed:
  * the CPU's own streamer stops at every 4 KiB page and runs only a little
  * ahead of the loads, so without this, memory idles while a block is in
- * the registers. The requests are spread over the rows of the dot products:
- * a burst of them per block crowds out the loads that are waiting (float32
- * grouped-query 1.21x slower, int8 0.79x as fast as spread). Measured side
- * by side in one process (Xeon, decode, 2 threads), against not asking:
- * out of cache (B x H x S = 8 x 12 x 16384) float32 0.79x the time,
- * float16 0.90x, int8 0.63x, 32 query heads over 8 0.91x; in the
- * last-level cache (1 x 12 x 1024-16384) 0.80-0.98x on 2 threads and
- * 0.72-1.04x on 1; in L2 0.95-0.99x. So every call asks */
+ * the registers. The requests are spread over the rows of the dot products,
+ * and the G query heads of a K/V head ask for a share each: a burst of them
+ * crowds out the loads that are waiting (float32 grouped-query 1.21x
+ * slower, int8 0.79x as fast as spread). Measured side by side in one
+ * process (Xeon, decode, 2 threads), against not asking: out of cache
+ * (B x H x S = 8 x 12 x 16384) float32 0.79x the time, float16 0.90x,
+ * int8 0.63x, 32 query heads over 8 0.91x, and 0.95x again with shares;
+ * in the last-level cache (1 x 12 x 1024-16384) 0.80-0.98x on 2 threads,
+ * 0.72-1.04x on 1; in L2 0.95-0.99x. Asking two blocks ahead: 1.01-1.09x.
+ * So every call asks, one block ahead */
 typedef struct {
     const char *k, *v;           /* the next block's first stored K and V rows */
     const float *ks, *vs;        /* int8: their scales, else NULL */
     ptrdiff_t n, row_bytes;      /* rows in consecutive slots from k and v */
+    ptrdiff_t first, every;      /* the rows one query's pass asks for: first,
+                                    first + every, ... (its share of them) */
 } kv_ahead;
 
 static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t pos,
@@ -137,7 +141,7 @@ static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, 
     return (kv_ahead){(const char *)c->data[0] + at * row_bytes,
                       (const char *)c->data[1] + at * row_bytes,
                       c->scale[0] ? c->scale[0] + at : NULL, c->scale[1] ? c->scale[1] + at : NULL,
-                      kv_run(c, b, pos, n), row_bytes};
+                      kv_run(c, b, pos, n), row_bytes, 0, 1};
 }
 
 /* ask for row r of the next block: its K and V lines, and every 16th row

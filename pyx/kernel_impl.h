@@ -210,8 +210,12 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
                                     const kv_ahead *ahead, int kind, int scaled, int rotated)
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
+    ptrdiff_t ask = ahead ? ahead->first : n;
     for (ptrdiff_t r = 0; r < n; r++) {
-        kv_ask(ahead, r);
+        if (r == ask) {
+            kv_ask(ahead, r);
+            ask += ahead->every;
+        }
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
         const void *row = (const char *)run->rows + r * stride;
 #if !KV_DOUBLE
@@ -540,10 +544,11 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
-        /* the next block's rows, asked for by the query that sees every row */
+        /* the next block's rows: the Q queries' passes ask for a share each */
         const int ask = j0 + KV_BLK < hi;
-        const kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK))
-                                  : (kv_ahead){0};
+        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK))
+                            : (kv_ahead){0};
+        next.every = Q;
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
@@ -551,8 +556,9 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         for (ptrdiff_t i = 0; i < Q; i++) {
             const ptrdiff_t seen = kv_seen(q->base[b] + t0 + i / G, j0, n);
             KV_REAL *wi = w + i * KV_BLK, best = m[i];
+            next.first = i;
             best = KV_FN(score)(qv + i * D, &keys, seen, D, scale, wi, best,
-                               ask && i == Q - 1 ? &next : NULL);
+                               ask ? &next : NULL);
             /* 2. softmax weights, max-subtracted for stability */
             const KV_REAL total = KV_FN(softmax_weights)(wi, seen, best);
             if (best > m[i]) {
