@@ -73,14 +73,9 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
-# now and then an accessor with num_threads > 1 runs on the thread count it
-# currently thinks slower, to follow changes in contention: after 16 calls,
-# and each time that count loses again twice as many calls later, up to 256
-# (a look costs a sleeping worker's wake-up, about 4 us: every 16th call
-# made 2 threads 1.11x one at 1 x 12 x 256). When it wins, looks are 16
-# calls apart again; the count in use is timed on every call
-cdef Py_ssize_t EXPLORE_FIRST = 16
-cdef Py_ssize_t EXPLORE_MOST = 256
+# every this many calls, an accessor with num_threads > 1 runs on the thread
+# count it currently thinks slower, to follow changes in contention
+cdef Py_ssize_t EXPLORE_EVERY = 16
 
 
 cdef inline double _now() noexcept nogil:
@@ -110,14 +105,12 @@ cdef class ArenaAccessor:
     # accessor runs the count that has been faster lately
     cdef double seconds_per_byte[2]
     cdef Py_ssize_t timed_calls
-    cdef Py_ssize_t explore_gap, next_explore    # calls between looks, and the next
     cdef int warmed[2]            # the first call of each count starts threads: not timed
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
         self.scales = scales
         self.num_threads = num_threads
-        self.explore_gap = self.next_explore = EXPLORE_FIRST
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
         self.L, _, self.B, self.H, self.S, self.D = arena.shape
@@ -233,10 +226,9 @@ cdef class ArenaAccessor:
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
         # the thread count that has been faster per byte, or now and then the other
         cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
-        cdef int explore = self.timed_calls + 1 >= self.next_explore
         cdef int status
         cdef double start, rate
-        if explore:
+        if self.timed_calls % EXPLORE_EVERY == EXPLORE_EVERY - 1:
             many = not many
         with nogil:
             start = _now()
@@ -248,23 +240,12 @@ cdef class ArenaAccessor:
             self.seconds_per_byte[many] = rate
         else:
             self.seconds_per_byte[many] = 0.75 * self.seconds_per_byte[many] + 0.25 * rate
-        if explore:
-            if (self.seconds_per_byte[1] <= self.seconds_per_byte[0]) == many:
-                self.explore_gap = EXPLORE_FIRST          # the look won: it is the choice now
-            else:
-                self.explore_gap = min(2 * self.explore_gap, EXPLORE_MOST)
-            self.next_explore = self.timed_calls + 1 + self.explore_gap
         self.timed_calls += 1
         return status
 
     def thread_rates(self):
         """Smoothed seconds per byte of K and V measured on (1, num_threads) threads."""
         return self.seconds_per_byte[0], self.seconds_per_byte[1]
-
-    def explore_schedule(self):
-        """(timed calls so far, the call that will next try the other thread
-        count, calls between such tries now)."""
-        return self.timed_calls, self.next_explore, self.explore_gap
 
     def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
                  const float[:, :, :, ::1] key, const float[:, :, :, ::1] value, int isa):
