@@ -460,8 +460,20 @@ static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
         const ivec larger = a > most;
         most = (vec)(((ivec)a & larger) | ((ivec)most & ~larger));
     }
-    float big = 0;
-    for (ptrdiff_t w = 0; w < KV_W; w++) big = most[w] > big ? most[w] : big;
+    /* the largest lane, as a tree of halves: a chain of KV_W dependent
+       maxima was most of a row's time */
+#if KV_HAVE_X86 && KV_VBYTES == 64
+    float big = _mm512_reduce_max_ps((__m512)most);
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128((__m256)most),
+                             _mm256_extractf128_ps((__m256)most, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float big = _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
+#else
+    for (ptrdiff_t half = KV_W / 2; half > 0; half /= 2)
+        for (ptrdiff_t w = 0; w < half; w++) most[w] = most[w + half] > most[w] ? most[w + half] : most[w];
+    float big = most[0];
+#endif
     for (ptrdiff_t e = d; e < D; e++) big = fabsf(x[e]) > big ? fabsf(x[e]) : big;
     float inv = big > 0 ? 127.0f / big : 0.0f;
     if (inv > 3.0e38f) inv = 3.0e38f;       /* absmax below ~4e-37: keep x * inv finite */
