@@ -304,7 +304,6 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than 256 */
     const ptrdiff_t units = c->B * c->H * job.n_qtiles;
-
     if (threads > 1 && units < 4 * threads)
         job.n_chunks = kv_min((4 * threads + units - 1) / units, (longest + 255) / 256);
     if (job.n_chunks < 1) job.n_chunks = 1;

@@ -471,7 +471,8 @@ static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
     float big = _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
 #else
     for (ptrdiff_t half = KV_W / 2; half > 0; half /= 2)
-        for (ptrdiff_t w = 0; w < half; w++) most[w] = most[w + half] > most[w] ? most[w + half] : most[w];
+        for (ptrdiff_t w = 0; w < half; w++)
+            most[w] = most[w + half] > most[w] ? most[w + half] : most[w];
     float big = most[0];
 #endif
     for (ptrdiff_t e = d; e < D; e++) big = fabsf(x[e]) > big ? fabsf(x[e]) : big;
