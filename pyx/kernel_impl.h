@@ -276,7 +276,8 @@ static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n
     case KV_I8: return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_I8, 1, 0);
 #endif
     default:
-        if (run->scale) return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 1, 0);
+        if (run->scale)
+            return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 1, 0);
         return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0, 0);
     }
 }
