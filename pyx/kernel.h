@@ -112,6 +112,17 @@ static inline ptrdiff_t kv_run(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos, pt
 /* bytes per stored element, by storage type (KV_F16 .. KV_I8) */
 static const ptrdiff_t kv_elem_bytes[4] = {2, 4, 8, 1};
 
+/* the stored key (kv 0) or value (1) row at index at = (b * H + h) * S + slot,
+ * and its int8 scale (NULL for float storage) */
+static inline const char *kv_stored_row(const kv_layer *c, int kv, ptrdiff_t at)
+{
+    return (const char *)c->data[kv] + at * c->D * kv_elem_bytes[c->dtype];
+}
+static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t at)
+{
+    return c->scale[kv] ? c->scale[kv] + at : NULL;
+}
+
 /* the stored rows of the next block, asked for while this one is computed:
  * the CPU's own streamer stops at every 4 KiB page and runs only a little
  * ahead of the loads, so without this, memory idles while a block is in
@@ -133,15 +144,15 @@ typedef struct {
                                     first + every, ... (its share of them) */
 } kv_ahead;
 
+/* the rows at logical positions pos .. pos + n - 1 of (row b, head h), as
+ * far as they lie in consecutive slots, shared among `every` passes */
 static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t pos,
-                                   ptrdiff_t n)
+                                   ptrdiff_t n, ptrdiff_t every)
 {
     const ptrdiff_t at = (b * c->H + h) * c->S + kv_slot(c, b, pos);
-    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype];
-    return (kv_ahead){(const char *)c->data[0] + at * row_bytes,
-                      (const char *)c->data[1] + at * row_bytes,
-                      c->scale[0] ? c->scale[0] + at : NULL, c->scale[1] ? c->scale[1] + at : NULL,
-                      kv_run(c, b, pos, n), row_bytes, 0, 1};
+    return (kv_ahead){kv_stored_row(c, 0, at), kv_stored_row(c, 1, at),
+                      kv_stored_scale(c, 0, at), kv_stored_scale(c, 1, at),
+                      kv_run(c, b, pos, n), c->D * kv_elem_bytes[c->dtype], 0, every};
 }
 
 /* ask for row r of the next block: its K and V lines, and every 16th row

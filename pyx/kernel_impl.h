@@ -92,6 +92,25 @@ KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
 #endif
 }
 
+#if !KV_DOUBLE
+/* the largest of a vector's lanes (no NaN), as the same tree of halves: a
+ * chain of KV_W dependent maxima was most of quantize_row's time */
+KV_INLINE float KV_FN(max_lanes)(KV_FN(vec) v)
+{
+#if KV_HAVE_X86 && KV_VBYTES == 64
+    return _mm512_reduce_max_ps((__m512)v);
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+#else
+    for (ptrdiff_t half = KV_W / 2; half > 0; half /= 2)
+        for (ptrdiff_t w = 0; w < half; w++) v[w] = v[w + half] > v[w] ? v[w + half] : v[w];
+    return v[0];
+#endif
+}
+#endif
+
 /* dot product of q with one stored row, in registers: two vector sums,
  * then a tree of the lanes */
 KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind)
@@ -346,10 +365,9 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
     for (ptrdiff_t done = 0, len; done < n; done += len) {
         const ptrdiff_t slot = kv_slot(c, b, pos + done);
         len = kv_run(c, b, pos + done, n - done);
-        const float *scale = c->scale[kv] ? c->scale[kv] + bh * c->S + slot : NULL;
-        runs[count++] = (KV_FN(run)){(const char *)c->data[kv] +
-                                     (bh * c->S + slot) * D * kv_elem_bytes[c->dtype],
-                                     scale, len, c->dtype, NULL, NULL};
+        runs[count++] = (KV_FN(run)){kv_stored_row(c, kv, bh * c->S + slot),
+                                     kv_stored_scale(c, kv, bh * c->S + slot),
+                                     len, c->dtype, NULL, NULL};
     }
     /* keys to rotate: in the dot product for "half" pairs in float compute,
        else in the tile */
@@ -461,21 +479,7 @@ static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
         const ivec larger = a > most;
         most = (vec)(((ivec)a & larger) | ((ivec)most & ~larger));
     }
-    /* the largest lane, as a tree of halves: a chain of KV_W dependent
-       maxima was most of a row's time */
-#if KV_HAVE_X86 && KV_VBYTES == 64
-    float big = _mm512_reduce_max_ps((__m512)most);
-#elif KV_HAVE_X86 && KV_VBYTES == 32
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128((__m256)most),
-                             _mm256_extractf128_ps((__m256)most, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    float big = _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
-#else
-    for (ptrdiff_t half = KV_W / 2; half > 0; half /= 2)
-        for (ptrdiff_t w = 0; w < half; w++)
-            most[w] = most[w + half] > most[w] ? most[w + half] : most[w];
-    float big = most[0];
-#endif
+    float big = KV_FN(max_lanes)(most);
     for (ptrdiff_t e = d; e < D; e++) big = fabsf(x[e]) > big ? fabsf(x[e]) : big;
     float inv = big > 0 ? 127.0f / big : 0.0f;
     if (inv > 3.0e38f) inv = 3.0e38f;       /* absmax below ~4e-37: keep x * inv finite */
@@ -560,9 +564,9 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
         /* the next block's rows: the Q queries' passes ask for a share each */
         const int ask = j0 + KV_BLK < hi;
-        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK))
+        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK,
+                                          kv_min(KV_BLK, hi - j0 - KV_BLK), Q)
                             : (kv_ahead){0};
-        next.every = Q;
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
