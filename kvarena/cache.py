@@ -342,13 +342,10 @@ class KVCache:
         if rope_theta is not None:
             self._rope_cos, self._rope_sin = rope_tables(rope_theta, self.max_seq_len,
                                                          self.head_dim)
-        # what attend() passes the kernel besides the queries
-        self._kernel_map = {}
-        if self.window is not None:
-            self._kernel_map.update(ring_head=self._ring, n_sink=self.n_sink)
-        if rope_theta is not None:
-            self._kernel_map.update(rope_cos=self._rope_cos, rope_sin=self._rope_sin,
-                                    rope_interleaved=rope_style == "interleaved")
+        # the kernel's map from positions to slots and rotations
+        windowed = self.window is not None
+        self._accessor.positions(self._ring if windowed else None, self.n_sink if windowed else 0,
+                                 self._rope_cos, self._rope_sin, rope_style == "interleaved")
 
     # -- validation ----------------------------------------------------------
 
@@ -534,14 +531,18 @@ class KVCache:
             return block.copy()
         return block
 
-    def _room(self, name, T):
-        """Check that a block of ``T`` new positions can be written at the live lengths."""
+    def _check_lengths(self):
+        """Recheck the lengths and ring heads if they changed outside the cache's methods."""
         # the kernel writes at seq_lens as they are in memory now, not at the
         # cached seq_pos: if they changed behind this object's back, recheck
         # (comparing bytes costs a tenth of a reduction)
         if (self._seq_lens.tobytes() != self._lengths_seen
                 or self._ring.tobytes() != self._ring_seen):
             self._lengths_changed_outside()
+
+    def _room(self, name, T):
+        """Check that a block of ``T`` new positions can be written at the live lengths."""
+        self._check_lengths()
         if self.window is not None:
             if T > self.window:
                 raise ValueError(f"{name} holds T = {T} positions, more than the window of "
@@ -880,6 +881,16 @@ class KVCache:
         TypeError, ValueError
             As ``update``, also for ``q`` and ``out``; the cache is unchanged.
         """
+        if type(layer_idx) is int and 0 <= layer_idx < self.num_layers:
+            # the common call (every row at seq_pos, ndarrays the kernel reads
+            # as they are, no eviction) is checked, written and attended in
+            # one compiled step; None means it is not one, with nothing touched
+            self._check_lengths()
+            plain = self._accessor.attend_plain(layer_idx, self._seq_pos, self._seq_lens, q, k, v,
+                                                out, kernel.current_isa(), self.check_finite)
+            if plain is not None:
+                self._wrote(plain.shape[2])
+                return plain
         layer_idx = self._layer(layer_idx)
         key = self._block("k", k)
         T = key.shape[2]
@@ -891,8 +902,7 @@ class KVCache:
         self._make_room(T)
         self._write(layer_idx, key, value)
         self._wrote(T)   # before the kernel: reset() must wipe these even if it raises
-        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa(),
-                              **self._kernel_map)
+        self._accessor.attend(layer_idx, self._seq_lens, query, out, kernel.current_isa())
         return out
 
     @exclusive

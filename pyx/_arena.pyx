@@ -15,7 +15,10 @@ The kernel itself is C: pyx/kernel.h (and kernel_impl.h, pool.h).
 """
 
 cimport numpy as cnp
-from libc.string cimport memmove
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.float cimport FLT_MAX
+from libc.math cimport INFINITY, fabs, isfinite
+from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
@@ -106,6 +109,20 @@ cdef class ArenaAccessor:
     cdef double seconds_per_byte[2]
     cdef Py_ssize_t timed_calls
     cdef int warmed[2]            # the first call of each count starts threads: not timed
+    # the position map, set by positions(): the arrays, and pointers into them
+    cdef object ring_array, cos_array, sin_array
+    cdef const Py_ssize_t *ring_head
+    cdef Py_ssize_t n_sink
+    cdef const float *rope_cos
+    cdef const float *rope_sin
+    cdef int rope_interleaved
+    # attend_plain: the NumPy type numbers of the storage and of the compute
+    # type, and the bytes of the arena and the scales, [lo, hi)
+    cdef int storage_num, compute_num
+    cdef const char *arena_lo
+    cdef const char *arena_hi
+    cdef const char *scales_lo
+    cdef const char *scales_hi
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
@@ -122,34 +139,210 @@ cdef class ArenaAccessor:
                              f"{None if scales is None else scales.shape} for {arena.dtype}")
         if scales is not None:
             self.scale = scales
+            _extent(scales, &self.scales_lo, &self.scales_hi)
+        _extent(arena, &self.arena_lo, &self.arena_hi)
+        self.storage_num = cnp.PyArray_TYPE(arena)
+        self.compute_num = cnp.NPY_FLOAT64 if self.storage == KV_F64 else cnp.NPY_FLOAT32
 
-    def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q,
-               cnp.ndarray out, int isa, const Py_ssize_t[::1] ring_head=None,
-               Py_ssize_t n_sink=0, const float[:, ::1] rope_cos=None,
-               const float[:, ::1] rope_sin=None, bint rope_interleaved=False):
+    def positions(self, ring_head=None, Py_ssize_t n_sink=0, rope_cos=None, rope_sin=None,
+                  bint rope_interleaved=False):
+        """Set the map from logical positions to slots and rotations, for every later call.
+
+        With ``ring_head`` (intp (B,), C-contiguous, kept and read at every
+        call), row b keeps n_sink sinks in slots [0, n_sink) and a ring after
+        them whose oldest position is in slot n_sink + ring_head[b]; its
+        values are checked at every call. With ``rope_cos``/``rope_sin``
+        (float32 (S, D / 2), C-contiguous), keys and queries are rotated by
+        their logical positions, pairs (i, i + D / 2) or, with
+        ``rope_interleaved``, (2i, 2i + 1). None turns either off.
+        """
+        if ring_head is not None and (not isinstance(ring_head, np.ndarray)
+                                      or ring_head.dtype != np.intp
+                                      or ring_head.shape != (self.B,)
+                                      or not ring_head.flags.c_contiguous
+                                      or not 0 <= n_sink < self.S):
+            raise ValueError(f"ring_head must be C-contiguous intp with {self.B} entries and "
+                             f"n_sink be in [0, {self.S}); got {ring_head!r} and {n_sink}")
+        if (rope_cos is None) != (rope_sin is None):
+            raise ValueError("rope_cos and rope_sin go together")
+        if rope_cos is not None and (self.D % 2 or any(
+                not isinstance(t, np.ndarray) or t.dtype != np.float32
+                or not t.flags.c_contiguous
+                or t.shape != (self.S, self.D // 2) for t in (rope_cos, rope_sin))):
+            raise ValueError(f"rope tables must be C-contiguous float32 ({self.S}, "
+                             f"{self.D // 2}) with an even head_dim {self.D}; got "
+                             f"{np.shape(rope_cos)} and {np.shape(rope_sin)}")
+        self.ring_array, self.cos_array, self.sin_array = ring_head, rope_cos, rope_sin
+        self.ring_head = NULL if ring_head is None else \
+            <const Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>ring_head)
+        self.n_sink = n_sink if ring_head is not None else 0
+        self.rope_cos = self.rope_sin = NULL
+        if rope_cos is not None:
+            self.rope_cos = <const float *>cnp.PyArray_DATA(<cnp.ndarray>rope_cos)
+            self.rope_sin = <const float *>cnp.PyArray_DATA(<cnp.ndarray>rope_sin)
+        self.rope_interleaved = rope_interleaved
+
+    def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
+               int isa):
         """Attention of ``q`` over ``layer`` into ``out``.
 
         q and out are (B, Hq, T, D), Hq = G * H; query head h attends with
         K/V head h // G. Query t of row b sees positions 0 .. base[b] + t:
         the row's cached positions, then causal within the new block (whose
-        keys and values the caller has written at base[b] ..). Positions
-        are logical: with ``ring_head``, row b keeps n_sink sinks in slots
-        [0, n_sink) and a ring after them whose oldest position is in slot
-        n_sink + ring_head[b]. With ``rope_cos``/``rope_sin`` (S, D / 2),
-        keys and queries are rotated by their logical positions.
+        keys and values the caller has written at base[b] ..), through the
+        position map set by ``positions``.
 
         Caller checked: 0 <= layer < L; base is C-contiguous intp (B,);
         q and out are float32 or float64, native order, 4-d, with strides
         that are multiples of their itemsize; out is writable and overlaps
-        neither q nor the arena; Hq is a multiple of H; base[b] + T <= S;
-        0 <= isa <= BEST_ISA; 0 <= ring_head[b] < S - n_sink; rope tables
-        (S, D / 2), D even.
+        neither q nor the arena; Hq is a multiple of H; base[b] + T <= S.
         """
+        if cnp.PyArray_NDIM(q) != 4 or cnp.PyArray_NDIM(out) != 4 \
+                or base.shape[0] != self.B or base.dtype != np.intp:
+            raise ValueError(f"q and out must be 4-d, base intp ({self.B},); got q "
+                             f"{(<object>q).shape}, out {(<object>out).shape}, base "
+                             f"{(<object>base).shape} {base.dtype}")
+        self._run(layer, base, q, out, isa)
+
+    def attend_plain(self, Py_ssize_t layer, Py_ssize_t start, cnp.ndarray base, q, k, v, out,
+                     int isa, bint check_finite):
+        """The common call checked, written and attended in one step; or None.
+
+        When the call is plain, writes keys ``k`` and values ``v`` (B, H, T,
+        D) at slots start .. start + T - 1 of ``layer`` in every row, and
+        returns the attention of ``q`` (B, G * H, T, D) over them and the
+        cached positions into ``out`` (a new array of q's dtype when None):
+        what ``KVCache.attend`` does after its checks. Plain: ndarrays only
+        (no subclass); k and v 4-d, in the storage dtype and native order
+        (an int8 arena: float32, C-contiguous, finite), strides in whole
+        elements; q float32 or float64, native, aligned (finite values
+        within float32 when computed in float32); every row at ``start``
+        and no ring turned; start + T <= S, and T within a sliding window;
+        nothing overlaps the arena, its scales or out; with
+        ``check_finite``, no NaN or infinity; out, when given, q's shape and
+        dtype, C-contiguous and writable. Anything else returns None with
+        nothing touched: the caller's general path then says what is wrong,
+        or handles the rest (conversions, eviction).
+
+        Caller checked: 0 <= layer < L; base is C-contiguous intp (B,).
+        """
+        cdef cnp.ndarray qa, ka, va, oa
+        cdef Py_ssize_t b, T
+        cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
+        cdef int narrow
+        if not (cnp.PyArray_CheckExact(q) and cnp.PyArray_CheckExact(k)
+                and cnp.PyArray_CheckExact(v) and (out is None or cnp.PyArray_CheckExact(out))):
+            return None
+        qa, ka, va = q, k, v
+        if not (self._plain_block(ka) and self._plain_block(va)):
+            return None
+        T = cnp.PyArray_DIMS(ka)[2]
+        if cnp.PyArray_DIMS(va)[2] != T or not 0 <= start <= self.S - T \
+                or (self.ring_head != NULL and T > self.S - self.n_sink):   # beyond the window
+            return None
+        if cnp.PyArray_NDIM(qa) != 4 or cnp.PyArray_DIMS(qa)[0] != self.B \
+                or cnp.PyArray_DIMS(qa)[1] % self.H or cnp.PyArray_DIMS(qa)[1] == 0 \
+                or cnp.PyArray_DIMS(qa)[2] != T or cnp.PyArray_DIMS(qa)[3] != self.D \
+                or cnp.PyArray_TYPE(qa) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64) \
+                or not cnp.PyArray_ISNOTSWAPPED(qa) or not cnp.PyArray_ISALIGNED(qa):
+            return None
+        for b in range(self.B):
+            if starts[b] != start or (self.ring_head != NULL and self.ring_head[b] != 0):
+                return None
+        if self._overlaps(ka) or self._overlaps(va) or self._overlaps(qa):
+            return None
+        if out is None:
+            oa = cnp.PyArray_EMPTY(4, cnp.PyArray_DIMS(qa), cnp.PyArray_TYPE(qa), 0)
+        else:
+            oa = out
+            if not cnp.PyArray_SAMESHAPE(oa, qa) or cnp.PyArray_TYPE(oa) != cnp.PyArray_TYPE(qa) \
+                    or not cnp.PyArray_ISNOTSWAPPED(oa) or not cnp.PyArray_IS_C_CONTIGUOUS(oa) \
+                    or not cnp.PyArray_ISWRITEABLE(oa) or self._overlaps(oa) \
+                    or _overlap(oa, qa):
+                return None
+        # values: what the general path would refuse, it refuses itself
+        narrow = cnp.PyArray_ITEMSIZE(qa) > (8 if self.compute_num == cnp.NPY_FLOAT64 else 4)
+        if (check_finite or narrow) and _scan(qa, FLT_MAX if narrow else INFINITY):
+            return None
+        if (check_finite or self.storage == KV_I8) and (_scan(ka, INFINITY)
+                                                        or _scan(va, INFINITY)):
+            return None
+        self._store(layer, 0, ka, start, isa)
+        self._store(layer, 1, va, start, isa)
+        self._run(layer, base, qa, oa, isa)
+        return oa
+
+    cdef bint _plain_block(self, cnp.ndarray x):
+        # keys or values (B, H, T >= 1, D) that _store copies as they are
+        if cnp.PyArray_NDIM(x) != 4 or cnp.PyArray_DIMS(x)[0] != self.B \
+                or cnp.PyArray_DIMS(x)[1] != self.H or cnp.PyArray_DIMS(x)[2] < 1 \
+                or cnp.PyArray_DIMS(x)[3] != self.D or not cnp.PyArray_ISNOTSWAPPED(x) \
+                or not cnp.PyArray_ISALIGNED(x):
+            return False
+        if self.storage == KV_I8:
+            return cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(x)
+        return cnp.PyArray_TYPE(x) == self.storage_num
+
+    cdef bint _overlaps(self, cnp.ndarray x):
+        # whether x's bytes may overlap the arena's or the scales'
+        cdef const char *lo
+        cdef const char *hi
+        _extent(x, &lo, &hi)
+        return (lo < self.arena_hi and self.arena_lo < hi) or \
+            (self.scales_lo != NULL and lo < self.scales_hi and self.scales_lo < hi)
+
+    cdef _store(self, Py_ssize_t layer, int kv, cnp.ndarray x, Py_ssize_t start, int isa):
+        # x (B, H, T, D), plain (_plain_block), at slots start .. start + T - 1 of every row
+        cdef Py_ssize_t B = self.B, H = self.H, T = cnp.PyArray_DIMS(x)[2], D = self.D
+        cdef Py_ssize_t b, h, t, d, size = self.itemsize
+        cdef const cnp.npy_intp *s = cnp.PyArray_STRIDES(x)
+        cdef const char *src = <const char *>cnp.PyArray_DATA(x)
+        cdef const char *row
+        cdef unsigned char *dst
+        cdef Py_ssize_t *slots
+        if KVARENA_BOUNDSCHECK and not 0 <= start <= self.S - T:
+            raise IndexError(f"attend_plain: slots [{start}, {start + T}) out of [0, {self.S})")
+        if self.storage == KV_I8:
+            slots = <Py_ssize_t *>PyMem_Malloc(B * T * sizeof(Py_ssize_t))
+            if slots == NULL:
+                raise MemoryError()
+            for b in range(B):
+                for t in range(T):
+                    slots[b * T + t] = start + t
+            with nogil:
+                kv_quantize(<const float *>src, <signed char *>&self.raw[layer, kv, 0, 0, 0, 0],
+                            &self.scale[layer, kv, 0, 0, 0], slots, B, H, self.S, D, T, isa)
+            PyMem_Free(slots)
+            return
+        with nogil:
+            for b in range(B):
+                for h in range(H):
+                    for t in range(T):
+                        dst = &self.raw[layer, kv, b, h, start + t, 0]
+                        row = src + b * s[0] + h * s[1] + t * s[2]
+                        if s[3] == size:
+                            memcpy(dst, row, D * size)
+                        else:
+                            for d in range(D):
+                                memcpy(dst + d * size, row + d * s[3], size)
+
+    cdef _run(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
+              int isa):
+        # the kernel on q, out (checked by the caller), with the position map
         cdef kv_layer c
         cdef kv_query qq
         cdef Py_ssize_t i, b, work, tile
-        cdef int status, threads
+        cdef int status
         cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
+        # checked in every build: O(B), and a wrong one would send the
+        # kernel outside the arena
+        if not 0 <= isa <= BEST_ISA:
+            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
+        if self.ring_head != NULL:
+            for b in range(self.B):
+                if not 0 <= self.ring_head[b] < self.S - self.n_sink:
+                    raise ValueError(f"ring_head[{b}] must be in [0, {self.S - self.n_sink}); "
+                                     f"got {self.ring_head[b]}")
         c.dtype = self.storage
         c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
         c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
@@ -158,17 +351,10 @@ cdef class ArenaAccessor:
         if self.scales is not None:
             c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
             c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
-        # the options are checked in every build: O(B), and a wrong one
-        # would send the kernel outside the arena or its tables
-        self._check_options(isa, q, out, base, ring_head, n_sink, rope_cos, rope_sin)
-        c.n_sink = n_sink
-        c.ring_head = NULL
-        if ring_head is not None:
-            c.ring_head = &ring_head[0]
-        c.rope_cos = c.rope_sin = NULL
-        if rope_cos is not None:
-            c.rope_cos, c.rope_sin = &rope_cos[0, 0], &rope_sin[0, 0]
-        c.rope_interleaved = rope_interleaved
+        c.n_sink = self.n_sink
+        c.ring_head = self.ring_head
+        c.rope_cos, c.rope_sin = self.rope_cos, self.rope_sin
+        c.rope_interleaved = self.rope_interleaved
         qq.q = cnp.PyArray_DATA(q)
         qq.out = cnp.PyArray_DATA(out)
         qq.q_f64 = cnp.PyArray_ITEMSIZE(q) == 8
@@ -194,34 +380,6 @@ cdef class ArenaAccessor:
             status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
-
-    cdef _check_options(self, int isa, cnp.ndarray q, cnp.ndarray out, cnp.ndarray base,
-                        const Py_ssize_t[::1] ring_head, Py_ssize_t n_sink,
-                        const float[:, ::1] rope_cos, const float[:, ::1] rope_sin):
-        cdef Py_ssize_t b, window = self.S - n_sink
-        if not 0 <= isa <= BEST_ISA:
-            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
-        if cnp.PyArray_NDIM(q) != 4 or cnp.PyArray_NDIM(out) != 4 \
-                or base.shape[0] != self.B or base.dtype != np.intp:
-            raise ValueError(f"q and out must be 4-d, base intp ({self.B},); got q "
-                             f"{(<object>q).shape}, out {(<object>out).shape}, base "
-                             f"{(<object>base).shape} {base.dtype}")
-        if ring_head is not None:
-            if not 0 <= n_sink < self.S or ring_head.shape[0] != self.B:
-                raise ValueError(f"ring_head must have {self.B} entries and n_sink be in "
-                                 f"[0, {self.S}); got {ring_head.shape[0]} and {n_sink}")
-            for b in range(self.B):
-                if not 0 <= ring_head[b] < window:
-                    raise ValueError(f"ring_head[{b}] must be in [0, {window}); "
-                                     f"got {ring_head[b]}")
-        if (rope_cos is None) != (rope_sin is None):
-            raise ValueError("rope_cos and rope_sin go together")
-        if rope_cos is not None and (self.D % 2 or
-                                     rope_cos.shape[0] != self.S or rope_sin.shape[0] != self.S or
-                                     rope_cos.shape[1] != self.D // 2 or
-                                     rope_sin.shape[1] != self.D // 2):
-            raise ValueError(f"rope tables must be ({self.S}, {self.D // 2}) with an even "
-                             f"head_dim {self.D}")
 
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
         # the thread count that has been faster per byte, or now and then the other
@@ -310,6 +468,55 @@ cdef class ArenaAccessor:
                             memmove(&self.raw[layer, kv, b, h, dst[b], 0],
                                     &self.raw[layer, kv, b, h, src[b], 0],
                                     count[b] * row_bytes)
+
+
+cdef void _extent(cnp.ndarray x, const char **lo, const char **hi):
+    # the bytes x may touch, [lo, hi): from its lowest to past its highest element
+    cdef Py_ssize_t i, span
+    lo[0] = hi[0] = <const char *>cnp.PyArray_DATA(x)
+    for i in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(x)[i] == 0:
+            hi[0] = lo[0]
+            return
+        span = (cnp.PyArray_DIMS(x)[i] - 1) * cnp.PyArray_STRIDES(x)[i]
+        if span < 0:
+            lo[0] += span
+        else:
+            hi[0] += span
+    hi[0] += cnp.PyArray_ITEMSIZE(x)
+
+
+cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
+    # whether the bytes of x and y may overlap
+    cdef const char *xlo
+    cdef const char *xhi
+    cdef const char *ylo
+    cdef const char *yhi
+    _extent(x, &xlo, &xhi)
+    _extent(y, &ylo, &yhi)
+    return xlo < yhi and ylo < xhi
+
+
+cdef int _scan(cnp.ndarray x, double limit):
+    # 4-d float32 or float64 x: 1 if it holds a NaN or an infinity, else 2
+    # if a value's magnitude exceeds limit, else 0
+    cdef const cnp.npy_intp *n = cnp.PyArray_DIMS(x)
+    cdef const cnp.npy_intp *s = cnp.PyArray_STRIDES(x)
+    cdef const char *p = <const char *>cnp.PyArray_DATA(x)
+    cdef const char *e
+    cdef Py_ssize_t i, j, k, d
+    cdef double a, most = 0
+    cdef bint wide = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64
+    for i in range(n[0]):
+        for j in range(n[1]):
+            for k in range(n[2]):
+                for d in range(n[3]):
+                    e = p + i * s[0] + j * s[1] + k * s[2] + d * s[3]
+                    a = (<const double *>e)[0] if wide else (<const float *>e)[0]
+                    if not isfinite(a):
+                        return 1
+                    most = fabs(a) if fabs(a) > most else most
+    return 2 if most > limit else 0
 
 
 cdef _check_extent(kv_layer c, kv_query qq, q, out, base, Py_ssize_t layer, Py_ssize_t L):

@@ -857,14 +857,24 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         out, base = np.empty_like(q), np.array([3, 3], np.intp)
         refused(ValueError, "isa must be in", acc.attend, 0, base, q, out, 99)
         refused(ValueError, "4-d", acc.attend, 0, base, q[0], out[0], 0)
-        refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 7", acc.attend, 0, base,
-                q, out, 0, ring_head=np.array([0, 7], np.intp), n_sink=2)
-        refused(ValueError, "ring_head must have 2 entries", acc.attend, 0, base, q, out, 0,
-                ring_head=np.array([0], np.intp), n_sink=2)
-        refused(ValueError, "go together", acc.attend, 0, base, q, out, 0,
-                rope_cos=np.zeros((8, 2), np.float32))
-        refused(ValueError, "rope tables must be", acc.attend, 0, base, q, out, 0,
+        refused(ValueError, "ring_head must be C-contiguous intp with 2 entries",
+                acc.positions, np.array([0], np.intp), 2)
+        refused(ValueError, "ring_head must be", acc.positions, np.array([0, 0], np.int32), 2)
+        refused(ValueError, "n_sink be in", acc.positions, np.array([0, 0], np.intp), 8)
+        refused(ValueError, "go together", acc.positions, rope_cos=np.zeros((8, 2), np.float32))
+        refused(ValueError, "rope tables must be", acc.positions,
                 rope_cos=np.zeros((8, 3), np.float32), rope_sin=np.zeros((8, 3), np.float32))
+        refused(ValueError, "rope tables must be", acc.positions,
+                rope_cos=np.zeros((8, 2)), rope_sin=np.zeros((8, 2)))
+        # the ring's values change between calls: checked at each, by both entry points
+        ring = np.array([0, 0], np.intp)
+        acc.positions(ring, 2)
+        ring[1] = 7
+        refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 7", acc.attend, 0, base,
+                q, out, 0)
+        ring[1] = 6
+        refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 6", acc.attend, 0, base,
+                q, out, 0)
         refused(ValueError, "scales must be float32", _arena.ArenaAccessor,
                 np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1)
         int8 = _arena.ArenaAccessor(np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1,
