@@ -76,8 +76,10 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
-# every this many calls, an accessor with num_threads > 1 runs on the thread
-# count it currently thinks slower, to follow changes in contention
+# every this many calls, an accessor with num_threads > 1 that runs one
+# thread runs two calls on num_threads, to see whether they became faster
+# (on num_threads, every call measures them: if they become slower than one
+# thread was, the next call runs one)
 cdef Py_ssize_t EXPLORE_EVERY = 16
 
 
@@ -108,7 +110,11 @@ cdef class ArenaAccessor:
     # accessor runs the count that has been faster lately
     cdef double seconds_per_byte[2]
     cdef Py_ssize_t timed_calls
-    cdef int warmed[2]            # the first call of each count starts threads: not timed
+    # the count the last call ran on (-1: none yet). A call on the other one
+    # is not timed: the workers of a count not run lately are asleep, and
+    # the first call wakes them (on this VM, 2 threads seemed 2x slower than
+    # one at 1 x 12 x 256 when every sample was such a call; they are 1.5x faster)
+    cdef int last_many
     # the position map, set by positions(): the arrays, and pointers into them
     cdef object ring_array, cos_array, sin_array
     cdef const Py_ssize_t *ring_head
@@ -128,6 +134,7 @@ cdef class ArenaAccessor:
         self.arena = arena
         self.scales = scales
         self.num_threads = num_threads
+        self.last_many = -1
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
         self.L, _, self.B, self.H, self.S, self.D = arena.shape
@@ -382,18 +389,18 @@ cdef class ArenaAccessor:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
 
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
-        # the thread count that has been faster per byte, or now and then the other
+        # the thread count that has been faster per byte, or now and then many
         cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
         cdef int status
         cdef double start, rate
-        if self.timed_calls % EXPLORE_EVERY == EXPLORE_EVERY - 1:
-            many = not many
+        if self.timed_calls % EXPLORE_EVERY >= EXPLORE_EVERY - 2:
+            many = 1
         with nogil:
             start = _now()
             status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
             rate = (_now() - start) / work
-        if not self.warmed[many]:
-            self.warmed[many] = 1
+        if many != self.last_many:
+            self.last_many = many
         elif self.seconds_per_byte[many] == 0:
             self.seconds_per_byte[many] = rate
         else:
