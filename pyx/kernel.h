@@ -101,6 +101,13 @@ static inline ptrdiff_t kv_seen(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t n)
     return p < j0 ? 0 : kv_min(n, p + 1 - j0);
 }
 
+/* how many of the `left` query heads still to score at one position share a
+ * score pass: four, or three with one dropped, when `grouped`; else one */
+static inline ptrdiff_t kv_pass_size(ptrdiff_t left, int grouped)
+{
+    return grouped && left >= 3 ? kv_min(4, left) : 1;
+}
+
 /* how many of the n positions from pos on lie in consecutive slots */
 static inline ptrdiff_t kv_run(const kv_layer *c, ptrdiff_t b, ptrdiff_t pos, ptrdiff_t n)
 {

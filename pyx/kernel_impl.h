@@ -92,6 +92,39 @@ KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
 #endif
 }
 
+/* the lane sums of four vectors, s[i] of v[i], each in exactly sum_lanes'
+ * order (the same pairs of lanes at every step, so the same bits): one
+ * tree for all four, 13 operations where four trees take 32 */
+KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_REAL s[4])
+{
+#if KV_HAVE_X86 && KV_VBYTES == 64 && !KV_DOUBLE
+    const __m512 a = (__m512)v[0], b = (__m512)v[1], c = (__m512)v[2], d = (__m512)v[3];
+    /* 256-bit halves: (a, b) and (c, d) side by side, each the sum of its halves */
+    const __m512 ab = _mm512_shuffle_f32x4(a, b, 0x44) + _mm512_shuffle_f32x4(a, b, 0xee);
+    const __m512 cd = _mm512_shuffle_f32x4(c, d, 0x44) + _mm512_shuffle_f32x4(c, d, 0xee);
+    /* 128-bit quarters: one per vector, in order a, b, c, d */
+    __m512 x = _mm512_shuffle_f32x4(ab, cd, 0x88) + _mm512_shuffle_f32x4(ab, cd, 0xdd);
+    x += _mm512_permute_ps(x, 0x4e);        /* lanes i and i + 2 */
+    x += _mm512_permute_ps(x, 0xb1);        /* lanes 0 and 1 */
+    float lanes[16];
+    _mm512_storeu_ps(lanes, x);
+    for (int i = 0; i < 4; i++) s[i] = lanes[4 * i];
+#elif KV_HAVE_X86 && KV_VBYTES == 32 && !KV_DOUBLE
+    const __m256 a = (__m256)v[0], b = (__m256)v[1], c = (__m256)v[2], d = (__m256)v[3];
+    /* 128-bit halves: (a, b) and (c, d) side by side, each the sum of its halves */
+    const __m256 ab = _mm256_permute2f128_ps(a, b, 0x20) + _mm256_permute2f128_ps(a, b, 0x31);
+    const __m256 cd = _mm256_permute2f128_ps(c, d, 0x20) + _mm256_permute2f128_ps(c, d, 0x31);
+    /* lanes i and i + 2: a, c in the low half, b, d in the high one */
+    __m256 x = _mm256_shuffle_ps(ab, cd, 0x44) + _mm256_shuffle_ps(ab, cd, 0xee);
+    x += _mm256_permute_ps(x, 0xb1);        /* lanes 0 and 1 */
+    float lanes[8];
+    _mm256_storeu_ps(lanes, x);
+    s[0] = lanes[0], s[1] = lanes[4], s[2] = lanes[2], s[3] = lanes[6];
+#else
+    for (int i = 0; i < 4; i++) s[i] = KV_FN(sum_lanes)(v[i]);
+#endif
+}
+
 #if !KV_DOUBLE
 /* the largest of a vector's lanes (no NaN), as the same tree of halves: a
  * chain of KV_W dependent maxima was most of quantize_row's time */
@@ -129,6 +162,34 @@ KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int
     KV_REAL s = KV_FN(sum_lanes)(s0 + s1);
     for (; d < D; d++) s += q[d] * KV_FN(load1)(row, d, kind);
     return s;
+}
+
+/* the dot products of four queries with one stored row, each loaded once:
+ * per query the sums of dot, in its order, so each gets dot's bits */
+KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t D, int kind,
+                           KV_REAL s[4])
+{
+    typedef KV_FN(vec) vec;
+    vec even[4] = {{0}}, odd[4] = {{0}};
+    ptrdiff_t d = 0;
+    for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
+        const vec k0 = KV_FN(load)(row, d, kind), k1 = KV_FN(load)(row, d + KV_W, kind);
+        for (int i = 0; i < 4; i++) {
+            even[i] += *(const vec *)(q[i] + d) * k0;
+            odd[i] += *(const vec *)(q[i] + d + KV_W) * k1;
+        }
+    }
+    if (d + KV_W <= D) {
+        const vec k0 = KV_FN(load)(row, d, kind);
+        for (int i = 0; i < 4; i++) even[i] += *(const vec *)(q[i] + d) * k0;
+        d += KV_W;
+    }
+    for (int i = 0; i < 4; i++) even[i] += odd[i];
+    KV_FN(sum_lanes4)(even, s);
+    for (; d < D; d++) {
+        const KV_REAL k = KV_FN(load1)(row, d, kind);
+        for (int i = 0; i < 4; i++) s[i] += q[i][d] * k;
+    }
 }
 
 /* acc += sum over r < n of p[r] * row r of `rows`. Up to four native
@@ -249,6 +310,29 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
     return best;
 }
 
+/* score_kind for four queries that see the same n rows (query heads of one
+ * K/V head), each row loaded once for all four: w[i][r] and best[i] */
+KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
+                                  ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4],
+                                  KV_REAL best[4], const kv_ahead *ahead, int kind, int scaled)
+{
+    const ptrdiff_t stride = D * kv_elem_bytes[kind];
+    ptrdiff_t ask = ahead ? ahead->first : n;
+    for (ptrdiff_t r = 0; r < n; r++) {
+        if (r == ask) {
+            kv_ask(ahead, r);
+            ask += ahead->every;
+        }
+        const KV_REAL f = scaled ? scale * run->scale[r] : scale;
+        KV_REAL s[4];
+        KV_FN(dot4)(q, (const char *)run->rows + r * stride, D, kind, s);
+        for (int i = 0; i < 4; i++) {
+            w[i][r] = s[i] * f;
+            best[i] = w[i][r] > best[i] ? w[i][r] : best[i];
+        }
+    }
+}
+
 /* acc += the n rows of a run weighted by p (`scaled`: by p times each row's scale) */
 KV_INLINE void KV_FN(accumulate_kind)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run,
                                       ptrdiff_t n, ptrdiff_t D, int kind, int scaled)
@@ -298,6 +382,23 @@ static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n
         if (run->scale)
             return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 1, 0);
         return KV_FN(score_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0, 0);
+    }
+}
+
+/* score for four queries, over a run whose keys are not rotated in the dot product */
+static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
+                          ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
+                          const kv_ahead *ahead)
+{
+    switch (run->kind) {
+#if !KV_DOUBLE
+    case KV_F16: KV_FN(score4_kind)(q, run, n, D, scale, w, best, ahead, KV_F16, 0); break;
+    case KV_I8: KV_FN(score4_kind)(q, run, n, D, scale, w, best, ahead, KV_I8, 1); break;
+#endif
+    default:
+        if (run->scale) KV_FN(score4_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 1);
+        else KV_FN(score4_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0);
+        break;
     }
 }
 
@@ -558,35 +659,59 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     const int convert_values = shared && c->dtype != KV_NATIVE;
     const int convert_keys = shared && (c->dtype != KV_NATIVE || c->rope_cos != NULL);
     float kscale[KV_BLK], vscale[KV_BLK];
+    KV_REAL dropped[KV_BLK];
 
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
-        /* the next block's rows: the Q queries' passes ask for a share each */
-        const int ask = j0 + KV_BLK < hi;
-        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK,
-                                          kv_min(KV_BLK, hi - j0 - KV_BLK), Q)
-                            : (kv_ahead){0};
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
+        /* score passes: three or four query heads of one position share one,
+         * which loads each key row once for them; else one per query (also
+         * when keys rotate in the dot product). Two in one pass with two
+         * dropped took 1.05x the time of a pass each (1 x 16/8 x 256, in L2) */
+        const int grouped = keys.cos == NULL;
+        ptrdiff_t passes = 0;
+        for (ptrdiff_t g = 0; g < G; g += kv_pass_size(G - g, grouped)) passes++;
+        /* the next block's rows: each score pass asks for a share */
+        const int ask = j0 + KV_BLK < hi;
+        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK),
+                                          nt * passes)
+                            : (kv_ahead){0};
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
          *    was accumulated when the running maximum grows */
-        for (ptrdiff_t i = 0; i < Q; i++) {
+        for (ptrdiff_t i = 0, pass = 0; i < Q; pass++) {
+            /* queries i .. i + k - 1: heads of one position, seeing the same rows */
+            const ptrdiff_t k = kv_pass_size(G - i % G, grouped);
             const ptrdiff_t seen = kv_seen(q->base[b] + t0 + i / G, j0, n);
-            KV_REAL *wi = w + i * KV_BLK, best = m[i];
-            next.first = i;
-            best = KV_FN(score)(qv + i * D, &keys, seen, D, scale, wi, best,
-                               ask ? &next : NULL);
-            /* 2. softmax weights, max-subtracted for stability */
-            const KV_REAL total = KV_FN(softmax_weights)(wi, seen, best);
-            if (best > m[i]) {
-                const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best);
-                l[i] *= shrink;
-#pragma omp simd
-                for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
-                m[i] = best;
+            KV_REAL best[4];
+            next.first = pass;
+            if (k == 1) {
+                best[0] = KV_FN(score)(qv + i * D, &keys, seen, D, scale, w + i * KV_BLK, m[i],
+                                       ask ? &next : NULL);
+            } else {        /* fewer than four: the last one again, its scores dropped */
+                const KV_REAL *qs[4];
+                KV_REAL *ws[4];
+                for (ptrdiff_t g = 0; g < 4; g++) {
+                    const ptrdiff_t at = i + kv_min(g, k - 1);
+                    qs[g] = qv + at * D;
+                    ws[g] = g < k ? w + at * KV_BLK : dropped;
+                    best[g] = m[at];
+                }
+                KV_FN(score4)(qs, &keys, seen, D, scale, ws, best, ask ? &next : NULL);
             }
-            l[i] += total;
+            for (ptrdiff_t g = 0; g < k; g++, i++) {
+                /* 2. softmax weights, max-subtracted for stability */
+                const KV_REAL total = KV_FN(softmax_weights)(w + i * KV_BLK, seen, best[g]);
+                if (best[g] > m[i]) {
+                    const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best[g]);
+                    l[i] *= shrink;
+#pragma omp simd
+                    for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
+                    m[i] = best[g];
+                }
+                l[i] += total;
+            }
         }
 
         /* 3. weighted sum of the values, each row read once for all Q queries */

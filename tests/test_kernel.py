@@ -65,6 +65,7 @@ CASES = [  # B, H, G, D, S, cached per row, T
     (1, 3, 2, 64, 71, [0], 9),
     (2, 2, 1, 128, 99, [5, 60], 33),
     (1, 1, 4, 256, 71, [69], 1),
+    (2, 1, 6, 7, 75, [40, 3], 2),            # a score pass for four heads, then one each
     (3, 2, 2, 64, 201, [130, 7, 66], 70),   # several query tiles, blocks that wrap none
 ]
 
