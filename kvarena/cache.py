@@ -164,8 +164,11 @@ class KVCache:
         process may run on. Calls under 256 KiB of keys and values run on
         one thread. Above that the kernel times itself on one thread and on
         ``num_threads``, runs the count that has been faster per byte, and
-        tries the other every 16th call: next to a threaded BLAS whose idle
-        workers spin on the cores, one thread can be the faster. The work
+        tries the other for two calls every 16, half as often each time it
+        loses again (down to two in 256): next to a threaded BLAS whose idle
+        workers spin on the cores, or with a model's work between the calls
+        (waking the kernel's workers costs time), one thread can be the
+        faster. The work
         is cut the same way whichever count runs, so results do not depend
         on it. They may differ in the last bits between ``num_threads``
         settings, or batches of different sizes, once a call is large

@@ -76,11 +76,17 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
-# every this many calls, an accessor with num_threads > 1 that runs one
-# thread runs two calls on num_threads, to see whether they became faster
-# (on num_threads, every call measures them: if they become slower than one
-# thread was, the next call runs one)
+# an accessor with num_threads > 1 runs the last two calls of every period
+# on the thread count it does not choose, to see whether that became the
+# faster; the period doubles, from EXPLORE_EVERY up to EXPLORE_MOST calls,
+# each time it had not (the chosen count is measured on every call: if it
+# becomes slower than the other was, the next call runs that). Waking the workers
+# of a count not run lately costs ~20 us on this VM, so between a model's
+# layers, 100 us apart, 2 threads took 40 us where one took 24 (1 x 4 x
+# 1000, D = 32); exploring every 16th call then cost a 2-thread cache 5-6%
+# of a small model's generation
 cdef Py_ssize_t EXPLORE_EVERY = 16
+cdef Py_ssize_t EXPLORE_MOST = 256
 
 
 cdef inline double _now() noexcept nogil:
@@ -109,7 +115,9 @@ cdef class ArenaAccessor:
     # whose idle workers spin, more threads can be slower than one: the
     # accessor runs the count that has been faster lately
     cdef double seconds_per_byte[2]
-    cdef Py_ssize_t timed_calls
+    # calls in the current exploring period, and how many of them are left
+    cdef readonly Py_ssize_t explore_every
+    cdef Py_ssize_t until_explore
     # the count the last call ran on (-1: none yet). A call on the other one
     # is not timed: the workers of a count not run lately are asleep, and
     # the first call wakes them (on this VM, 2 threads seemed 2x slower than
@@ -135,6 +143,7 @@ cdef class ArenaAccessor:
         self.scales = scales
         self.num_threads = num_threads
         self.last_many = -1
+        self.explore_every = self.until_explore = EXPLORE_EVERY
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
         self.L, _, self.B, self.H, self.S, self.D = arena.shape
@@ -389,23 +398,32 @@ cdef class ArenaAccessor:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
 
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
-        # the thread count that has been faster per byte, or now and then many
+        # the thread count that has been faster per byte, or at the end of a
+        # period the other one (see EXPLORE_EVERY)
         cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
+        cdef int exploring = 0
         cdef int status
         cdef double start, rate
-        if self.timed_calls % EXPLORE_EVERY >= EXPLORE_EVERY - 2:
-            many = 1
+        self.until_explore -= 1
+        if self.until_explore < 2:
+            many, exploring = not many, 1
         with nogil:
             start = _now()
             status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
             rate = (_now() - start) / work
         if many != self.last_many:
             self.last_many = many
-        elif self.seconds_per_byte[many] == 0:
-            self.seconds_per_byte[many] = rate
+        elif exploring or self.seconds_per_byte[many] == 0:
+            self.seconds_per_byte[many] = rate      # not smoothed into a stale rate
         else:
             self.seconds_per_byte[many] = 0.75 * self.seconds_per_byte[many] + 0.25 * rate
-        self.timed_calls += 1
+        if exploring and self.until_explore <= 0:
+            if (self.seconds_per_byte[many] > self.seconds_per_byte[not many]) \
+                    and self.seconds_per_byte[not many] > 0:      # it lost again
+                self.explore_every = min(2 * self.explore_every, EXPLORE_MOST)
+            else:
+                self.explore_every = EXPLORE_EVERY
+            self.until_explore = self.explore_every
         return status
 
     def thread_rates(self):

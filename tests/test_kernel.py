@@ -6,6 +6,8 @@ draws fresh random data; sizes are odd on purpose (D = 1, 7, 65, ...).
 """
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_one_and_two_threads_agree(rng):
 
 def test_results_do_not_depend_on_the_thread_count_that_ran(rng):
     # a cache with num_threads=2 times 1 and 2 threads and runs the faster,
-    # trying the other every 16th call; the work is cut for num_threads
+    # now and then trying the other; the work is cut for num_threads
     # either way, so every call gives the same bits
     shape = (1, 2, 4000, 64)
     cache = KVCache(1, 4001, 1, 2, 64, num_threads=2)
@@ -286,3 +288,35 @@ def test_every_compiled_isa_is_exercised():
 def test_float64_arena_decode_is_float64_exact(B, H, D, n, rng):
     cache, q, k, v = grouped_case(rng, np.float64, B, H, 1, D, 40, [n - 1] * B, 1)
     check(cache, q, k, v, 1e-13)
+
+
+EXPLORING = """
+import os, sys
+import numpy as np
+from kvarena import KVCache
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})   # one CPU for both threads
+cache = KVCache(1, 1100, 1, 1, 64, num_threads=2)  # 563 KB of K and V: timed, one item
+rng = np.random.default_rng(0)
+cache.update(0, *rng.standard_normal((2, 1, 1, 1099, 64)))
+cache.advance(1099)
+q, k, v = rng.standard_normal((3, 1, 1, 1, 64))
+periods = []
+for _ in range(800):
+    cache.attend(0, q, k, v)
+    periods.append(cache._accessor.explore_every)
+one, many = cache._accessor.thread_rates()
+print(one < many, max(periods), periods[-1])
+"""
+
+
+def test_a_thread_count_that_keeps_losing_is_tried_less_often():
+    # on one CPU a second thread only adds its wake-up: each time it loses
+    # again, the next try comes twice as late, up to every 256th call (a
+    # try costs a call at the slower count; every 16th cost 5-6% of a
+    # small model's generation). A subprocess: the pool's workers take the
+    # CPU affinity of the process that starts them
+    proc = subprocess.run([sys.executable, "-c", EXPLORING], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    one_faster, most, last = proc.stdout.split()
+    assert one_faster == "True" and int(most) == 256 and int(last) >= 128, proc.stdout
