@@ -215,3 +215,24 @@ def test_quality_int8_and_float16_near_float32(tmp_path):
         # 0.16%; quick runs measured 99.4-99.7% for int8): a looser bound
         assert r["agreement"] >= 0.97, r
     assert rows[("GPT", "float16")]["kl_mean"] < rows[("GPT", "int8")]["kl_mean"]
+
+
+def test_compare_reports_the_ratios_that_moved(tmp_path):
+    # two runs' kernel and update JSON, as the scripts write them; one ratio
+    # moves by 20%, one by 5%, and a script only one run holds is named
+    import compare
+    decode = {"B": 1, "H": 12, "S": 16, "attend_2v1": 1.0, "numpy_ratio": 3.0}
+    runs = []
+    for numpy_ratio, two_v_one in ((3.0, 1.0), (3.6, 1.05)):
+        run = tmp_path / f"run{len(runs)}"
+        run.mkdir()
+        kernel = {"decode": [dict(decode, numpy_ratio=numpy_ratio, attend_2v1=two_v_one)],
+                  "dtypes": [], "prefill": [], "gqa": {}}
+        (run / "kernel.json").write_text(json.dumps(kernel))
+        runs.append(str(run))
+    (tmp_path / "run0" / "update.json").write_text(json.dumps({"rows": []}))
+    lines, agreed, compared = compare.compare(*runs, tolerance=0.10)
+    assert (agreed, compared) == (1, 2)
+    assert lines[0] == "kernel: 1 of 2 ratios within 10%"
+    assert "decode 1 x 12 x 16 numpy/kv" in lines[1] and "x1.20" in lines[1]
+    assert "update: not in both runs" in lines
