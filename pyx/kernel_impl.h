@@ -15,6 +15,8 @@
 /* the instruction set's native vector, loadable at any float alignment */
 typedef KV_REAL KV_FN(vec) __attribute__((vector_size(KV_VBYTES), aligned(sizeof(KV_REAL))));
 #define KV_W ((ptrdiff_t)(KV_VBYTES / sizeof(KV_REAL)))     /* lanes per vector */
+/* four numbers of the compute type: the scores of four queries with one row */
+typedef KV_REAL KV_FN(four) __attribute__((vector_size(4 * sizeof(KV_REAL))));
 #define KV_INLINE static inline __attribute__((always_inline))
 #if KV_DOUBLE
 #define KV_NATIVE KV_F64            /* the storage type read without conversion */
@@ -92,10 +94,10 @@ KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
 #endif
 }
 
-/* the lane sums of four vectors, s[i] of v[i], each in exactly sum_lanes'
- * order (the same pairs of lanes at every step, so the same bits): one
- * tree for all four, 13 operations where four trees take 32 */
-KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_REAL s[4])
+/* the lane sums of four vectors, lane i the sum of v[i], each in exactly
+ * sum_lanes' order (the same pairs of lanes at every step, so the same
+ * bits): one tree for all four, 13 operations where four trees take 32 */
+KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_FN(four) *s)
 {
 #if KV_HAVE_X86 && KV_VBYTES == 64 && !KV_DOUBLE
     const __m512 a = (__m512)v[0], b = (__m512)v[1], c = (__m512)v[2], d = (__m512)v[3];
@@ -106,9 +108,9 @@ KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_REAL s[4])
     __m512 x = _mm512_shuffle_f32x4(ab, cd, 0x88) + _mm512_shuffle_f32x4(ab, cd, 0xdd);
     x += _mm512_permute_ps(x, 0x4e);        /* lanes i and i + 2 */
     x += _mm512_permute_ps(x, 0xb1);        /* lanes 0 and 1 */
-    float lanes[16];
-    _mm512_storeu_ps(lanes, x);
-    for (int i = 0; i < 4; i++) s[i] = lanes[4 * i];
+    *s = (KV_FN(four))_mm512_castps512_ps128(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                              x));
 #elif KV_HAVE_X86 && KV_VBYTES == 32 && !KV_DOUBLE
     const __m256 a = (__m256)v[0], b = (__m256)v[1], c = (__m256)v[2], d = (__m256)v[3];
     /* 128-bit halves: (a, b) and (c, d) side by side, each the sum of its halves */
@@ -117,11 +119,10 @@ KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_REAL s[4])
     /* lanes i and i + 2: a, c in the low half, b, d in the high one */
     __m256 x = _mm256_shuffle_ps(ab, cd, 0x44) + _mm256_shuffle_ps(ab, cd, 0xee);
     x += _mm256_permute_ps(x, 0xb1);        /* lanes 0 and 1 */
-    float lanes[8];
-    _mm256_storeu_ps(lanes, x);
-    s[0] = lanes[0], s[1] = lanes[4], s[2] = lanes[2], s[3] = lanes[6];
+    *s = (KV_FN(four))_mm256_castps256_ps128(
+        _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 4, 2, 6, 0, 0, 0, 0)));
 #else
-    for (int i = 0; i < 4; i++) s[i] = KV_FN(sum_lanes)(v[i]);
+    for (int i = 0; i < 4; i++) (*s)[i] = KV_FN(sum_lanes)(v[i]);
 #endif
 }
 
@@ -167,7 +168,7 @@ KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int
 /* the dot products of four queries with one stored row, each loaded once:
  * per query the sums of dot, in its order, so each gets dot's bits */
 KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t D, int kind,
-                           KV_REAL s[4])
+                           KV_FN(four) *s)
 {
     typedef KV_FN(vec) vec;
     vec even[4] = {{0}}, odd[4] = {{0}};
@@ -186,10 +187,8 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
     }
     for (int i = 0; i < 4; i++) even[i] += odd[i];
     KV_FN(sum_lanes4)(even, s);
-    for (; d < D; d++) {
-        const KV_REAL k = KV_FN(load1)(row, d, kind);
-        for (int i = 0; i < 4; i++) s[i] += q[i][d] * k;
-    }
+    for (; d < D; d++)
+        *s += (KV_FN(four)){q[0][d], q[1][d], q[2][d], q[3][d]} * KV_FN(load1)(row, d, kind);
 }
 
 /* acc += sum over r < n of p[r] * row r of `rows`. Up to four native
@@ -318,19 +317,21 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
+    KV_FN(four) top = {best[0], best[1], best[2], best[3]};
     for (ptrdiff_t r = 0; r < n; r++) {
         if (r == ask) {
             kv_ask(ahead, r);
             ask += ahead->every;
         }
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
-        KV_REAL s[4];
-        KV_FN(dot4)(q, (const char *)run->rows + r * stride, D, kind, s);
-        for (int i = 0; i < 4; i++) {
-            w[i][r] = s[i] * f;
-            best[i] = w[i][r] > best[i] ? w[i][r] : best[i];
-        }
+        KV_FN(four) s;
+        KV_FN(dot4)(q, (const char *)run->rows + r * stride, D, kind, &s);
+        s *= f;
+        for (int i = 0; i < 4; i++) w[i][r] = s[i];
+        const __typeof__(s > top) larger = s > top;        /* the lanes of s to keep */
+        top = (KV_FN(four))(((__typeof__(larger))s & larger) | ((__typeof__(larger))top & ~larger));
     }
+    for (int i = 0; i < 4; i++) best[i] = top[i];
 }
 
 /* acc += the n rows of a run weighted by p (`scaled`: by p times each row's scale) */
