@@ -96,7 +96,8 @@ KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
 
 /* the lane sums of four vectors, lane i the sum of v[i], each in exactly
  * sum_lanes' order (the same pairs of lanes at every step, so the same
- * bits): one tree for all four, 13 operations where four trees take 32 */
+ * bits): one tree for all four, 14 instructions (the last gathers the four
+ * sums) where four trees take 32 */
 KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_FN(four) *s)
 {
 #if KV_HAVE_X86 && KV_VBYTES == 64 && !KV_DOUBLE
