@@ -147,7 +147,7 @@ typedef struct {
     const char *k, *v;           /* the next block's first stored K and V rows */
     const float *ks, *vs;        /* int8: their scales, else NULL */
     ptrdiff_t n, row_bytes;      /* rows in consecutive slots from k and v */
-    ptrdiff_t first, every;      /* the rows one query's pass asks for: first,
+    ptrdiff_t first, every;      /* the rows one score pass asks for: first,
                                     first + every, ... (its share of them) */
 } kv_ahead;
 

@@ -18,6 +18,19 @@ typedef KV_REAL KV_FN(vec) __attribute__((vector_size(KV_VBYTES), aligned(sizeof
 /* four numbers of the compute type: the scores of four queries with one row */
 typedef KV_REAL KV_FN(four) __attribute__((vector_size(4 * sizeof(KV_REAL))));
 #define KV_INLINE static inline __attribute__((always_inline))
+/* c + a * b for the last D mod W lanes, rounded once where the instruction
+ * set fuses it (as the compiler does with the vector sums), else twice.
+ * Written out: a lone query and four (dot, dot4), rows read in place and
+ * converted (accumulate by storage type) must round alike, and left to the
+ * compiler a scalar loop's rounding depends on how it vectorises the loop
+ * (it multiplied a vector of products, then added them one by one) */
+#if defined(__FMA__) && KV_DOUBLE
+#define KV_MULADD(a, b, c) __builtin_fma((a), (b), (c))
+#elif defined(__FMA__)
+#define KV_MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define KV_MULADD(a, b, c) ((c) + (a) * (b))
+#endif
 #if KV_DOUBLE
 #define KV_NATIVE KV_F64            /* the storage type read without conversion */
 #else
@@ -96,8 +109,8 @@ KV_INLINE KV_REAL KV_FN(sum_lanes)(KV_FN(vec) v)
 
 /* the lane sums of four vectors, lane i the sum of v[i], each in exactly
  * sum_lanes' order (the same pairs of lanes at every step, so the same
- * bits): one tree for all four, 14 instructions (the last gathers the four
- * sums) where four trees take 32 */
+ * bits): one tree for all four, 14 instructions on AVX-512 (12 on AVX2;
+ * the last gathers the four sums) where four trees take 32 */
 KV_INLINE void KV_FN(sum_lanes4)(const KV_FN(vec) v[4], KV_FN(four) *s)
 {
 #if KV_HAVE_X86 && KV_VBYTES == 64 && !KV_DOUBLE
@@ -162,7 +175,7 @@ KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int
         d += KV_W;
     }
     KV_REAL s = KV_FN(sum_lanes)(s0 + s1);
-    for (; d < D; d++) s += q[d] * KV_FN(load1)(row, d, kind);
+    for (; d < D; d++) s = KV_MULADD(q[d], KV_FN(load1)(row, d, kind), s);
     return s;
 }
 
@@ -188,8 +201,10 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
     }
     for (int i = 0; i < 4; i++) even[i] += odd[i];
     KV_FN(sum_lanes4)(even, s);
-    for (; d < D; d++)
-        *s += (KV_FN(four)){q[0][d], q[1][d], q[2][d], q[3][d]} * KV_FN(load1)(row, d, kind);
+    for (; d < D; d++) {
+        const KV_REAL k = KV_FN(load1)(row, d, kind);
+        for (int i = 0; i < 4; i++) (*s)[i] = KV_MULADD(q[i][d], k, (*s)[i]);
+    }
 }
 
 /* acc += sum over r < n of p[r] * row r of `rows`. Up to four native
@@ -242,7 +257,8 @@ KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *row
 #undef KV_LD
     for (; d < D; d++) {            /* the last D mod W lanes */
         KV_REAL e = 0;
-        for (ptrdiff_t r = 0; r < n; r++) e += p[r] * KV_FN(load1)(rows, r * D + d, kind);
+        for (ptrdiff_t r = 0; r < n; r++)
+            e = KV_MULADD(p[r], KV_FN(load1)(rows, r * D + d, kind), e);
         acc[d] += e;
     }
 }
@@ -761,5 +777,6 @@ static void KV_FN(merge)(const kv_job *job, ptrdiff_t b, ptrdiff_t head, ptrdiff
 }
 
 #undef KV_W
+#undef KV_MULADD
 #undef KV_INLINE
 #undef KV_NATIVE
