@@ -16,6 +16,7 @@ Exit status 0 whatever it finds: it reports, it does not judge.
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -77,11 +78,26 @@ RATIOS = {"kernel": kernel_ratios, "generation": generation_ratios, "llama": lla
 
 
 def load(directory, name):
+    """{ratio: value} of one script's JSON; None when absent; the error's text when unreadable."""
     path = os.path.join(directory, f"{name}.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return RATIOS[name](json.load(f))
+    try:
+        with open(path) as f:
+            return RATIOS[name](json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path}: unreadable ({type(exc).__name__}: {exc})"
+
+
+def agree(x, y, tolerance):
+    """Whether two positive, finite ratios are within ``tolerance`` of each other."""
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (x, y))
+    return ok and abs(y / x - 1) <= tolerance
+
+
+def show(key, x, y):
+    change = f"x{y / x:.2f}" if agree(x, y, math.inf) else "not comparable"
+    return f"  {key:44s} {x:9.2f} {y:9.2f}  {change}"
 
 
 def compare(first, second, tolerance):
@@ -89,17 +105,21 @@ def compare(first, second, tolerance):
     lines, agreed, compared = [], 0, 0
     for name in RATIOS:
         a, b = load(first, name), load(second, name)
+        unreadable = [x for x in (a, b) if isinstance(x, str)]
+        if unreadable:
+            lines += [f"{name}: {x}" for x in unreadable]
+            continue
         if a is None or b is None:
             lines.append(f"{name}: not in both runs")
             continue
         common = [key for key in a if key in b]
-        moved = [key for key in common if abs(b[key] / a[key] - 1) > tolerance]
+        moved = [key for key in common if not agree(a[key], b[key], tolerance)]
         agreed += len(common) - len(moved)
         compared += len(common)
+        alone = len(a) + len(b) - 2 * len(common)
         lines.append(f"{name}: {len(common) - len(moved)} of {len(common)} ratios within "
-                     f"{tolerance:.0%}")
-        lines += [f"  {key:44s} {a[key]:9.2f} {b[key]:9.2f}  x{b[key] / a[key]:.2f}"
-                  for key in moved]
+                     f"{tolerance:.0%}" + (f" ({alone} in one run only)" if alone else ""))
+        lines += [show(key, a[key], b[key]) for key in moved]
     return lines, agreed, compared
 
 

@@ -236,3 +236,26 @@ def test_compare_reports_the_ratios_that_moved(tmp_path):
     assert lines[0] == "kernel: 1 of 2 ratios within 10%"
     assert "decode 1 x 12 x 16 numpy/kv" in lines[1] and "x1.20" in lines[1]
     assert "update: not in both runs" in lines
+
+
+def test_compare_says_what_it_cannot_compare(tmp_path):
+    # a zero or NaN ratio is reported as moved, not divided by; an
+    # unreadable JSON is named; a ratio in one run only is counted
+    import compare
+    runs = []
+    for numpy_ratio, extra in ((0.0, False), (float("nan"), True)):
+        run = tmp_path / f"run{len(runs)}"
+        run.mkdir()
+        rows = [{"B": 1, "H": 12, "S": 16, "attend_2v1": 1.0, "numpy_ratio": numpy_ratio}]
+        if extra:
+            rows.append(dict(rows[0], S=32))
+        kernel = {"decode": rows, "dtypes": [], "prefill": [], "gqa": {}}
+        (run / "kernel.json").write_text(json.dumps(kernel))
+        runs.append(str(run))
+    (tmp_path / "run0" / "update.json").write_text("{not json")
+    (tmp_path / "run1" / "update.json").write_text(json.dumps({"rows": []}))
+    lines, agreed, compared = compare.compare(*runs, tolerance=0.10)
+    assert (agreed, compared) == (1, 2)
+    assert lines[0] == "kernel: 1 of 2 ratios within 10% (2 in one run only)"
+    assert "numpy/kv" in lines[1] and "not comparable" in lines[1]
+    assert any(line.startswith("update: ") and "unreadable" in line for line in lines)
