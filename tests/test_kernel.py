@@ -6,6 +6,7 @@ draws fresh random data; sizes are odd on purpose (D = 1, 7, 65, ...).
 """
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -311,6 +312,8 @@ print(max(periods))
 """
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
+                    reason="needs os.sched_setaffinity (Linux) to put both threads on one CPU")
 def test_a_thread_count_that_keeps_losing_is_tried_less_often():
     # on one CPU a second thread only adds its wake-up: each time it loses
     # again, the next try comes twice as late, up to every 256th call (a
