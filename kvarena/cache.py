@@ -168,11 +168,11 @@ class KVCache:
         loses again (down to two in 256): next to a threaded BLAS whose idle
         workers spin on the cores, or with a model's work between the calls
         (waking the kernel's workers costs time), one thread can be the
-        faster. The work
-        is cut the same way whichever count runs, so results do not depend
-        on it. They may differ in the last bits between ``num_threads``
-        settings, or batches of different sizes, once a call is large
-        enough to split long rows into chunks (flash-decoding).
+        faster. The work is cut the same way whichever count runs, so
+        results do not depend on it. They may differ in the last bits
+        between ``num_threads`` settings, or batches of different sizes,
+        once a call is large enough to split long rows into chunks
+        (flash-decoding).
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
     rope_theta : float, optional

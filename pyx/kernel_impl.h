@@ -403,7 +403,9 @@ static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n
     }
 }
 
-/* score for four queries, over a run whose keys are not rotated in the dot product */
+/* score for four queries, over a run whose keys are not rotated in the dot
+ * product. Float16 and int8 runs reach it read in place only when
+ * KV_CONVERT_FROM is built above 2 (four queries share a converted tile) */
 static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
                           ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
                           const kv_ahead *ahead)
