@@ -10,7 +10,10 @@ picks the widest the CPU has; every storage dtype has a compiled path:
     int8        float32       float32 or float64 (q's dtype); rows dequantized in registers
 
 ``kernel_info()`` says what runs here; ``forced_isa()`` pins a narrower
-instruction set, so that the tests exercise every path on one machine.
+instruction set, so that the tests exercise every path on one machine, and
+``forced_prefetch()`` turns asking for the next block's rows ahead on or
+off (on by default where it was measured to help: Intel cores; see
+pyx/kernel.h's kv_ahead).
 """
 
 import contextlib
@@ -43,6 +46,8 @@ def kernel_info():
         ``"baseline"``); ``best_isa``: the widest this CPU runs; ``isas``:
         every one it can run, narrowest first; ``threads``: how the kernel
         spreads work (its own pool; see ``KVCache(num_threads=...)``);
+        ``prefetch``: whether the kernel asks for each next block of K
+        and V rows while it computes one (software prefetch);
         ``boundscheck``: whether this is the bounds-checked debug build.
     """
     return {
@@ -50,6 +55,7 @@ def kernel_info():
         "best_isa": _ISA_NAMES[_arena.BEST_ISA],
         "isas": _ISA_NAMES[:_arena.BEST_ISA + 1],
         "threads": "kvarena pool (pthreads, passive wait)",
+        "prefetch": _arena.prefetch(),
         "boundscheck": bool(_arena.BOUNDSCHECK),
     }
 
@@ -75,3 +81,18 @@ def forced_isa(name):
         yield
     finally:
         _isa = saved
+
+
+@contextlib.contextmanager
+def forced_prefetch(on):
+    """Ask (``on`` true) or do not ask for the next block ahead inside the block.
+
+    For tests and benchmarks: every cache in the process is affected, and
+    results do not change, only speed.
+    """
+    saved = _arena.prefetch()
+    _arena.set_prefetch(bool(on))
+    try:
+        yield
+    finally:
+        _arena.set_prefetch(saved)

@@ -57,6 +57,8 @@ cdef extern from "kernel.h" nogil:
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                   int run_threads)
     int kv_best_isa()
+    int kv_prefetch
+    int kv_prefetch_helps()
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
                      Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T,
                      int isa)
@@ -69,6 +71,23 @@ ISA_NAMES = ("baseline", "avx2", "avx512")
 
 #: The widest instruction set this CPU runs (an index into ISA_NAMES).
 BEST_ISA = kv_best_isa()
+
+#: Whether the kernel asks for the next block's rows ahead on this CPU by default.
+PREFETCH_HELPS = bool(kv_prefetch_helps())
+
+
+def set_prefetch(bint on):
+    """Make every later kernel call ask for the next block ahead (True) or not."""
+    global kv_prefetch
+    kv_prefetch = on
+
+
+def prefetch():
+    """Whether kernel calls ask for the next block ahead."""
+    return bool(kv_prefetch)
+
+
+set_prefetch(PREFETCH_HELPS)
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
                   np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}

@@ -142,7 +142,11 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
  * int8 0.63x, 32 query heads over 8 0.91x, and 0.95x again with shares;
  * in the last-level cache (1 x 12 x 1024-16384) 0.80-0.98x on 2 threads,
  * 0.72-1.04x on 1; in L2 0.95-0.99x. Asking two blocks ahead: 1.01-1.09x.
- * So every call asks, one block ahead */
+ * On AMD's Zen 4 (EPYC VM, D = 64, 14 interleaved runs) asking costs
+ * instead: not asking took 0.76x the time (1 thread) and 0.80x (2) at
+ * 1 x 12 x 16384, 0.84x at 8 x 12 x 16384, 0.77-0.78x in L3 (1 x 12 x
+ * 1024); asking for keys only, 0.84-0.97x; one line per row, 1.2-1.3x.
+ * So a call asks one block ahead on Intel cores only (kv_prefetch) */
 typedef struct {
     const char *k, *v;           /* the next block's first stored K and V rows */
     const float *ks, *vs;        /* int8: their scales, else NULL */
@@ -150,6 +154,20 @@ typedef struct {
     ptrdiff_t first, every;      /* the rows one score pass asks for: first,
                                     first + every, ... (its share of them) */
 } kv_ahead;
+
+/* whether calls ask for the next block (kv_prefetch_helps() at import;
+ * kvarena.kernel.forced_prefetch changes it for tests and the bench) */
+static int kv_prefetch = 0;
+
+static int kv_prefetch_helps(void)
+{
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel");
+#else
+    return 0;
+#endif
+}
 
 /* the rows at logical positions pos .. pos + n - 1 of (row b, head h), as
  * far as they lie in consecutive slots, shared among `every` passes */

@@ -693,7 +693,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         ptrdiff_t passes = 0;
         for (ptrdiff_t g = 0; g < G; g += kv_pass_size(G - g, grouped)) passes++;
         /* the next block's rows: each score pass asks for a share */
-        const int ask = j0 + KV_BLK < hi;
+        const int ask = kv_prefetch && j0 + KV_BLK < hi;
         kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK),
                                           nt * passes)
                             : (kv_ahead){0};

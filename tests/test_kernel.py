@@ -1,7 +1,8 @@
 """The attention kernel against the float64 NumPy reference, on every compiled path.
 
 A path is a storage dtype x instruction set x thread count x (T = 1 or a
-block) x grouping, with queries read in place through strides. Each case
+block) x grouping x prefetch on or off, with queries read in place through
+strides. Each case
 draws fresh random data; sizes are odd on purpose (D = 1, 7, 65, ...).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvarena import KVCache, attend_reference, kernel_info
-from kvarena.kernel import forced_isa
+from kvarena.kernel import forced_isa, forced_prefetch
 
 ISAS = kernel_info()["isas"]
 STORAGE = [np.float16, np.float32, np.float64, np.int8]
@@ -73,12 +74,16 @@ CASES = [  # B, H, G, D, S, cached per row, T
 ]
 
 
+PREFETCH = pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+
+
+@PREFETCH
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("B,H,G,D,S,cached,T", CASES)
-def test_every_path_matches_the_reference(B, H, G, D, S, cached, T, dtype, isa, rng):
+def test_every_path_matches_the_reference(B, H, G, D, S, cached, T, dtype, isa, prefetch, rng):
     cache, q, k, v = grouped_case(rng, dtype, B, H, G, D, S, cached, T)
-    with forced_isa(isa):
+    with forced_isa(isa), forced_prefetch(prefetch):
         check(cache, q, k, v, TOLERANCE[dtype])
 
 
@@ -90,13 +95,15 @@ THREADED = [  # B, H, G, D, S, cached, T: above the kernel's one-thread threshol
 ]
 
 
+@PREFETCH
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("B,H,G,D,S,cached,T", THREADED)
-def test_threaded_paths_match_the_reference(B, H, G, D, S, cached, T, dtype, isa, threads, rng):
+def test_threaded_paths_match_the_reference(B, H, G, D, S, cached, T, dtype, isa, threads,
+                                            prefetch, rng):
     cache, q, k, v = grouped_case(rng, dtype, B, H, G, D, S, cached, T, num_threads=threads)
-    with forced_isa(isa):
+    with forced_isa(isa), forced_prefetch(prefetch):
         check(cache, q, k, v, TOLERANCE[dtype])
 
 
