@@ -482,6 +482,9 @@ static KV_FN(run) KV_FN(block)(const kv_layer *c, int kv, ptrdiff_t b, ptrdiff_t
 {
     KV_FN(run) runs[3];          /* at most three: sinks, the ring's end, its start */
     const ptrdiff_t bh = b * c->H + h, D = c->D;
+    if (!c->ring_head && !convert && !(kv == 0 && c->rope_cos))    /* the common case */
+        return (KV_FN(run)){kv_stored_row(c, kv, bh * c->S + pos),
+                            kv_stored_scale(c, kv, bh * c->S + pos), n, c->dtype, NULL, NULL};
     int count = 0;
     for (ptrdiff_t done = 0, len; done < n; done += len) {
         const ptrdiff_t slot = kv_slot(c, b, pos + done);
