@@ -119,8 +119,9 @@ def generator(model, n_new, mode):
 def time_runs(fns, max_runs, run_budget, retries):
     """Median seconds of each ``fns[mode]()``, run in turn; the last tokens of each.
 
-    Rounds (one run of every function) repeat while they took less than
-    ``run_budget`` seconds in all, at most ``max_runs`` kept. A round
+    Rounds (one run of every function, in reverse order every other round,
+    so that neither pays for following the other) repeat while they took
+    less than ``run_budget`` seconds in all, at most ``max_runs`` kept. A round
     disturbed by other processes is run again, at most ``retries`` times
     and only if it lasted less than ``run_budget``; past that it is kept,
     and the result is flagged.
@@ -129,8 +130,9 @@ def time_runs(fns, max_runs, run_budget, retries):
     flagged = False
     while len(kept) < max_runs and sum(sum(r.values()) for r in kept) < run_budget:
         round_ = {}
+        order = list(fns.items())
         with MachineLoad() as load:
-            for mode, fn in fns.items():
+            for mode, fn in order if (len(kept) + disturbed) % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
                 tokens[mode] = fn()
                 round_[mode] = time.perf_counter() - start
@@ -171,8 +173,19 @@ def bench_config(name, counts, args, progress, max_runs):
         if "uncached_skipped" not in row:
             modes.insert(0, "uncached")
         with MachineLoad() as load:
-            times, tokens, runs = time_runs({m: generator(model, n, m) for m in modes},
-                                            max_runs=max_runs, run_budget=2.0, retries=2)
+            # the two cached runs timed on their own: beside an uncached run
+            # of seconds, a budget of rounds leaves them two samples each
+            times, tokens, runs = time_runs({m: generator(model, n, m) for m in modes[-2:]},
+                                            max_runs=max_runs + 2, run_budget=2.0, retries=2)
+            if modes[0] == "uncached":
+                slow, slow_tokens, slow_runs = time_runs(
+                    {"uncached": generator(model, n, "uncached")},
+                    max_runs=max_runs, run_budget=2.0, retries=2)
+                times.update(slow)
+                tokens.update(slow_tokens)
+                runs.update(uncached_runs=slow_runs["runs"],
+                            disturbed=runs["disturbed"] + slow_runs["disturbed"],
+                            flagged=runs["flagged"] or slow_runs["flagged"])
         row.update(runs, others=load.cores)
         row.update({f"{m}_s": t for m, t in times.items()})
         row["cached_tok_s"] = n / row["cached_s"]
@@ -204,7 +217,9 @@ def generation_table(result):
             for r in result["rows"]]
     notes = [f"greedy, prompt of {len(result['prompt'])} tokens, batch 1, float32; BLAS threads: "
              f"{result['blas']}",
-             "speedup = uncached s / cached s; medians of up to 5 runs of each, taken in turn",
+             "speedup = uncached s / cached s; medians of up to 5 uncached runs (3 with --quick), "
+             "and of up to 7 (5) of the two cached runs, taken in turn, the order reversed "
+             "every other round",
              "cached = generate(use_cache=True) with enable_kv_cache(model, num_threads=1); "
              "cached 2thr = with num_threads=2",
              "2thr/1thr = cached 2thr s / cached s (below 1: the second kernel thread pays)",

@@ -81,7 +81,8 @@ def plot_generation(result, out, plt):
     right.axhline(1, color="grey", lw=0.8)
     right.legend(fontsize=8)
     lines = [f"kvarena.models.GPT, greedy, prompt of {len(result['prompt'])} tokens, batch 1, float32; "
-             f"medians of up to 5 runs taken in turn; BLAS: {result['blas']}. "
+             "medians of up to 5 uncached and 7 cached runs (3 and 5 quick); "
+             f"BLAS: {result['blas']}. "
              "small: E=128 L=4 H=4; large: E=384 L=6 H=6. Cached: kernel on 1 thread, and on 2 (cached 2thr)."]
     if skipped:
         lines.append("A missing uncached point: that run was skipped because its time, projected "
