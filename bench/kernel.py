@@ -23,7 +23,8 @@ storage dtypes (float16, float64, int8) against the float32 kernel and
 NumPy on float32 data; (3) prefill of T new tokens into an empty cache
 against NumPy's full causal attention; (4) grouped-query attention, 32
 query heads over 8 K/V heads, against attend over K/V repeated to 32 heads.
-Ratios compare figures taken side by side in this run; absolute times move
+Ratios compare figures taken side by side in this run, each the median of
+the ratios within a round (see ``paired_ratio``); absolute times move
 with the machine and its load (the ``others`` column: cores other processes
 used while the case ran; ``!`` marks a disturbed figure). Before each case
 the script waits, up to ``--wait`` seconds, for the machine to be quiet:
@@ -52,7 +53,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, log, others_note,  # noqa: E402
+from _common import (Progress, default_results_dir, header, log, median, others_note,  # noqa: E402
                      print_header, results_dir, table, time_many, wait_for_quiet, write_results)
 
 import kvarena  # noqa: E402
@@ -228,6 +229,7 @@ def measure(fns, plan):
     timed = time_many(fns, repeat=plan["repeat"], settle=plan["settle"], warmup=plan["warmup"],
                       min_sample=plan["min_sample"], retries=plan["retries"])
     row = {f"{name}_us": t["median"] * 1e6 for name, t in timed.items()}
+    row["samples_us"] = {name: [x * 1e6 for x in t["samples"]] for name, t in timed.items()}
     any_t = next(iter(timed.values()))
     row.update(others=any_t["others"], disturbed=any_t["disturbed"],
                rounds=any_t["rounds"], flagged=any_t["flagged"])
@@ -238,7 +240,23 @@ def best_of_threads(row, prefix="attend"):
     times = {t: row[f"{prefix}{t}_us"] for t in THREADS}
     row[f"{prefix}_us"] = min(times.values())
     row[f"{prefix}_best_threads"] = min(times, key=times.get)
-    row[f"{prefix}_2v1"] = times[THREADS[-1]] / times[THREADS[0]]
+    row[f"{prefix}_2v1"] = paired_ratio(row, f"{prefix}{THREADS[-1]}", f"{prefix}{THREADS[0]}")
+
+
+def paired_ratio(row, num, den):
+    """Median over rounds of ``num``'s time over ``den``'s in the same round.
+
+    The methods of a round run seconds apart, the rounds minutes apart on a
+    shared machine whose memory bandwidth drifts: a ratio of two medians
+    mixes rounds taken at different speeds, the median of per-round ratios
+    does not. ``num`` and ``den`` name methods, or a ``best_of_threads``
+    prefix (then its chosen thread count's samples).
+    """
+    def samples(name):
+        if name in row["samples_us"]:
+            return row["samples_us"][name]
+        return row["samples_us"][f"{name}{row[f'{name}_best_threads']}"]
+    return median([a / b for a, b in zip(samples(num), samples(den))])
 
 
 def min_sample_for(nbytes, plan):
@@ -269,13 +287,13 @@ def decode_case(B, H, S, plan, lib, progress):
     row["max_abs_diff"] = float(max(np.abs(o - reference).max() for o in outputs.values()))
     row.update(measure(fns, dict(plan, min_sample=min_sample_for(row["kv_bytes"], plan))))
     best_of_threads(row)
-    row["numpy_ratio"] = row["numpy_us"] / row["attend_us"]
+    row["numpy_ratio"] = paired_ratio(row, "numpy", "attend")
     if lib is not None:
-        row["c_ratio"] = row["c_us"] / row["attend_us"]
+        row["c_ratio"] = paired_ratio(row, "c", "attend")
         row["floor_gb_s"] = row["kv_bytes"] / row["floor_us"] / 1e3
-        row["of_floor_pct"] = 100 * row["floor_us"] / row["attend_us"]
+        row["of_floor_pct"] = 100 * paired_ratio(row, "floor", "attend")
     if sdpa is not None:
-        row["torch_ratio"] = row["torch_us"] / row["attend_us"]
+        row["torch_ratio"] = paired_ratio(row, "torch", "attend")
     progress.log(f"B={B} H={H} S={S}: kvarena {row['attend_us']:.1f} us "
                  f"(1thr {row['attend1_us']:.1f}, 2thr {row['attend2_us']:.1f}), "
                  f"numpy {row['numpy_us']:.1f}"
@@ -311,7 +329,8 @@ def decode_table(rows, has_c, plan):
              "only sums the same K and V bytes, 2 threads (floor GB/s = K+V bytes / its time)"
              if has_c else "no C loop or floor columns: see the note above",
              "x/kv > 1: kvarena is faster than x; % floor = floor us / kvarena us (100: kvarena "
-             "reads K and V as fast as a loop that does nothing else)",
+             "reads K and V as fast as a loop that does nothing else); ratios are medians of "
+             "the ratios within each round",
              "others = cores used by other processes while the case ran; ! = disturbed (the "
              "rounds were retaken; kept only when too few were clean)",
              "max|diff| = largest difference of any method's output from numpy's"]
@@ -351,8 +370,8 @@ def dtype_case(B, H, S, plan, progress):
         row.update(measure(fns, dict(plan, min_sample=min_sample_for(keys32.nbytes * 2, plan))))
         best_of_threads(row)
         best_of_threads(row, "f32attend")
-        row["f32_ratio"] = row["f32attend_us"] / row["attend_us"]
-        row["numpy32_ratio"] = row["numpy32_us"] / row["attend_us"]
+        row["f32_ratio"] = paired_ratio(row, "f32attend", "attend")
+        row["numpy32_ratio"] = paired_ratio(row, "numpy32", "attend")
         progress.log(f"{name} B={B} H={H} S={S}: kvarena {row['attend_us']:.1f} us, "
                      f"float32 kernel {row['f32attend_us']:.1f} us, numpy float32 "
                      f"{row['numpy32_us']:.1f} us; others {others_note(row['others'])}")
@@ -401,9 +420,9 @@ def prefill_case(T, plan, progress, B=1, H=12):
            "max_abs_diff": float(np.abs(fns[f"attend{THREADS[0]}"]() - reference).max())}
     row.update(measure(fns, plan))
     best_of_threads(row)
-    row["numpy_ratio"] = row["numpy_us"] / row["attend_us"]
+    row["numpy_ratio"] = paired_ratio(row, "numpy", "attend")
     if sdpa is not None:
-        row["torch_ratio"] = row["torch_us"] / row["attend_us"]
+        row["torch_ratio"] = paired_ratio(row, "torch", "attend")
     progress.log(f"prefill T={T}: kvarena {row['attend_us']:.0f} us, numpy causal "
                  f"{row['numpy_us']:.0f} us; others {others_note(row['others'])}")
     return row
@@ -452,7 +471,7 @@ def gqa_case(B, Hq, Hkv, S, plan, progress):
     row.update(measure(fns, dict(plan, min_sample=min_sample_for(keys.nbytes * 2 * group, plan))))
     best_of_threads(row)
     best_of_threads(row, "repeated")
-    row["repeated_ratio"] = row["repeated_us"] / row["attend_us"]
+    row["repeated_ratio"] = paired_ratio(row, "repeated", "attend")
     progress.log(f"grouped-query: {row['attend_us']:.0f} us against {row['repeated_us']:.0f} us "
                  f"over repeated K/V; others {others_note(row['others'])}")
     return row
