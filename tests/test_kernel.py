@@ -2,8 +2,8 @@
 
 A path is a storage dtype x instruction set x thread count x (T = 1 or a
 block) x grouping x prefetch on or off, with queries read in place through
-strides. Each case
-draws fresh random data; sizes are odd on purpose (D = 1, 7, 65, ...).
+strides. Each case draws fresh random data; sizes are odd on purpose (D =
+1, 7, 65, ...).
 """
 
 import itertools
@@ -288,6 +288,17 @@ def test_forced_isa_rejects_what_the_cpu_lacks():
         with forced_isa("avx9000"):
             pass
     assert kernel_info()["isa"] == kernel_info()["best_isa"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo")
+def test_prefetch_is_on_by_default_on_intel_cores_only():
+    with open("/proc/cpuinfo") as f:
+        intel = any(line.split(":")[-1].strip() == "GenuineIntel"
+                    for line in f if line.startswith("vendor_id"))
+    assert kernel_info()["prefetch"] is intel
+    with forced_prefetch(not intel):           # flipped inside, restored after
+        assert kernel_info()["prefetch"] is (not intel)
+    assert kernel_info()["prefetch"] is intel
 
 
 def test_every_compiled_isa_is_exercised():
