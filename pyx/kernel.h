@@ -101,11 +101,19 @@ static inline ptrdiff_t kv_seen(ptrdiff_t p, ptrdiff_t j0, ptrdiff_t n)
     return p < j0 ? 0 : kv_min(n, p + 1 - j0);
 }
 
-/* how many of the `left` query heads still to score at one position share a
- * score pass: four, or three with one dropped, when `grouped`; else one */
-static inline ptrdiff_t kv_pass_size(ptrdiff_t left, int grouped)
+/* how many of the Q queries of a tile, from query i on, share a score pass
+ * over the n rows from j0: those of the next four that see as many of them
+ * as query i does, if three or four do (a fourth then dropped) and
+ * `grouped`; else one. Query i sits at position first + i / G: the G heads
+ * of a position always see the same rows, and in a block that a tile sees
+ * whole (prefill, off the diagonal) so do queries of several positions */
+static inline ptrdiff_t kv_pass_size(ptrdiff_t i, ptrdiff_t Q, ptrdiff_t G, ptrdiff_t first,
+                                     ptrdiff_t j0, ptrdiff_t n, int grouped)
 {
-    return grouped && left >= 3 ? kv_min(4, left) : 1;
+    const ptrdiff_t seen = kv_seen(first + i / G, j0, n);
+    ptrdiff_t k = 1;
+    while (grouped && k < 4 && i + k < Q && kv_seen(first + (i + k) / G, j0, n) == seen) k++;
+    return k >= 3 ? k : 1;
 }
 
 /* how many of the n positions from pos on lie in consecutive slots */

@@ -688,25 +688,26 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
         const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
-        /* score passes: three or four query heads of one position share one,
-         * which loads each key row once for them; else one per query (also
-         * when keys rotate in the dot product). Two in one pass with two
-         * dropped took 1.05x the time of a pass each (1 x 16/8 x 256, in L2) */
+        /* score passes: three or four queries that see the same rows share
+         * one, which loads each key row once for them; else one per query
+         * (also when keys rotate in the dot product). Two in one pass with
+         * two dropped took 1.05x the time of a pass each (1 x 16/8 x 256, in L2) */
         const int grouped = keys.cos == NULL;
+        const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
         ptrdiff_t passes = 0;
-        for (ptrdiff_t g = 0; g < G; g += kv_pass_size(G - g, grouped)) passes++;
+        for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j0, n, grouped)) passes++;
         /* the next block's rows: each score pass asks for a share */
         const int ask = kv_prefetch && j0 + KV_BLK < hi;
         kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK),
-                                          nt * passes)
+                                          passes)
                             : (kv_ahead){0};
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
          *    was accumulated when the running maximum grows */
         for (ptrdiff_t i = 0, pass = 0; i < Q; pass++) {
-            /* queries i .. i + k - 1: heads of one position, seeing the same rows */
-            const ptrdiff_t k = kv_pass_size(G - i % G, grouped);
-            const ptrdiff_t seen = kv_seen(q->base[b] + t0 + i / G, j0, n);
+            /* queries i .. i + k - 1, seeing the same rows */
+            const ptrdiff_t k = kv_pass_size(i, Q, G, first, j0, n, grouped);
+            const ptrdiff_t seen = kv_seen(first + i / G, j0, n);
             KV_REAL best[4];
             next.first = pass;
             if (k == 1) {
@@ -741,7 +742,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
         for (ptrdiff_t i = 0; i < Q; i++)
             KV_FN(weigh)(acc + i * D, w + i * KV_BLK, &values,
-                         kv_seen(q->base[b] + t0 + i / G, j0, n), D);
+                         kv_seen(first + i / G, j0, n), D);
     }
 
     /* one chunk: normalise into out; several: keep (m, l, acc) for the merge */
