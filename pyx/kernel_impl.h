@@ -694,13 +694,15 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
          * two dropped took 1.05x the time of a pass each (1 x 16/8 x 256, in L2) */
         const int grouped = keys.cos == NULL;
         const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
-        ptrdiff_t passes = 0;
-        for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j0, n, grouped)) passes++;
         /* the next block's rows: each score pass asks for a share */
         const int ask = kv_prefetch && j0 + KV_BLK < hi;
-        kv_ahead next = ask ? kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK),
-                                          passes)
-                            : (kv_ahead){0};
+        kv_ahead next = {0};
+        if (ask) {
+            ptrdiff_t passes = 0;
+            for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j0, n, grouped))
+                passes++;
+            next = kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK), passes);
+        }
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
          *    was accumulated when the running maximum grows */
