@@ -5,7 +5,9 @@ Timing is by medians: the machines these run on are shared and noisy, so a
 single figure means little, and ratios measured side by side in one run are
 what the tables are for. Each measurement also records how much CPU other
 processes used while it ran (``MachineLoad``), so a figure taken on a busy
-machine says so, and ``time_many`` re-takes rounds that were disturbed.
+machine says so, and ``time_many`` re-takes rounds that were disturbed; and
+how fast the host let the process read memory (``host_read_rate``), which
+no process count shows.
 """
 
 import csv
@@ -128,6 +130,31 @@ def others_note(cores):
     return f"{cores:.2f}" + ("!" if cores > DISTURBED_CORES else "")
 
 
+# -- how fast the host lets this process read memory ---------------------------
+
+# /proc/stat cannot see what slows a virtual machine's memory reads: other
+# tenants' traffic on the host. On the 2-core EPYC VM these figures come
+# from, the same C read loop over 768 MiB took 14.2 ms in one run and 25.5 ms
+# in another twenty minutes later, with no other process on the machine. So
+# each round of ``time_many`` first times one thread reading a buffer larger
+# than that machine's last-level cache (32 MiB).
+PROBE_BYTES = 64 << 20
+_probe_buffer = None
+
+
+def host_read_rate():
+    """GB/s at which one thread of this process sums ``PROBE_BYTES`` of float32 just now.
+
+    The buffer is allocated on the first call and kept for the process.
+    """
+    global _probe_buffer
+    if _probe_buffer is None:
+        _probe_buffer = np.ones(PROBE_BYTES // 4, dtype=np.float32)
+    start = time.perf_counter()
+    _probe_buffer.sum()
+    return PROBE_BYTES / (time.perf_counter() - start) / 1e9
+
+
 # -- timing ------------------------------------------------------------------
 
 def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=None):
@@ -152,13 +179,18 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
     (default ``repeat``), and the medians are over the undisturbed rounds
     when at least half of ``repeat`` are, over all rounds otherwise.
 
+    Before each round, ``host_read_rate`` times one read of memory: what
+    the host let this process read at, which /proc/stat cannot tell.
+
     Returns
     -------
     dict: name -> {``median``, ``min`` (seconds per call), ``samples``
     (seconds per call, one per kept sample), ``loops`` (calls per sample),
     ``others`` (cores used by other processes over all rounds, None off
     Linux), ``disturbed`` (rounds disturbed), ``rounds`` (rounds taken),
-    ``flagged`` (True when disturbed rounds had to be kept)}
+    ``flagged`` (True when disturbed rounds had to be kept), ``host_gb_s``
+    (median of the kept rounds' read rates), ``host_gb_s_range`` (their
+    smallest and largest)}
     """
     loops = {}
     for name, fn in fns.items():
@@ -168,12 +200,13 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
             fn()
         loops[name] = _loops_for(fn, min_sample)
     retries = repeat if retries is None else retries
-    rounds = []                     # ({name: seconds per call}, disturbed)
+    rounds = []                     # ({name: seconds per call}, disturbed, read rate)
     with MachineLoad() as overall:
         while True:
-            clean = sum(not disturbed for _, disturbed in rounds)
+            clean = sum(not disturbed for _, disturbed, _ in rounds)
             if clean >= repeat or len(rounds) >= repeat + retries:
                 break
+            rate = host_read_rate()
             sample = {}
             with MachineLoad() as load:
                 for name, fn in fns.items():
@@ -186,18 +219,20 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
                     for _ in range(n):
                         fn()
                     sample[name] = (time.perf_counter() - start) / n
-            rounds.append((sample, load.disturbed))
-    kept = [s for s, disturbed in rounds if not disturbed]
+            rounds.append((sample, load.disturbed, rate))
+    kept = [r for r in rounds if not r[1]]
     flagged = len(kept) < (repeat + 1) // 2
     if flagged:
-        kept = [s for s, _ in rounds]
-    disturbed = sum(d for _, d in rounds)
+        kept = rounds
+    disturbed = sum(d for _, d, _ in rounds)
+    rates = [rate for _, _, rate in kept]
     result = {}
     for name in fns:
-        s = [sample[name] for sample in kept]
+        s = [sample[name] for sample, _, _ in kept]
         result[name] = {"median": median(s), "min": min(s), "samples": s, "loops": loops[name],
                         "others": overall.cores, "disturbed": disturbed,
-                        "rounds": len(rounds), "flagged": flagged}
+                        "rounds": len(rounds), "flagged": flagged,
+                        "host_gb_s": median(rates), "host_gb_s_range": [min(rates), max(rates)]}
     return result
 
 

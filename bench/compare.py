@@ -22,24 +22,30 @@ import sys
 
 
 def kernel_ratios(d):
-    out = {}
+    """{ratio: value}, and {ratio: the host read rate of its case} (``host_gb_s``)."""
+    out, hosts = {}, {}
+
+    def add(row, ratios):
+        out.update(ratios)
+        if "host_gb_s" in row:
+            hosts.update(dict.fromkeys(ratios, row["host_gb_s"]))
     for r in d["decode"]:
         case = f"decode {r['B']} x {r['H']} x {r['S']}"
-        out.update({f"{case} 2thr/1thr": r["attend_2v1"], f"{case} numpy/kv": r["numpy_ratio"]})
+        add(r, {f"{case} 2thr/1thr": r["attend_2v1"], f"{case} numpy/kv": r["numpy_ratio"]})
         if "c_ratio" in r:
-            out.update({f"{case} C/kv": r["c_ratio"], f"{case} % floor": r["of_floor_pct"]})
+            add(r, {f"{case} C/kv": r["c_ratio"], f"{case} % floor": r["of_floor_pct"]})
     for r in d["dtypes"]:
         if "skipped" in r:
             continue
         case = f"{r['dtype']} {r['B']} x {r['H']} x {r['S']}"
-        out.update({f"{case} 2thr/1thr": r["attend_2v1"], f"{case} f32 kv/kv": r["f32_ratio"],
-                    f"{case} numpy f32/kv": r["numpy32_ratio"]})
+        add(r, {f"{case} 2thr/1thr": r["attend_2v1"], f"{case} f32 kv/kv": r["f32_ratio"],
+                f"{case} numpy f32/kv": r["numpy32_ratio"]})
     for r in d["prefill"]:
         case = f"prefill T={r['T']}"
-        out.update({f"{case} 2thr/1thr": r["attend_2v1"], f"{case} numpy/kv": r["numpy_ratio"]})
+        add(r, {f"{case} 2thr/1thr": r["attend_2v1"], f"{case} numpy/kv": r["numpy_ratio"]})
     if "repeated_ratio" in d.get("gqa", {}):
-        out["grouped-query repeated/grouped"] = d["gqa"]["repeated_ratio"]
-    return out
+        add(d["gqa"], {"grouped-query repeated/grouped": d["gqa"]["repeated_ratio"]})
+    return out, hosts
 
 
 def generation_ratios(d):
@@ -78,15 +84,18 @@ RATIOS = {"kernel": kernel_ratios, "generation": generation_ratios, "llama": lla
 
 
 def load(directory, name):
-    """{ratio: value} of one script's JSON; None when absent; the error's text when unreadable."""
+    """``({ratio: value}, {ratio: host read rate})`` of one script's JSON (the second
+    empty where the script records none); None when absent; the error's text when
+    unreadable."""
     path = os.path.join(directory, f"{name}.json")
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            return RATIOS[name](json.load(f))
+            found = RATIOS[name](json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{path}: unreadable ({type(exc).__name__}: {exc})"
+    return found if isinstance(found, tuple) else (found, {})
 
 
 def agree(x, y, tolerance):
@@ -95,9 +104,13 @@ def agree(x, y, tolerance):
     return ok and abs(y / x - 1) <= tolerance
 
 
-def show(key, x, y):
+def show(key, x, y, host_x=None, host_y=None):
+    """One moved ratio's line; with both runs' host read rates, how that moved too."""
     change = f"x{y / x:.2f}" if agree(x, y, math.inf) else "not comparable"
-    return f"  {key:44s} {x:9.2f} {y:9.2f}  {change}"
+    host = ""
+    if agree(host_x, host_y, math.inf):
+        host = f"  (host read {host_x:.0f} -> {host_y:.0f} GB/s)"
+    return f"  {key:44s} {x:9.2f} {y:9.2f}  {change:>6s}{host}"
 
 
 def compare(first, second, tolerance):
@@ -112,6 +125,7 @@ def compare(first, second, tolerance):
         if a is None or b is None:
             lines.append(f"{name}: not in both runs")
             continue
+        (a, host_a), (b, host_b) = a, b
         common = [key for key in a if key in b]
         moved = [key for key in common if not agree(a[key], b[key], tolerance)]
         agreed += len(common) - len(moved)
@@ -119,7 +133,7 @@ def compare(first, second, tolerance):
         alone = len(a) + len(b) - 2 * len(common)
         lines.append(f"{name}: {len(common) - len(moved)} of {len(common)} ratios within "
                      f"{tolerance:.0%}" + (f" ({alone} in one run only)" if alone else ""))
-        lines += [show(key, a[key], b[key]) for key in moved]
+        lines += [show(key, a[key], b[key], host_a.get(key), host_b.get(key)) for key in moved]
     return lines, agreed, compared
 
 

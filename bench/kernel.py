@@ -68,6 +68,8 @@ D = 64
 THREADS = (1, 2)            # kernel thread counts compared; C loops use the last
 CHUNK = 2048                # positions written per update() while filling
 C_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# every table's last columns: what else was going on while a case ran
+LOAD_COLUMNS = [("others_txt", "others", ""), ("host_gb_s", "host GB/s", ".0f")]
 
 FULL = {
     # the sizes issue 10's targets name: call overhead, in cache, out of cache
@@ -231,8 +233,8 @@ def measure(fns, plan):
     row = {f"{name}_us": t["median"] * 1e6 for name, t in timed.items()}
     row["samples_us"] = {name: [x * 1e6 for x in t["samples"]] for name, t in timed.items()}
     any_t = next(iter(timed.values()))
-    row.update(others=any_t["others"], disturbed=any_t["disturbed"],
-               rounds=any_t["rounds"], flagged=any_t["flagged"])
+    row.update({key: any_t[key] for key in ("others", "disturbed", "rounds", "flagged",
+                                            "host_gb_s", "host_gb_s_range")})
     return row
 
 
@@ -316,7 +318,7 @@ def decode_table(rows, has_c, plan):
         columns += [("c_ratio", "C/kv", ".2f"), ("of_floor_pct", "% floor", ".0f")]
     if torch is not None:
         columns.append(("torch_ratio", "torch/kv", ".2f"))
-    columns += [("others_txt", "others", ""), ("max_abs_diff", "max|diff|", ".0e")]
+    columns += [*LOAD_COLUMNS, ("max_abs_diff", "max|diff|", ".0e")]
     rows = [dict(r, case=f"{r['B']} x {r['H']} x {r['S']}", mib=r["kv_bytes"] / 2**20,
                  others_txt=others_note(r["others"])) for r in rows]
     notes = [f"float32, one new token (T = 1), D = {D}; each call reads S + 1 positions (S cached "
@@ -333,6 +335,9 @@ def decode_table(rows, has_c, plan):
              "the ratios within each round",
              "others = cores used by other processes while the case ran; ! = disturbed (the "
              "rounds were retaken; kept only when too few were clean)",
+             "host GB/s = how fast one thread read 64 MiB (a NumPy sum) before each round, "
+             "median: a virtual machine's host can slow memory reads in ways 'others' cannot "
+             "see; where it differs between two runs, their out-of-cache ratios may too",
              "max|diff| = largest difference of any method's output from numpy's"]
     return table(rows, columns, "1. float32 decode attention", notes)
 
@@ -385,7 +390,7 @@ def dtype_table(rows, plan):
                ("attend1_us", "1thr us", ".1f"), ("attend2_us", "2thr us", ".1f"),
                ("f32attend_us", "f32 kv us", ".1f"), ("numpy_us", "numpy us", ".1f"),
                ("numpy32_us", "numpy f32 us", ".1f"), ("f32_ratio", "f32 kv/kv", ".2f"),
-               ("numpy32_ratio", "numpy f32/kv", ".2f"), ("others_txt", "others", ""),
+               ("numpy32_ratio", "numpy f32/kv", ".2f"), *LOAD_COLUMNS,
                ("max_abs_diff", "max|diff|", ".0e")]
     done = [dict(r, case=f"{r['B']} x {r['H']} x {r['S']}", others_txt=others_note(r["others"]))
             for r in rows if "skipped" not in r]
@@ -437,7 +442,7 @@ def prefill_table(rows, plan):
     columns.append(("numpy_ratio", "numpy/kv", ".2f"))
     if torch is not None:
         columns.append(("torch_ratio", "torch/kv", ".2f"))
-    columns += [("others_txt", "others", ""), ("max_abs_diff", "max|diff|", ".0e")]
+    columns += [*LOAD_COLUMNS, ("max_abs_diff", "max|diff|", ".0e")]
     rows = [dict(r, case=f"{r['B']} x {r['H']} x {r['T']}", others_txt=others_note(r["others"]))
             for r in rows]
     notes = [f"T new tokens into an empty float32 cache, causal, D = {D}; medians of "
@@ -485,7 +490,7 @@ def gqa_table(row, plan):
     columns = [("attend1_us", "1thr us", ".0f"), ("attend2_us", "2thr us", ".0f"),
                ("repeated1_us", "repeated 1thr us", ".0f"),
                ("repeated2_us", "repeated 2thr us", ".0f"),
-               ("repeated_ratio", "repeated/grouped", ".2f"), ("others_txt", "others", ""),
+               ("repeated_ratio", "repeated/grouped", ".2f"), *LOAD_COLUMNS,
                ("max_abs_diff", "max|diff|", ".0e")]
     notes = [f"{case}, float32, D = {D}, decode; medians of {plan['repeat']} rounds",
              f"grouped = attend(layer, q[B,{row['Hq']},1,D], k[B,{row['Hkv']},1,D], ...) on a "

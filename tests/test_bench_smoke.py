@@ -70,6 +70,9 @@ def test_time_many_retakes_disturbed_rounds():
         child.wait()
     assert t["rounds"] == 3 and t["disturbed"] == 3 and t["flagged"], t
     assert t["others"] > 0.5
+    # each round's host read rate was taken, the kept rounds' median reported
+    low, high = t["host_gb_s_range"]
+    assert 0 < low <= t["host_gb_s"] <= high, t
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc")
@@ -118,6 +121,10 @@ def test_kernel_methods_agree(results):
     for title in ("1. float32 decode", "2. Storage dtypes", "3. Prefill", "4. Grouped-query"):
         assert title in stdout, title
     assert "kernel" in result["header"]
+    assert "host GB/s" in stdout
+    for section in ("decode", "dtypes", "prefill"):
+        for row in result[section]:
+            assert "skipped" in row or row["host_gb_s"] > 0, row
     has_cc = shutil.which(os.environ.get("CC", "cc")) is not None
     for row in result["decode"]:
         # both thread counts, NumPy and (with a compiler) the C loops, all
@@ -220,13 +227,15 @@ def test_quality_int8_and_float16_near_float32(tmp_path):
 def test_compare_reports_the_ratios_that_moved(tmp_path):
     # two runs' kernel and update JSON, as the scripts write them; one ratio
     # moves by 20%, one by 5%, and a script only one run holds is named
+    # (with how fast the host let each run read memory in that case)
     import compare
     decode = {"B": 1, "H": 12, "S": 16, "attend_2v1": 1.0, "numpy_ratio": 3.0}
     runs = []
-    for numpy_ratio, two_v_one in ((3.0, 1.0), (3.6, 1.05)):
+    for numpy_ratio, two_v_one, host in ((3.0, 1.0, 20.4), (3.6, 1.05, 31.0)):
         run = tmp_path / f"run{len(runs)}"
         run.mkdir()
-        kernel = {"decode": [dict(decode, numpy_ratio=numpy_ratio, attend_2v1=two_v_one)],
+        kernel = {"decode": [dict(decode, numpy_ratio=numpy_ratio, attend_2v1=two_v_one,
+                                  host_gb_s=host)],
                   "dtypes": [], "prefill": [], "gqa": {}}
         (run / "kernel.json").write_text(json.dumps(kernel))
         runs.append(str(run))
@@ -235,6 +244,7 @@ def test_compare_reports_the_ratios_that_moved(tmp_path):
     assert (agreed, compared) == (1, 2)
     assert lines[0] == "kernel: 1 of 2 ratios within 10%"
     assert "decode 1 x 12 x 16 numpy/kv" in lines[1] and "x1.20" in lines[1]
+    assert lines[1].endswith("(host read 20 -> 31 GB/s)"), lines[1]
     assert "update: not in both runs" in lines
 
 
