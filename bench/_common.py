@@ -155,6 +155,18 @@ def host_read_rate():
     return PROBE_BYTES / (time.perf_counter() - start) / 1e9
 
 
+# a case's reads were slowed when its slowest round's rate is below this
+# fraction of its fastest
+HOST_SLOWED = 0.8
+
+
+def host_note(rates):
+    """The host column's text for a case's (slowest, fastest) read rates: 'lo-hi' GB/s,
+    '!' when the host slowed reads by more than ``1 - HOST_SLOWED`` in some round."""
+    low, high = rates
+    return f"{low:.0f}-{high:.0f}" + ("!" if low < HOST_SLOWED * high else "")
+
+
 # -- timing ------------------------------------------------------------------
 
 def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=None):
@@ -232,7 +244,8 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
         result[name] = {"median": median(s), "min": min(s), "samples": s, "loops": loops[name],
                         "others": overall.cores, "disturbed": disturbed,
                         "rounds": len(rounds), "flagged": flagged,
-                        "host_gb_s": median(rates), "host_gb_s_range": [min(rates), max(rates)]}
+                        "host_gb_s": median(rates), "host_gb_s_range": [min(rates), max(rates)],
+                        "host_gb_s_samples": rates}
     return result
 
 

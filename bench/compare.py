@@ -22,13 +22,13 @@ import sys
 
 
 def kernel_ratios(d):
-    """{ratio: value}, and {ratio: the host read rate of its case} (``host_gb_s``)."""
+    """{ratio: value}, and {ratio: its case's host read rates, (slowest, fastest)}."""
     out, hosts = {}, {}
 
     def add(row, ratios):
         out.update(ratios)
-        if "host_gb_s" in row:
-            hosts.update(dict.fromkeys(ratios, row["host_gb_s"]))
+        if "host_gb_s_range" in row:
+            hosts.update(dict.fromkeys(ratios, tuple(row["host_gb_s_range"])))
     for r in d["decode"]:
         case = f"decode {r['B']} x {r['H']} x {r['S']}"
         add(r, {f"{case} 2thr/1thr": r["attend_2v1"], f"{case} numpy/kv": r["numpy_ratio"]})
@@ -105,11 +105,11 @@ def agree(x, y, tolerance):
 
 
 def show(key, x, y, host_x=None, host_y=None):
-    """One moved ratio's line; with both runs' host read rates, how that moved too."""
+    """One moved ratio's line; with the host read rates of its case in both runs."""
     change = f"x{y / x:.2f}" if agree(x, y, math.inf) else "not comparable"
     host = ""
-    if agree(host_x, host_y, math.inf):
-        host = f"  (host read {host_x:.0f} -> {host_y:.0f} GB/s)"
+    if host_x and host_y:
+        host = "  (host read {:.0f}-{:.0f} -> {:.0f}-{:.0f} GB/s)".format(*host_x, *host_y)
     return f"  {key:44s} {x:9.2f} {y:9.2f}  {change:>6s}{host}"
 
 

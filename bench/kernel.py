@@ -53,8 +53,9 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, log, median, others_note,  # noqa: E402
-                     print_header, results_dir, table, time_many, wait_for_quiet, write_results)
+from _common import (Progress, default_results_dir, header, host_note, log, median,  # noqa: E402
+                     others_note, print_header, results_dir, table, time_many, wait_for_quiet,
+                     write_results)
 
 import kvarena  # noqa: E402
 
@@ -69,7 +70,7 @@ THREADS = (1, 2)            # kernel thread counts compared; C loops use the las
 CHUNK = 2048                # positions written per update() while filling
 C_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # every table's last columns: what else was going on while a case ran
-LOAD_COLUMNS = [("others_txt", "others", ""), ("host_gb_s", "host GB/s", ".0f")]
+LOAD_COLUMNS = [("others_txt", "others", ""), ("host_txt", "host GB/s", "")]
 
 FULL = {
     # the sizes issue 10's targets name: call overhead, in cache, out of cache
@@ -238,6 +239,12 @@ def measure(fns, plan):
     return row
 
 
+def load_cells(row):
+    """The text of a row's LOAD_COLUMNS."""
+    return {"others_txt": others_note(row["others"]),
+            "host_txt": host_note(row["host_gb_s_range"])}
+
+
 def best_of_threads(row, prefix="attend"):
     times = {t: row[f"{prefix}{t}_us"] for t in THREADS}
     row[f"{prefix}_us"] = min(times.values())
@@ -320,7 +327,7 @@ def decode_table(rows, has_c, plan):
         columns.append(("torch_ratio", "torch/kv", ".2f"))
     columns += [*LOAD_COLUMNS, ("max_abs_diff", "max|diff|", ".0e")]
     rows = [dict(r, case=f"{r['B']} x {r['H']} x {r['S']}", mib=r["kv_bytes"] / 2**20,
-                 others_txt=others_note(r["others"])) for r in rows]
+                 **load_cells(r)) for r in rows]
     notes = [f"float32, one new token (T = 1), D = {D}; each call reads S + 1 positions (S cached "
              "and the new one); per-call medians of "
              f"{plan['repeat']} rounds, methods sampled in turn",
@@ -336,8 +343,9 @@ def decode_table(rows, has_c, plan):
              "others = cores used by other processes while the case ran; ! = disturbed (the "
              "rounds were retaken; kept only when too few were clean)",
              "host GB/s = how fast one thread read 64 MiB (a NumPy sum) before each round, "
-             "median: a virtual machine's host can slow memory reads in ways 'others' cannot "
-             "see; where it differs between two runs, their out-of-cache ratios may too",
+             "slowest-fastest; ! = some round's reads more than 20% slower: a virtual "
+             "machine's host can slow it in ways 'others' cannot see (from one second to the "
+             "next on the machine the README quotes)",
              "max|diff| = largest difference of any method's output from numpy's"]
     return table(rows, columns, "1. float32 decode attention", notes)
 
@@ -392,7 +400,7 @@ def dtype_table(rows, plan):
                ("numpy32_us", "numpy f32 us", ".1f"), ("f32_ratio", "f32 kv/kv", ".2f"),
                ("numpy32_ratio", "numpy f32/kv", ".2f"), *LOAD_COLUMNS,
                ("max_abs_diff", "max|diff|", ".0e")]
-    done = [dict(r, case=f"{r['B']} x {r['H']} x {r['S']}", others_txt=others_note(r["others"]))
+    done = [dict(r, case=f"{r['B']} x {r['H']} x {r['S']}", **load_cells(r))
             for r in rows if "skipped" not in r]
     notes = [f"decode (T = 1), D = {D}, the same data stored in each dtype; medians of "
              f"{plan['repeat']} rounds",
@@ -443,7 +451,7 @@ def prefill_table(rows, plan):
     if torch is not None:
         columns.append(("torch_ratio", "torch/kv", ".2f"))
     columns += [*LOAD_COLUMNS, ("max_abs_diff", "max|diff|", ".0e")]
-    rows = [dict(r, case=f"{r['B']} x {r['H']} x {r['T']}", others_txt=others_note(r["others"]))
+    rows = [dict(r, case=f"{r['B']} x {r['H']} x {r['T']}", **load_cells(r))
             for r in rows]
     notes = [f"T new tokens into an empty float32 cache, causal, D = {D}; medians of "
              f"{plan['repeat']} rounds",
@@ -496,7 +504,7 @@ def gqa_table(row, plan):
              f"grouped = attend(layer, q[B,{row['Hq']},1,D], k[B,{row['Hkv']},1,D], ...) on a "
              f"{row['Hkv']}-head cache; repeated = attend on a {row['Hq']}-head cache holding each "
              "K/V head repeated"]
-    return table([dict(row, others_txt=others_note(row["others"]))], columns, title, notes)
+    return table([dict(row, **load_cells(row))], columns, title, notes)
 
 
 def main(argv=None):
