@@ -116,19 +116,21 @@ def generator(model, n_new, mode):
     return cached
 
 
-def time_runs(fns, max_runs, run_budget, retries):
+def time_runs(fns, max_runs, run_budget, retries, min_runs=1):
     """Median seconds of each ``fns[mode]()``, run in turn; the last tokens of each.
 
     Rounds (one run of every function, in reverse order every other round,
     so that neither pays for following the other) repeat while they took
-    less than ``run_budget`` seconds in all, at most ``max_runs`` kept. A round
-    disturbed by other processes is run again, at most ``retries`` times
-    and only if it lasted less than ``run_budget``; past that it is kept,
-    and the result is flagged.
+    less than ``run_budget`` seconds in all, at least ``min_runs`` and at
+    most ``max_runs`` kept. A round disturbed by other processes is run
+    again, at most ``retries`` times and only if it lasted less than
+    ``run_budget``; past that it is kept, and the result is flagged. The
+    third value also holds the kept rounds ({mode: seconds} each).
     """
     kept, disturbed, tokens = [], 0, {}
     flagged = False
-    while len(kept) < max_runs and sum(sum(r.values()) for r in kept) < run_budget:
+    while len(kept) < max_runs and (len(kept) < min_runs
+                                    or sum(sum(r.values()) for r in kept) < run_budget):
         round_ = {}
         order = list(fns.items())
         with MachineLoad() as load:
@@ -143,7 +145,8 @@ def time_runs(fns, max_runs, run_budget, retries):
             flagged = True
         kept.append(round_)
     times = {mode: median([r[mode] for r in kept]) for mode in fns}
-    return times, tokens, {"runs": len(kept), "disturbed": disturbed, "flagged": flagged}
+    return times, tokens, {"runs": len(kept), "disturbed": disturbed, "flagged": flagged,
+                           "rounds": kept}
 
 
 def bench_config(name, counts, args, progress, max_runs):
@@ -174,13 +177,17 @@ def bench_config(name, counts, args, progress, max_runs):
             modes.insert(0, "uncached")
         with MachineLoad() as load:
             # the two cached runs timed on their own: beside an uncached run
-            # of seconds, a budget of rounds leaves them two samples each
+            # of seconds, a budget of rounds leaves them two samples each; and
+            # at least five rounds, since their ratio is taken round by round
             times, tokens, runs = time_runs({m: generator(model, n, m) for m in modes[-2:]},
-                                            max_runs=max_runs + 2, run_budget=2.0, retries=2)
+                                            max_runs=max_runs + 2, run_budget=2.0, retries=2,
+                                            min_runs=min(5, max_runs + 2))
+            pairs = runs.pop("rounds")
             if modes[0] == "uncached":
                 slow, slow_tokens, slow_runs = time_runs(
                     {"uncached": generator(model, n, "uncached")},
                     max_runs=max_runs, run_budget=2.0, retries=2)
+                del slow_runs["rounds"]
                 times.update(slow)
                 tokens.update(slow_tokens)
                 runs.update(uncached_runs=slow_runs["runs"],
@@ -189,7 +196,9 @@ def bench_config(name, counts, args, progress, max_runs):
         row.update(runs, others=load.cores)
         row.update({f"{m}_s": t for m, t in times.items()})
         row["cached_tok_s"] = n / row["cached_s"]
-        row["threads_ratio"] = row["cached2_s"] / row["cached_s"]
+        # paired: the host's speed moves within seconds, a round's two runs
+        # are taken back to back
+        row["threads_ratio"] = median([r["cached2"] / r["cached"] for r in pairs])
         row["identical"] = bool(np.array_equal(tokens["cached"], tokens["cached2"]))
         if "uncached" in times:
             last = (n, times["uncached"])
@@ -218,11 +227,12 @@ def generation_table(result):
     notes = [f"greedy, prompt of {len(result['prompt'])} tokens, batch 1, float32; BLAS threads: "
              f"{result['blas']}",
              "speedup = uncached s / cached s; medians of up to 5 uncached runs (3 with --quick), "
-             "and of up to 7 (5) of the two cached runs, taken in turn, the order reversed "
+             "and of 5 to 7 (5) of the two cached runs, taken in turn, the order reversed "
              "every other round",
              "cached = generate(use_cache=True) with enable_kv_cache(model, num_threads=1); "
              "cached 2thr = with num_threads=2",
-             "2thr/1thr = cached 2thr s / cached s (below 1: the second kernel thread pays)",
+             "2thr/1thr = cached 2thr s / cached s, the median of that ratio within each round "
+             "(below 1: the second kernel thread pays)",
              "cache MiB = the cache generate() builds for that model; "
              "small: E=128 L=4 H=4, large: E=384 L=6 H=6",
              "others = cores used by other processes during the row; ! = disturbed"]

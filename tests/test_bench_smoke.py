@@ -75,6 +75,18 @@ def test_time_many_retakes_disturbed_rounds():
     assert 0 < low <= t["host_gb_s"] <= high, t
 
 
+def test_time_runs_keeps_its_minimum_of_rounds_and_each_round():
+    # runs longer than the whole budget: the minimum still holds, and each
+    # kept round's times come back for ratios taken round by round
+    import generation
+    fns = {"a": lambda: time.sleep(0.02), "b": lambda: time.sleep(0.04)}
+    times, _, runs = generation.time_runs(fns, max_runs=5, run_budget=0.01, retries=0,
+                                          min_runs=3)
+    assert runs["runs"] == 3 and len(runs["rounds"]) == 3, runs
+    assert all(r["b"] > r["a"] > 0.015 for r in runs["rounds"]), runs
+    assert times["a"] == sorted(r["a"] for r in runs["rounds"])[1]
+
+
 def test_host_note_flags_a_case_whose_reads_slowed():
     # slowest-fastest read rate; '!' once the slowest round is more than 20% slower
     assert _common.host_note((19.2, 23.9)) == "19-24"
