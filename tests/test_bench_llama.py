@@ -6,8 +6,11 @@ No timing is asserted. Needs grouped-query KVCache.attend (the model has
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "llama.py")
 
@@ -24,6 +27,9 @@ def test_llama_bench_quick_gives_the_same_tokens_three_ways(tmp_path):
     for row in rows:
         assert row["identical"], row
         assert row["uncached_tok_s"] > 0 and row["numpy_tok_s"] > 0 and row["kvarena_tok_s"] > 0
+        # the ratio is taken round by round (the median of per-round ratios)
+        per_round = sorted(a / b for a, b in zip(row["numpy_samples_s"], row["kvarena_samples_s"]))
+        assert row["kvarena_vs_numpy"] == pytest.approx(statistics.median(per_round), rel=1e-12)
     assert "Greedy generation, tokens per second" in proc.stdout
     assert (tmp_path / "llama.csv").exists()
     assert (tmp_path / "llama.txt").read_text().startswith("Greedy generation, tokens per second")
