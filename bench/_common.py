@@ -5,9 +5,9 @@ Timing is by medians: the machines these run on are shared and noisy, so a
 single figure means little, and ratios measured side by side in one run are
 what the tables are for. Each measurement also records how much CPU other
 processes used while it ran (``MachineLoad``), so a figure taken on a busy
-machine says so, and ``time_many`` re-takes rounds that were disturbed; and
-how fast the host let the process read memory (``host_read_rate``), which
-no process count shows.
+machine says so, and ``time_many`` re-takes rounds that were disturbed; and,
+where asked, how fast the host let the process read memory
+(``host_read_rate``), which no process count shows.
 """
 
 import csv
@@ -30,6 +30,17 @@ def median(values):
     values = sorted(values)
     n = len(values)
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def median_ratio(numerators, denominators):
+    """The median over rounds of each round's ``numerator / denominator``.
+
+    The methods of a round run seconds apart, the rounds up to minutes
+    apart on a shared machine whose speed drifts: a ratio of two medians
+    mixes rounds taken at different speeds, the median of per-round ratios
+    does not. The two sequences hold one time per round, in round order.
+    """
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def _loops_for(fn, min_sample):
@@ -136,8 +147,8 @@ def others_note(cores):
 # tenants' traffic on the host. On the 2-core EPYC VM these figures come
 # from, the same C read loop over 768 MiB took 14.2 ms in one run and 25.5 ms
 # in another twenty minutes later, with no other process on the machine. So
-# each round of ``time_many`` first times one thread reading a buffer larger
-# than that machine's last-level cache (32 MiB).
+# each round of ``time_many(probe=True)`` first times one thread reading a
+# buffer larger than that machine's last-level cache (32 MiB).
 PROBE_BYTES = 64 << 20
 _probe_buffer = None
 
@@ -162,14 +173,15 @@ HOST_SLOWED = 0.8
 
 def host_note(rates):
     """The host column's text for a case's (slowest, fastest) read rates: 'lo-hi' GB/s,
-    '!' when the host slowed reads by more than ``1 - HOST_SLOWED`` in some round."""
+    '!' when the slowest is more than ``1 - HOST_SLOWED`` (20%) below the fastest."""
     low, high = rates
     return f"{low:.0f}-{high:.0f}" + ("!" if low < HOST_SLOWED * high else "")
 
 
 # -- timing ------------------------------------------------------------------
 
-def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=None):
+def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=None,
+              probe=False):
     """Median seconds per call of each ``fns[name]()``, sampled in turn.
 
     Each function is first called for ``warmup`` seconds (at least once)
@@ -191,8 +203,9 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
     (default ``repeat``), and the medians are over the undisturbed rounds
     when at least half of ``repeat`` are, over all rounds otherwise.
 
-    Before each round, ``host_read_rate`` times one read of memory: what
-    the host let this process read at, which /proc/stat cannot tell.
+    With ``probe``, each round starts with ``host_read_rate``: how fast the
+    host let this process read memory then, which /proc/stat cannot tell
+    (it evicts the caches: only for callers that settle each method first).
 
     Returns
     -------
@@ -200,9 +213,10 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
     (seconds per call, one per kept sample), ``loops`` (calls per sample),
     ``others`` (cores used by other processes over all rounds, None off
     Linux), ``disturbed`` (rounds disturbed), ``rounds`` (rounds taken),
-    ``flagged`` (True when disturbed rounds had to be kept), ``host_gb_s``
-    (median of the kept rounds' read rates), ``host_gb_s_range`` (their
-    smallest and largest)}
+    ``flagged`` (True when disturbed rounds had to be kept); with
+    ``probe``, ``host_gb_s_samples`` (the read rate before each kept
+    round, GB/s), ``host_gb_s`` (their median) and ``host_gb_s_range``
+    (their smallest and largest)}
     """
     loops = {}
     for name, fn in fns.items():
@@ -218,7 +232,7 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
             clean = sum(not disturbed for _, disturbed, _ in rounds)
             if clean >= repeat or len(rounds) >= repeat + retries:
                 break
-            rate = host_read_rate()
+            rate = host_read_rate() if probe else None
             sample = {}
             with MachineLoad() as load:
                 for name, fn in fns.items():
@@ -237,15 +251,17 @@ def time_many(fns, repeat=7, min_sample=0.005, warmup=0.1, settle=0.0, retries=N
     if flagged:
         kept = rounds
     disturbed = sum(d for _, d, _ in rounds)
-    rates = [rate for _, _, rate in kept]
+    host = {}
+    if probe:
+        rates = [rate for _, _, rate in kept]
+        host = {"host_gb_s_samples": rates, "host_gb_s": median(rates),
+                "host_gb_s_range": [min(rates), max(rates)]}
     result = {}
     for name in fns:
         s = [sample[name] for sample, _, _ in kept]
         result[name] = {"median": median(s), "min": min(s), "samples": s, "loops": loops[name],
                         "others": overall.cores, "disturbed": disturbed,
-                        "rounds": len(rounds), "flagged": flagged,
-                        "host_gb_s": median(rates), "host_gb_s_range": [min(rates), max(rates)],
-                        "host_gb_s_samples": rates}
+                        "rounds": len(rounds), "flagged": flagged, **host}
     return result
 
 

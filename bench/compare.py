@@ -56,7 +56,7 @@ def generation_ratios(d):
             out[f"{case} speedup"] = r["speedup"]
         if r.get("threads_ratio") is not None:
             out[f"{case} 2thr/1thr"] = r["threads_ratio"]
-    return out
+    return out, {}
 
 
 def llama_ratios(d):
@@ -66,7 +66,7 @@ def llama_ratios(d):
         out[f"{case} kvarena/NumPy"] = r["kvarena_vs_numpy"]
         if "kvarena_vs_uncached" in r:
             out[f"{case} kvarena/uncached"] = r["kvarena_vs_uncached"]
-    return out
+    return out, {}
 
 
 def update_ratios(d):
@@ -76,7 +76,7 @@ def update_ratios(d):
         out[f"{case} update/assign"] = r["update_over_assign"]
         if r.get("i8_over_f32") is not None:
             out[f"{case} int8/float32"] = r["i8_over_f32"]
-    return out
+    return out, {}
 
 
 RATIOS = {"kernel": kernel_ratios, "generation": generation_ratios, "llama": llama_ratios,
@@ -84,18 +84,17 @@ RATIOS = {"kernel": kernel_ratios, "generation": generation_ratios, "llama": lla
 
 
 def load(directory, name):
-    """``({ratio: value}, {ratio: host read rate})`` of one script's JSON (the second
-    empty where the script records none); None when absent; the error's text when
-    unreadable."""
+    """``({ratio: value}, {ratio: host read rates})`` of one script's JSON (the
+    second empty where the script records none); None when absent; the error's
+    text when unreadable."""
     path = os.path.join(directory, f"{name}.json")
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            found = RATIOS[name](json.load(f))
+            return RATIOS[name](json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{path}: unreadable ({type(exc).__name__}: {exc})"
-    return found if isinstance(found, tuple) else (found, {})
 
 
 def agree(x, y, tolerance):
@@ -108,8 +107,10 @@ def show(key, x, y, host_x=None, host_y=None):
     """One moved ratio's line; with the host read rates of its case in both runs."""
     change = f"x{y / x:.2f}" if agree(x, y, math.inf) else "not comparable"
     host = ""
-    if host_x and host_y:
-        host = "  (host read {:.0f}-{:.0f} -> {:.0f}-{:.0f} GB/s)".format(*host_x, *host_y)
+    if host_x or host_y:        # a run made before the host column: '?'
+        def rates(r):
+            return "?" if r is None else "{:.0f}-{:.0f}".format(*r)
+        host = f"  (host read {rates(host_x)} -> {rates(host_y)} GB/s)"
     return f"  {key:44s} {x:9.2f} {y:9.2f}  {change:>6s}{host}"
 
 

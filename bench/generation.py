@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MachineLoad, Progress, default_results_dir, header, median,  # noqa: E402
-                     others_note, print_header, results_dir, table, thread_pools,
+                     median_ratio, others_note, print_header, results_dir, table, thread_pools,
                      wait_for_quiet, write_results)
 
 import kvarena  # noqa: E402
@@ -198,7 +198,9 @@ def bench_config(name, counts, args, progress, max_runs):
         row["cached_tok_s"] = n / row["cached_s"]
         # paired: the host's speed moves within seconds, a round's two runs
         # are taken back to back
-        row["threads_ratio"] = median([r["cached2"] / r["cached"] for r in pairs])
+        for mode in ("cached", "cached2"):
+            row[f"{mode}_samples_s"] = [r[mode] for r in pairs]
+        row["threads_ratio"] = median_ratio(row["cached2_samples_s"], row["cached_samples_s"])
         row["identical"] = bool(np.array_equal(tokens["cached"], tokens["cached2"]))
         if "uncached" in times:
             last = (n, times["uncached"])
@@ -231,7 +233,7 @@ def generation_table(result):
              "every other round",
              "cached = generate(use_cache=True) with enable_kv_cache(model, num_threads=1); "
              "cached 2thr = with num_threads=2",
-             "2thr/1thr = cached 2thr s / cached s, the median of that ratio within each round "
+             "2thr/1thr = the median over rounds of each round's cached 2thr s / cached s "
              "(below 1: the second kernel thread pays)",
              "cache MiB = the cache generate() builds for that model; "
              "small: E=128 L=4 H=4, large: E=384 L=6 H=6",

@@ -53,9 +53,9 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, host_note, log, median,  # noqa: E402
-                     others_note, print_header, results_dir, table, time_many, wait_for_quiet,
-                     write_results)
+from _common import (Progress, default_results_dir, header, host_note, log,  # noqa: E402
+                     median_ratio, others_note, print_header, results_dir, table, time_many,
+                     wait_for_quiet, write_results)
 
 import kvarena  # noqa: E402
 
@@ -230,12 +230,12 @@ def kv_views(cache):
 def measure(fns, plan):
     """time_many with the plan's settings; per method us, and the load of the run."""
     timed = time_many(fns, repeat=plan["repeat"], settle=plan["settle"], warmup=plan["warmup"],
-                      min_sample=plan["min_sample"], retries=plan["retries"])
+                      min_sample=plan["min_sample"], retries=plan["retries"], probe=True)
     row = {f"{name}_us": t["median"] * 1e6 for name, t in timed.items()}
     row["samples_us"] = {name: [x * 1e6 for x in t["samples"]] for name, t in timed.items()}
     any_t = next(iter(timed.values()))
     row.update({key: any_t[key] for key in ("others", "disturbed", "rounds", "flagged",
-                                            "host_gb_s", "host_gb_s_range")})
+                                            "host_gb_s", "host_gb_s_range", "host_gb_s_samples")})
     return row
 
 
@@ -253,19 +253,16 @@ def best_of_threads(row, prefix="attend"):
 
 
 def paired_ratio(row, num, den):
-    """Median over rounds of ``num``'s time over ``den``'s in the same round.
+    """``median_ratio`` of two methods' per-round times in a measured row.
 
-    The methods of a round run seconds apart, the rounds minutes apart on a
-    shared machine whose memory bandwidth drifts: a ratio of two medians
-    mixes rounds taken at different speeds, the median of per-round ratios
-    does not. ``num`` and ``den`` name methods, or a ``best_of_threads``
-    prefix (then its chosen thread count's samples).
+    ``num`` and ``den`` name methods, or a ``best_of_threads`` prefix (then
+    its chosen thread count's samples).
     """
     def samples(name):
         if name in row["samples_us"]:
             return row["samples_us"][name]
         return row["samples_us"][f"{name}{row[f'{name}_best_threads']}"]
-    return median([a / b for a, b in zip(samples(num), samples(den))])
+    return median_ratio(samples(num), samples(den))
 
 
 def min_sample_for(nbytes, plan):
@@ -342,10 +339,10 @@ def decode_table(rows, has_c, plan):
              "the ratios within each round",
              "others = cores used by other processes while the case ran; ! = disturbed (the "
              "rounds were retaken; kept only when too few were clean)",
-             "host GB/s = how fast one thread read 64 MiB (a NumPy sum) before each round, "
-             "slowest-fastest; ! = some round's reads more than 20% slower: a virtual "
-             "machine's host can slow it in ways 'others' cannot see (from one second to the "
-             "next on the machine the README quotes)",
+             "host GB/s = how fast one thread read 64 MiB (a NumPy sum) before each kept "
+             "round, slowest-fastest; ! = the slowest more than 20% below the fastest: a "
+             "virtual machine's host can slow reads in ways 'others' cannot see (from one "
+             "second to the next on the machine the README quotes); tables 2-4 the same",
              "max|diff| = largest difference of any method's output from numpy's"]
     return table(rows, columns, "1. float32 decode attention", notes)
 

@@ -36,8 +36,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, median, print_header,  # noqa: E402
-                     results_dir, table, time_many, write_results)
+from _common import (Progress, default_results_dir, header, median_ratio,  # noqa: E402
+                     print_header, results_dir, table, time_many, write_results)
 
 from kvarena.models import Llama, NumpyKVCache  # noqa: E402
 
@@ -88,8 +88,7 @@ def run(args, progress):
             row["numpy_tok_s"] = batch_size * n / row["numpy_s"]
             row["kvarena_tok_s"] = batch_size * n / row["kvarena_s"]
             # paired, round by round: the host's speed moves within seconds
-            row["kvarena_vs_numpy"] = median([a / b for a, b in zip(row["numpy_samples_s"],
-                                                                    row["kvarena_samples_s"])])
+            row["kvarena_vs_numpy"] = median_ratio(row["numpy_samples_s"], row["kvarena_samples_s"])
             identical = np.array_equal(tokens["numpy"], tokens["kvarena"])
             if n <= 200 or args.uncached_1000:
                 model.generate(prompt, 2, use_cache=False)          # warm-up
@@ -134,8 +133,8 @@ def main(argv=None):
              f"both caches hold the K/V heads only: {memory['numpy']:.2f} MiB (NumPy) and "
              f"{memory['kvarena']:.2f} MiB (kvarena) at B=2; the NumPy cache repeats them per "
              f"step, kvarena's attend does not",
-             "kvarena / NumPy: the median of that ratio within each round; kvarena / "
-             "uncached: of kvarena's median and one uncached run"]
+             "kvarena / NumPy: the median over rounds of each round's ratio; kvarena / "
+             "uncached: one uncached run over kvarena's median"]
     result = {"header": info, "elapsed_s": time.perf_counter() - started,
               "generation": {"rows": rows, "max_seq_len": max_seq_len, "cache_mib_b2": memory}}
     write_results(out, "llama", result,

@@ -70,9 +70,26 @@ def test_time_many_retakes_disturbed_rounds():
         child.wait()
     assert t["rounds"] == 3 and t["disturbed"] == 3 and t["flagged"], t
     assert t["others"] > 0.5
-    # each round's host read rate was taken, the kept rounds' median reported
-    low, high = t["host_gb_s_range"]
-    assert 0 < low <= t["host_gb_s"] <= high, t
+
+
+def test_time_many_probes_the_host_before_each_round_only_when_asked(monkeypatch):
+    rates = iter([10.0, 30.0, 20.0])
+    monkeypatch.setattr(_common, "host_read_rate", lambda: next(rates))
+    fns = {"a": lambda: None, "b": lambda: None}
+    t = _common.time_many(fns, repeat=3, retries=0, warmup=0.0, min_sample=0.0, probe=True)
+    for name in fns:
+        assert t[name]["host_gb_s_samples"] == [10.0, 30.0, 20.0], t
+        assert t[name]["host_gb_s"] == 20.0 and t[name]["host_gb_s_range"] == [10.0, 30.0]
+    # without probe the rate is not read (the iterator is spent: a call would raise)
+    t = _common.time_many(fns, repeat=2, retries=0, warmup=0.0, min_sample=0.0)
+    assert "host_gb_s" not in t["a"]
+
+
+def test_median_ratio_pairs_the_rounds():
+    # per round 1/1, 10/5, 3/6: the median ratio is 1, the ratio of medians 3/5
+    assert _common.median_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 6.0]) == 1.0
+    with pytest.raises(ValueError):
+        _common.median_ratio([1.0, 2.0], [1.0])
 
 
 def test_time_runs_keeps_its_minimum_of_rounds_and_each_round():
@@ -132,6 +149,10 @@ def test_generation_gives_the_same_tokens_every_way(results):
     assert any(r.get("speedup") for r in rows)
     for r in rows:
         assert r["cached_s"] > 0 and r["cached2_s"] > 0 and "others" in r
+        # 2thr/1thr is taken round by round, over at least five rounds
+        assert len(r["cached_samples_s"]) == len(r["cached2_samples_s"]) >= 5, r
+        assert r["threads_ratio"] == _common.median_ratio(r["cached2_samples_s"],
+                                                          r["cached_samples_s"])
 
 
 def test_kernel_methods_agree(results):
@@ -264,6 +285,22 @@ def test_compare_reports_the_ratios_that_moved(tmp_path):
     assert "decode 1 x 12 x 16 numpy/kv" in lines[1] and "x1.20" in lines[1]
     assert lines[1].endswith("(host read 10-20 -> 19-23 GB/s)"), lines[1]
     assert "update: not in both runs" in lines
+
+
+def test_compare_marks_a_run_without_the_host_column(tmp_path):
+    import compare
+    runs = []
+    for numpy_ratio, host in ((3.0, None), (3.6, [19.0, 23.0])):
+        run = tmp_path / f"run{len(runs)}"
+        run.mkdir()
+        row = {"B": 1, "H": 12, "S": 16, "attend_2v1": 1.0, "numpy_ratio": numpy_ratio}
+        if host:
+            row["host_gb_s_range"] = host
+        kernel = {"decode": [row], "dtypes": [], "prefill": [], "gqa": {}}
+        (run / "kernel.json").write_text(json.dumps(kernel))
+        runs.append(str(run))
+    lines, _, _ = compare.compare(*runs, tolerance=0.10)
+    assert lines[1].endswith("(host read ? -> 19-23 GB/s)"), lines
 
 
 def test_compare_says_what_it_cannot_compare(tmp_path):
