@@ -150,8 +150,10 @@ cdef class ArenaAccessor:
     cdef const float *rope_sin
     cdef int rope_interleaved
     # attend_plain: the NumPy type numbers of the storage and of the compute
-    # type, and the bytes of the arena and the scales, [lo, hi)
+    # type, the largest finite value the storage holds (float arenas), and
+    # the bytes of the arena and the scales, [lo, hi)
     cdef int storage_num, compute_num
+    cdef double storage_max
     cdef const char *arena_lo
     cdef const char *arena_hi
     cdef const char *scales_lo
@@ -178,6 +180,7 @@ cdef class ArenaAccessor:
         _extent(arena, &self.arena_lo, &self.arena_hi)
         self.storage_num = cnp.PyArray_TYPE(arena)
         self.compute_num = cnp.NPY_FLOAT64 if self.storage == KV_F64 else cnp.NPY_FLOAT32
+        self.storage_max = INFINITY if self.storage == KV_I8 else float(np.finfo(arena.dtype).max)
 
     def positions(self, ring_head=None, Py_ssize_t n_sink=0, rope_cos=None, rope_sin=None,
                   bint rope_interleaved=False):
@@ -248,8 +251,10 @@ cdef class ArenaAccessor:
         returns the attention of ``q`` (B, G * H, T, D) over them and the
         cached positions into ``out`` (a new array of q's dtype when None):
         what ``KVCache.attend`` does after its checks. Plain: ndarrays only
-        (no subclass); k and v 4-d, in the storage dtype and native order
-        (an int8 arena: float32, C-contiguous, finite), strides in whole
+        (no subclass); k and v 4-d, native order, in the storage dtype or
+        float32 or float64 (cast as NumPy casts; narrowing ones finite and
+        within the storage's range), an int8 arena's float32,
+        C-contiguous and finite; strides in whole
         elements; q float32 or float64, native, aligned (finite values
         within float32 when computed in float32); every row at ``start``
         and no ring turned; start + T <= S, and T within a sliding window;
@@ -299,8 +304,7 @@ cdef class ArenaAccessor:
         narrow = cnp.PyArray_ITEMSIZE(qa) > (8 if self.compute_num == cnp.NPY_FLOAT64 else 4)
         if (check_finite or narrow) and _scan(qa, FLT_MAX if narrow else INFINITY):
             return None
-        if (check_finite or self.storage == KV_I8) and (_scan(ka, INFINITY)
-                                                        or _scan(va, INFINITY)):
+        if self._unsafe_block(ka, check_finite) or self._unsafe_block(va, check_finite):
             return None
         self._store(layer, 0, ka, start, isa)
         self._store(layer, 1, va, start, isa)
@@ -316,7 +320,17 @@ cdef class ArenaAccessor:
             return False
         if self.storage == KV_I8:
             return cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(x)
-        return cnp.PyArray_TYPE(x) == self.storage_num
+        return cnp.PyArray_TYPE(x) in (self.storage_num, cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
+
+    cdef bint _unsafe_block(self, cnp.ndarray x, bint check_finite):
+        # keys or values (_plain_block) whose values the general path must see:
+        # NaN or infinity when they are refused (check_finite; int8 always),
+        # and when narrowing to the storage, any of those or a finite value
+        # beyond its range (the general path says which)
+        cdef bint narrowing = cnp.PyArray_ITEMSIZE(x) > self.itemsize and self.storage != KV_I8
+        if narrowing:
+            return _scan(x, self.storage_max) != 0
+        return (check_finite or self.storage == KV_I8) and _scan(x, INFINITY) != 0
 
     cdef bint _overlaps(self, cnp.ndarray x):
         # whether x's bytes may overlap the arena's or the scales'
@@ -348,6 +362,10 @@ cdef class ArenaAccessor:
                 kv_quantize(<const float *>src, <signed char *>&self.raw[layer, kv, 0, 0, 0, 0],
                             &self.scale[layer, kv, 0, 0, 0], slots, B, H, self.S, D, T, isa)
             PyMem_Free(slots)
+            return
+        if cnp.PyArray_TYPE(x) != self.storage_num:
+            # another float type: cast by NumPy, as the general path's assignment does
+            cnp.PyArray_CopyInto(self.arena[layer, kv, :, :, start:start + T], x)
             return
         with nogil:
             for b in range(B):

@@ -1,7 +1,8 @@
 """attend's one-step path for common calls against its general path.
 
 ``KVCache.attend`` hands a plain call (every row at seq_pos, ndarrays in
-the dtypes the kernel and the arena hold, no eviction) to
+the dtypes the kernel reads, keys and values in the arena's float type or
+one it is cast from, no eviction) to
 ``ArenaAccessor.attend_plain``, which checks, writes and attends in one
 compiled step; anything else returns None untouched and goes through the
 general path. Both must leave the same bytes in the arena and return the
@@ -84,6 +85,28 @@ def test_plain_calls_equal_the_general_path(B, H, G, D, S, cached, T, dtype, isa
     assert direct._arena.tobytes() == general._arena.tobytes()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype,wider", [(np.float16, np.float32), (np.float16, np.float64),
+                                         (np.float32, np.float64), (np.float64, np.float32)],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("B,H,G,D,S,cached,T", CASES[1:4])
+def test_keys_and_values_of_another_float_type_are_cast_as_the_general_path_casts(
+        B, H, G, D, S, cached, T, dtype, wider, isa, rng):
+    # a float32 model on a float16 cache (or a float64 one) passes float32 keys
+    # and values: the one-step path casts them as NumPy does on assignment
+    direct, public, general = twins(rng, dtype, B, H, D, S, cached)
+    q, k, v = plain_inputs(rng, dtype, B, H, G, D, T)
+    k, v = k.astype(wider), v.astype(wider)
+    with forced_isa(isa):
+        taken = try_plain(direct, 1, q, k, v)
+        got = public.attend(1, q, k, v)
+        want = general.attend(np.intp(1), q, k, v)
+    assert taken is not None, "another float type must take the one-step path"
+    assert taken.tobytes() == got.tobytes() == want.tobytes()
+    assert state(public) == state(general)
+    assert direct._arena.tobytes() == general._arena.tobytes()
+
+
 class Sub(np.ndarray):
     """An ndarray subclass: not plain (a subclass may report any shape it likes)."""
 
@@ -100,9 +123,15 @@ def not_plain_cases():
     """name -> (cache options, dtype, a function of (cache, q, k, v) giving the
     call's (q, k, v, out, check_finite))."""
     f8 = lambda x: x.astype(np.float64)   # noqa: E731
+    f4 = lambda x: x.astype(np.float32)   # noqa: E731
     return {
         "q a subclass": ({}, np.float32, lambda c, q, k, v: (q.view(Sub), k, v, None, False)),
-        "k wider than the arena": ({}, np.float32, lambda c, q, k, v: (q, f8(k), v, None, False)),
+        "float64 k beyond a float32 arena": ({}, np.float32,
+                                             lambda c, q, k, v: (q, f8(k) * 1e300, v, None, False)),
+        "float32 v beyond a float16 arena": ({}, np.float16,
+                                             lambda c, q, k, v: (q, k, f4(v) * 1e5, None, False)),
+        "float32 k with a NaN into float16": ({}, np.float16,
+                                              lambda c, q, k, v: (q, nan(f4(k)), v, None, False)),
         "v byte-swapped": ({}, np.float32,
                            lambda c, q, k, v: (q, k, v.astype(">f4"), None, False)),
         "q float16": ({}, np.float32, lambda c, q, k, v: (q.astype(np.float16), k, v, None,
