@@ -886,8 +886,9 @@ class KVCache:
         """
         if type(layer_idx) is int and 0 <= layer_idx < self.num_layers:
             # the common call (every row at seq_pos, ndarrays the kernel reads
-            # as they are, no eviction) is checked, written and attended in
-            # one compiled step; None means it is not one, with nothing touched
+            # as they are or, keys and values, casts as NumPy does, no
+            # eviction) is checked, written and attended in one compiled
+            # step; None means it is not one, with nothing touched
             self._check_lengths()
             plain = self._accessor.attend_plain(layer_idx, self._seq_pos, self._seq_lens, q, k, v,
                                                 out, kernel.current_isa(), self.check_finite)
