@@ -17,7 +17,7 @@ The kernel itself is C: pyx/kernel.h (and kernel_impl.h, pool.h).
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.float cimport FLT_MAX
-from libc.math cimport INFINITY, fabs, isfinite
+from libc.math cimport INFINITY, fabs, isfinite, ldexp
 from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -312,7 +312,8 @@ cdef class ArenaAccessor:
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):
-        # keys or values (B, H, T >= 1, D) that _store copies as they are
+        # keys or values (B, H, T >= 1, D) that _store writes as they are: a
+        # copy, or a cast by NumPy from another float type
         if cnp.PyArray_NDIM(x) != 4 or cnp.PyArray_DIMS(x)[0] != self.B \
                 or cnp.PyArray_DIMS(x)[1] != self.H or cnp.PyArray_DIMS(x)[2] < 1 \
                 or cnp.PyArray_DIMS(x)[3] != self.D or not cnp.PyArray_ISNOTSWAPPED(x) \
@@ -325,8 +326,9 @@ cdef class ArenaAccessor:
     cdef bint _unsafe_block(self, cnp.ndarray x, bint check_finite):
         # keys or values (_plain_block) whose values the general path must see:
         # NaN or infinity when they are refused (check_finite; int8 always),
-        # and when narrowing to the storage, any of those or a finite value
-        # beyond its range (the general path says which)
+        # and when narrowing to the storage, any of those (the general path
+        # stores them unless check_finite) or a finite value beyond its range
+        # (the general path raises)
         cdef bint narrowing = cnp.PyArray_ITEMSIZE(x) > self.itemsize and self.storage != KV_I8
         if narrowing:
             return _scan(x, self.storage_max) != 0
@@ -559,22 +561,38 @@ cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
     return xlo < yhi and ylo < xhi
 
 
+cdef inline double _half(unsigned short bits) noexcept nogil:
+    # an IEEE half's value (sign dropped), NaN and infinity as infinity
+    cdef int exponent = (bits >> 10) & 0x1F
+    cdef int mantissa = bits & 0x3FF
+    if exponent == 0x1F:
+        return INFINITY
+    if exponent == 0:
+        return ldexp(mantissa, -24)                      # subnormal
+    return ldexp(mantissa + 1024, exponent - 25)
+
+
 cdef int _scan(cnp.ndarray x, double limit):
-    # 4-d float32 or float64 x: 1 if it holds a NaN or an infinity, else 2
-    # if a value's magnitude exceeds limit, else 0
+    # 4-d float16, float32 or float64 x: 1 if it holds a NaN or an infinity,
+    # else 2 if a value's magnitude exceeds limit, else 0
     cdef const cnp.npy_intp *n = cnp.PyArray_DIMS(x)
     cdef const cnp.npy_intp *s = cnp.PyArray_STRIDES(x)
     cdef const char *p = <const char *>cnp.PyArray_DATA(x)
     cdef const char *e
     cdef Py_ssize_t i, j, k, d
     cdef double a, most = 0
-    cdef bint wide = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64
+    cdef int kind = cnp.PyArray_TYPE(x)
     for i in range(n[0]):
         for j in range(n[1]):
             for k in range(n[2]):
                 for d in range(n[3]):
                     e = p + i * s[0] + j * s[1] + k * s[2] + d * s[3]
-                    a = (<const double *>e)[0] if wide else (<const float *>e)[0]
+                    if kind == cnp.NPY_FLOAT64:
+                        a = (<const double *>e)[0]
+                    elif kind == cnp.NPY_FLOAT32:
+                        a = (<const float *>e)[0]
+                    else:
+                        a = _half((<const unsigned short *>e)[0])
                     if not isfinite(a):
                         return 1
                     most = fabs(a) if fabs(a) > most else most

@@ -85,18 +85,37 @@ def test_plain_calls_equal_the_general_path(B, H, G, D, S, cached, T, dtype, isa
     assert direct._arena.tobytes() == general._arena.tobytes()
 
 
+CASTS = [(np.float16, np.float32), (np.float16, np.float64), (np.float32, np.float64),
+         (np.float64, np.float32)]
+
+
+def edge_values(dtype, given):
+    """Values of ``given`` a cast to the arena's ``dtype`` must get right:
+    signed zero, the input type's smallest subnormal, the largest finite
+    value both types hold (and its negation); when widening, NaN and
+    infinities too."""
+    widening = np.dtype(given).itemsize < np.dtype(dtype).itemsize
+    top = np.finfo(given if widening else dtype).max
+    values = [-0.0, np.finfo(given).smallest_subnormal, top, -top]
+    if widening:
+        values += [np.nan, np.inf, -np.inf]
+    return np.array(values, dtype=given)
+
+
+@pytest.mark.parametrize("layout", ["model", "strided"])
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype,wider", [(np.float16, np.float32), (np.float16, np.float64),
-                                         (np.float32, np.float64), (np.float64, np.float32)],
-                         ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("B,H,G,D,S,cached,T", CASES[1:4])
+@pytest.mark.parametrize("dtype,given", CASTS, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("B,H,G,D,S,cached,T", CASES[1:])
 def test_keys_and_values_of_another_float_type_are_cast_as_the_general_path_casts(
-        B, H, G, D, S, cached, T, dtype, wider, isa, rng):
+        B, H, G, D, S, cached, T, dtype, given, isa, layout, rng):
     # a float32 model on a float16 cache (or a float64 one) passes float32 keys
     # and values: the one-step path casts them as NumPy does on assignment
     direct, public, general = twins(rng, dtype, B, H, D, S, cached)
-    q, k, v = plain_inputs(rng, dtype, B, H, G, D, T)
-    k, v = k.astype(wider), v.astype(wider)
+    q, k, v = plain_inputs(rng, dtype, B, H, G, D, T, layout)
+    k, v = k.astype(given), v.astype(given)
+    edges = edge_values(dtype, given)
+    k.flat[:edges.size] = edges[:k.size]
+    v.flat[-edges.size:] = edges[-v.size:]
     with forced_isa(isa):
         taken = try_plain(direct, 1, q, k, v)
         got = public.attend(1, q, k, v)
@@ -132,6 +151,19 @@ def not_plain_cases():
                                              lambda c, q, k, v: (q, k, f4(v) * 1e5, None, False)),
         "float32 k with a NaN into float16": ({}, np.float16,
                                               lambda c, q, k, v: (q, nan(f4(k)), v, None, False)),
+        "float32 k just beyond float16": ({}, np.float16,
+                                          lambda c, q, k, v: (q, at(f4(k), 0, 65505), v, None,
+                                                              False)),
+        "float64 v just beyond float32": ({}, np.float32,
+                                          lambda c, q, k, v: (q, k, at(f8(v), 0, 3.5e38), None,
+                                                              False)),
+        "float32 k with an infinity into float16": ({}, np.float16,
+                                                    lambda c, q, k, v: (q, inf(f4(k)), v, None,
+                                                                        False)),
+        "float16 k with an infinity first, check_finite": (
+            {}, np.float16, lambda c, q, k, v: (q, at(k, 0, np.inf), v, None, True)),
+        "float16 v with a NaN, check_finite": ({}, np.float16,
+                                               lambda c, q, k, v: (q, k, nan(v), None, True)),
         "v byte-swapped": ({}, np.float32,
                            lambda c, q, k, v: (q, k, v.astype(">f4"), None, False)),
         "q float16": ({}, np.float32, lambda c, q, k, v: (q.astype(np.float16), k, v, None,
@@ -184,6 +216,13 @@ def view_of_the_slots_written(cache, q, k, v):
 
 def twice(x):
     return np.concatenate([x, x], axis=2)
+
+
+def at(x, i, value):
+    """A copy of ``x`` with element ``i`` (flat) set to ``value``."""
+    x = x.copy()
+    x.flat[i] = value
+    return x
 
 
 def nan(x):
