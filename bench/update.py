@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Progress, default_results_dir, header, others_note,  # noqa: E402
-                     print_header, results_dir, table, time_many, write_results)
+from _common import (Progress, default_results_dir, header, median_ratio,  # noqa: E402
+                     others_note, print_header, results_dir, table, time_many, write_results)
 
 import kvarena  # noqa: E402
 
@@ -76,8 +76,10 @@ def bench_shape(B, H, max_seq_len, repeat, rng):
                "get_us": t[f"get@{pos}"]["median"] * 1e6,
                "update_i8_us": t[f"update_i8@{pos}"]["median"] * 1e6,
                "others": t[f"update@{pos}"]["others"]}
-        row["update_over_assign"] = row["update_us"] / row["assign_us"]
-        row["i8_over_f32"] = row["update_i8_us"] / row["update_us"]
+        samples = {name: t[f"{name}@{pos}"]["samples"]
+                   for name in ("update", "update_i8", "assign")}
+        row["update_over_assign"] = median_ratio(samples["update"], samples["assign"])
+        row["i8_over_f32"] = median_ratio(samples["update_i8"], samples["update"])
         rows.append(row)
     return rows
 
@@ -96,7 +98,8 @@ def update_table(result):
              "layer's shape, no checks; "
              "update = KVCache.update (checks, then the Cython block copy)",
              "get = KVCache.get (two read-only views); others = cores used by other processes, "
-             "! = disturbed",
+             "! = disturbed; update/assign and int8/float32 are medians over rounds of each "
+             "round's ratio",
              "int8 update = KVCache.update on an int8 cache (checks, conversion to float32, "
              "compiled quantization: int8 values and one scale per vector); int8/float32 = "
              "its time over float32 update's (issue 12's target: <= 2)"]
