@@ -561,6 +561,18 @@ cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
     return xlo < yhi and ylo < xhi
 
 
+def scan(cnp.ndarray x, double limit):
+    """One compiled pass over ``x``: 1 if it holds a NaN or an infinity, else
+    2 if a value's magnitude exceeds ``limit``, else 0; -1 when ``x`` is not
+    a 4-d, native-order, aligned float16, float32 or float64 array (the
+    caller then asks NumPy)."""
+    if cnp.PyArray_NDIM(x) != 4 or not cnp.PyArray_ISNOTSWAPPED(x) \
+            or not cnp.PyArray_ISALIGNED(x) \
+            or cnp.PyArray_TYPE(x) not in (cnp.NPY_FLOAT16, cnp.NPY_FLOAT32, cnp.NPY_FLOAT64):
+        return -1
+    return _scan(x, limit)
+
+
 cdef inline double _half(unsigned short bits) noexcept nogil:
     # an IEEE half's value (sign dropped), NaN and infinity as infinity
     cdef int exponent = (bits >> 10) & 0x1F

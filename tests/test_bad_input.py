@@ -462,6 +462,27 @@ def test_largest_float16_is_accepted():
     assert keys[1, 0, 2] == 65504.0
 
 
+def test_the_compiled_scan_and_what_it_leaves_to_numpy():
+    from kvarena import _arena
+    from kvarena.cache import largest_beyond
+    x = np.ones((1, 2, 3, 5), np.float16)
+    assert _arena.scan(x, 65504.0) == 0
+    x[0, 0, 0, 0] = np.inf                      # the first element of a row
+    assert _arena.scan(x, 65504.0) == 1
+    y = np.ones((1, 2, 3, 5), np.float32)
+    y[0, 1, 2, 4] = 7e4                         # the last one
+    assert _arena.scan(y, 65504.0) == 2 and _arena.scan(y, 7e4) == 0
+    assert _arena.scan(y[0], 1.0) == -1         # not 4-d
+    assert _arena.scan(y.astype(">f4"), 1.0) == -1
+    assert _arena.scan(y.astype(np.longdouble), 1.0) == -1
+    # beyond the limit alongside a NaN: the compiled pass stops at the NaN,
+    # NumPy finds the largest finite value
+    y[0, 0, 0, 0] = np.nan
+    assert largest_beyond(y, 65504.0) == np.float32(7e4)
+    y[0, 1, 2, 4] = 1.0
+    assert largest_beyond(y, 65504.0) is None
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_is_stored_when_check_finite_is_off(bad):
     # the documented policy: checking is opt-in
