@@ -561,7 +561,7 @@ cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
     return xlo < yhi and ylo < xhi
 
 
-def scan(cnp.ndarray x, double limit):
+def scan(cnp.ndarray x not None, double limit):
     """One compiled pass over ``x``: 1 if it holds a NaN or an infinity, else
     2 if a value's magnitude exceeds ``limit``, else 0; -1 when ``x`` is not
     a 4-d, native-order, aligned float16, float32 or float64 array (the

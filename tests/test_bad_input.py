@@ -473,8 +473,15 @@ def test_the_compiled_scan_and_what_it_leaves_to_numpy():
     y[0, 1, 2, 4] = 7e4                         # the last one
     assert _arena.scan(y, 65504.0) == 2 and _arena.scan(y, 7e4) == 0
     assert _arena.scan(y[0], 1.0) == -1         # not 4-d
-    assert _arena.scan(y.astype(">f4"), 1.0) == -1
-    assert _arena.scan(y.astype(np.longdouble), 1.0) == -1
+    with pytest.raises(TypeError):
+        _arena.scan(None, 1.0)
+    # arrays the pass does not read: NumPy decides
+    raw = np.zeros(y.nbytes + 1, np.uint8)
+    unaligned = np.frombuffer(raw.data, np.float32, y.size, offset=1).reshape(y.shape)
+    unaligned[...] = y
+    for other in (y.astype(">f4"), y.astype(np.longdouble), unaligned):
+        assert _arena.scan(other, 1.0) == -1
+        assert largest_beyond(other, 65504.0) == np.float32(7e4)
     # beyond the limit alongside a NaN: the compiled pass stops at the NaN,
     # NumPy finds the largest finite value
     y[0, 0, 0, 0] = np.nan
