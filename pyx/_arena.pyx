@@ -302,7 +302,7 @@ cdef class ArenaAccessor:
                 return None
         # values: what the general path would refuse, it refuses itself
         narrow = cnp.PyArray_ITEMSIZE(qa) > (8 if self.compute_num == cnp.NPY_FLOAT64 else 4)
-        if (check_finite or narrow) and _scan(qa, FLT_MAX if narrow else INFINITY):
+        if _values_need_general_path(qa, narrow, FLT_MAX, check_finite):
             return None
         if self._unsafe_block(ka, check_finite) or self._unsafe_block(va, check_finite):
             return None
@@ -324,15 +324,11 @@ cdef class ArenaAccessor:
         return cnp.PyArray_TYPE(x) in (self.storage_num, cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
 
     cdef bint _unsafe_block(self, cnp.ndarray x, bint check_finite):
-        # keys or values (_plain_block) whose values the general path must see:
-        # NaN or infinity when they are refused (check_finite; int8 always),
-        # and when narrowing to the storage, any of those (the general path
-        # stores them unless check_finite) or a finite value beyond its range
-        # (the general path raises)
+        # keys or values (_plain_block) the general path must see: narrowed to
+        # a float storage, or refused when not finite (check_finite; int8 always)
         cdef bint narrowing = cnp.PyArray_ITEMSIZE(x) > self.itemsize and self.storage != KV_I8
-        if narrowing:
-            return _scan(x, self.storage_max) != 0
-        return (check_finite or self.storage == KV_I8) and _scan(x, INFINITY) != 0
+        return _values_need_general_path(x, narrowing, self.storage_max,
+                                         check_finite or self.storage == KV_I8)
 
     cdef bint _overlaps(self, cnp.ndarray x):
         # whether x's bytes may overlap the arena's or the scales'
@@ -559,6 +555,17 @@ cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
     _extent(x, &xlo, &xhi)
     _extent(y, &ylo, &yhi)
     return xlo < yhi and ylo < xhi
+
+
+cdef bint _values_need_general_path(cnp.ndarray x, bint narrowing, double limit,
+                                    bint refuse_nonfinite):
+    # attend_plain's value check of q, k or v: when narrowing to a type whose
+    # largest finite value is limit, any NaN, infinity or value beyond it (the
+    # general path stores the first two unless check_finite, and raises for
+    # the last); else a NaN or an infinity where they are refused
+    if narrowing:
+        return _scan(x, limit) != 0
+    return refuse_nonfinite and _scan(x, INFINITY) != 0
 
 
 def scan(cnp.ndarray x not None, double limit):
