@@ -53,6 +53,7 @@ import mmap
 import os
 import stat
 import struct
+import sys
 import tempfile
 import zlib
 
@@ -649,7 +650,7 @@ def _check_rope(meta, head_dim, path):
     theta, style = meta.get("rope_theta"), meta.get("rope_style")
     if theta is None and style is None:
         return None, None
-    if not (type(theta) in (int, float) and math.isfinite(theta) and theta > 0
+    if not (type(theta) in (int, float) and 0 < theta <= sys.float_info.max   # NaN fails too
             and style in ("half", "interleaved") and head_dim % 2 == 0):
         raise CacheFileError(f"{path}: header rope_theta and rope_style must both be null, "
                              f"or a number > 0 and 'half' or 'interleaved' (with an even "

@@ -691,6 +691,7 @@ def test_crafted_snapshot_headers_are_cache_file_errors(tmp_path):
             (dict(n_sink=2**64), "n_sink must be"),
             (dict(payload_bytes=2**64), "payload_bytes"),
             (dict(rope_theta=-1.0, rope_style="half"), "rope_theta and rope_style must"),
+            (dict(rope_theta=10**400, rope_style="half"), "rope_theta and rope_style must"),
             (dict(rope_theta=1e4, rope_style="sideways"), "rope_theta and rope_style must"),
             (dict(rope_theta=1e4), "rope_theta and rope_style must"),
             (dict(rope_style="half"), "rope_theta and rope_style must"),
