@@ -464,12 +464,16 @@ def open_mapped(path, mode):
         if size != expected:
             raise CacheFileError(f"{path}: file holds {size} bytes, but its header describes "
                                  f"{expected}; it is truncated or has trailing data")
+        # the lengths are checked before anything is mapped: a map made first
+        # would live on in the refusal's traceback, and hold the lock with it
+        f.seek(state_offset)
+        _check_state(np.frombuffer(f.read(state_size(shape[2]) * STATE_DTYPE.itemsize),
+                                   STATE_DTYPE), shape[2], shape[4], path, n_sink)
         buffer, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
     if mode == "c":
         # a private mapping shows the file's bytes until this process writes
         # them: read the lengths once, now, into memory of our own
         state = np.array(state, dtype=np.intp)
-    _check_state(state, shape[2], shape[4], path, n_sink)
     return (*arena_views(buffer, shape, dtype), state, n_sink, rope)
 
 

@@ -781,6 +781,10 @@ def test_damaged_mapped_arena_is_refused(tmp_path, mapped_file, snapshot, damage
         KVCache.open(path, mode)
     assert str(path) in str(excinfo.value)
     assert path.read_bytes() == before
+    # the refusal, still held here, holds no map of the file and so no lock:
+    # opening it to write is refused for what it holds, not for being in use
+    with pytest.raises(CacheFileError, match=message):
+        KVCache.open(path, "r+")
 
 
 @pytest.mark.parametrize("mode", ["r+", "c"])
