@@ -1022,13 +1022,19 @@ class KVCache:
             ``path`` is not a path.
         ValueError
             ``path`` is a directory, FIFO, device or socket, or the file of
-            an open file-backed cache (this one's included): nothing is
-            written.
+            an open file-backed cache (this one's included), or the batch is
+            too large for a snapshot's header (``kvarena.storage.save``):
+            nothing is written.
+        RuntimeError
+            The lengths were changed outside the cache's methods and are
+            out of range (as for every write): nothing is written.
         OSError
             The directory is not writable or the filesystem is full; the
             old file is unchanged.
         """
-        storage.save(self, check_path("path", path))
+        path = check_path("path", path)
+        self._check_lengths()       # never a file that load would refuse
+        storage.save(self, path)
 
     @classmethod
     def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=None, check_finite=False,

@@ -182,7 +182,12 @@ def save(cache, path):
     ValueError
         ``path`` exists and is not a regular file (a directory, FIFO, device
         or socket), or is the file of an open file-backed cache (in this
-        process or another), which the snapshot would replace under it.
+        process or another), which the snapshot would replace under it; or
+        the batch is so large (tens of thousands of rows) that the header
+        would pass ``MAX_HEADER_BYTES``, which load refuses.
+    RuntimeError
+        ``evicted`` was changed outside the cache's methods to a negative
+        count.
     OSError
         The directory cannot be written, or the filesystem is full; the old
         file is unchanged and no temporary is left.
@@ -190,13 +195,21 @@ def save(cache, path):
     target = os.path.realpath(path)     # through symlinks: replace the target, keep the link
     _check_replaceable(path, target)
     arena, scales, seq_lens = cache._arena, cache._scales, cache._seq_lens.tolist()
+    evicted = cache._evicted.tolist()
+    if min(evicted) < 0:                # nothing is written that load would refuse
+        raise RuntimeError(f"evicted = {evicted} were changed outside the cache's methods and "
+                           f"are no longer >= 0; nothing was written")
     L = arena.shape[0]
     payload = _payload_bytes(arena.shape, arena.dtype, seq_lens)
     header = json.dumps({
         "shape": list(arena.shape), "dtype": arena.dtype.str, "n_sink": cache.n_sink,
-        "seq_lens": seq_lens, "evicted": cache._evicted.tolist(), "payload_bytes": payload,
+        "seq_lens": seq_lens, "evicted": evicted, "payload_bytes": payload,
         "rope_theta": cache.rope_theta, "rope_style": cache.rope_style,
     }).encode()
+    if len(header) > MAX_HEADER_BYTES:
+        raise ValueError(f"a snapshot of batch_size {arena.shape[2]} needs a {len(header)}-byte "
+                         f"header, more than the {MAX_HEADER_BYTES} bytes load reads; nothing "
+                         f"was written (a file-backed cache, path=..., has no such limit)")
     directory = os.path.dirname(target)
     fd, tmp = _unnamed_file(directory, target)
     size = SNAPSHOT_PREFIX.size + len(header) + payload

@@ -159,6 +159,8 @@ def test_copies_are_independent_and_pickling_is_refused(tmp_path):
 def test_lengths_changed_behind_the_cache_are_checked_live(tmp_path):
     run('''
         cache = filled()                     # seq_lens [3, 3] of 8
+        cache.save("good.kva")
+        saved = digest("good.kva")
         lens = cache.seq_lens
         lens.flags.writeable = True          # NumPy allows this on a view of writable memory
         k = block(cache, T=2)
@@ -169,6 +171,17 @@ def test_lengths_changed_behind_the_cache_are_checked_live(tmp_path):
             refused(RuntimeError, r"seq_lens = \\[.*\\] were changed outside", cache.update, 0, k, k,
                     cache=cache)
             refused(RuntimeError, "changed outside", cache.attend, 1, k, k, k, cache=cache)
+            # nor a snapshot load would refuse, in place of a good one
+            refused(RuntimeError, "changed outside", cache.save, "good.kva", cache=cache)
+            assert digest("good.kva") == saved
+        lens[:] = [3, 3]
+        evicted = cache.evicted
+        evicted.flags.writeable = True
+        evicted[1] = -2
+        refused(RuntimeError, r"evicted = \\[0, -2\\] were changed outside.*nothing was written",
+                cache.save, "good.kva", cache=cache)
+        assert digest("good.kva") == saved and sorted(os.listdir(".")) == ["good.kva"]
+        evicted[1] = 0
         for lengths, longest in (([8, 3], 8), ([7, 0], 7)):
             lens[:] = lengths                # in range: honoured, so a 2-block no longer fits
             refused(ValueError, rf"seq_pos {longest} . T must not exceed max_seq_len = 8",
@@ -601,6 +614,15 @@ def test_save_refuses_what_it_must_not_replace(tmp_path):
         assert os.path.islink("dangling.kva") and os.path.isfile("made-by-save.kva")
         assert sorted(os.listdir(".")) == sorted(["m.kvm", "to-mapped", "link.kva",
             "target.kva", "dangling.kva", "made-by-save.kva", *specials]), os.listdir(".")
+
+        # a batch whose header load would not read: refused, the old file kept
+        huge = KVCache(200_000, 2, 1, 1, 1, lazy=True)
+        saved = digest("target.kva")
+        refused(ValueError, r"a snapshot of batch_size 200000 needs a \\d+-byte header, more "
+                r"than the 1048576 bytes load reads; nothing was written", huge.save,
+                "target.kva", cache=huge)
+        assert digest("target.kva") == saved
+        assert KVCache.load("target.kva").seq_lens.tolist() == [3, 3]
     ''', tmp_path)
 
 
