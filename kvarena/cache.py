@@ -528,8 +528,10 @@ class KVCache:
         destination: either way the block would change while it is copied
         in.
         """
-        # an array that owns its memory cannot be a view of the arena
-        if block.base is not None and np.may_share_memory(block, self._arena):
+        # an array that owns its memory cannot be a view of the arena (an
+        # int8 arena's scales included: writing a key writes its scale)
+        if block.base is not None and (np.may_share_memory(block, self._arena) or (
+                self._scales is not None and np.may_share_memory(block, self._scales))):
             return block.copy()
         return block
 

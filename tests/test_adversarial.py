@@ -467,6 +467,19 @@ def test_attend_with_views_of_its_own_arena(tmp_path):
     run(ALIASED + 'fed_views(lambda cache, k, v: cache.attend(0, k, k, v))', tmp_path)
 
 
+def test_attend_with_a_query_viewing_its_own_int8_scales(tmp_path):
+    # writing the new key writes its scale, under a query that views the scales
+    run('''
+        got = filled(B=1, L=1, H=1, n=4, dtype=np.int8)
+        want = copy.deepcopy(got)
+        q = got.scales[0, 0, 0, 0, 1:5].reshape(1, 1, 1, 4)   # key scales of positions 1..4
+        k, v = block(got, seed=2) * 10, block(got, seed=3)
+        expected = want.attend(0, np.array(q), k, v)
+        assert got.attend(0, q, k, v).tobytes() == expected.tobytes()
+        assert got._arena.tobytes() == want._arena.tobytes()
+    ''', tmp_path)
+
+
 # -- 4. sizes -----------------------------------------------------------------------
 
 def test_huge_and_odd_sizes_are_clear_errors(tmp_path):
