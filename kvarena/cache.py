@@ -1365,7 +1365,11 @@ def check_rope(rope_theta, rope_style, head_dim):
     if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
         raise TypeError(f"rope_theta must be None or a real number; got {rope_theta!r} "
                         f"of type {type(rope_theta).__name__}")
-    if not (np.isfinite(rope_theta) and rope_theta > 0):
+    try:
+        theta = float(rope_theta)               # a Fraction too; an int beyond float range fails
+    except OverflowError:
+        theta = math.inf
+    if not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
     if rope_style is None:
         rope_style = "half"
@@ -1374,7 +1378,7 @@ def check_rope(rope_theta, rope_style, head_dim):
     if head_dim % 2:
         raise ValueError(f"head_dim must be even with rope_theta (rotary pairs); "
                          f"got {head_dim}")
-    return float(rope_theta), rope_style
+    return theta, rope_style
 
 
 def rope_tables(rope_theta, max_seq_len, head_dim):

@@ -11,6 +11,7 @@ the kernel's tables) and recomputes attention in float64. Nothing is read
 back from the arena to build the expectation.
 """
 
+import fractions
 import gc
 import tracemalloc
 
@@ -443,6 +444,7 @@ def test_ring_heads_changed_behind_the_cache_are_checked_live(rng):
     (dict(rope_theta=0.0), ValueError, r"^rope_theta must be a finite number > 0; got 0\.0$"),
     (dict(rope_theta=-1), ValueError, "rope_theta must be a finite number > 0; got -1"),
     (dict(rope_theta=float("inf")), ValueError, "rope_theta must be a finite"),
+    (dict(rope_theta=10**400), ValueError, r"^rope_theta must be a finite number > 0; got 1000"),
     (dict(rope_theta="1e4"), TypeError, r"^rope_theta must be None or a real number; got '1e4'"),
     (dict(rope_theta=True), TypeError, "rope_theta must be None or a real number; got True"),
     (dict(rope_theta=1e4, rope_style="neox"), ValueError,
@@ -450,7 +452,8 @@ def test_ring_heads_changed_behind_the_cache_are_checked_live(rng):
     (dict(rope_style="half"), ValueError, "rope_style needs rope_theta"),
     (dict(rope_theta=1e4, head_dim=5), ValueError,
      r"^head_dim must be even with rope_theta .*got 5$"),
-], ids=["zero", "negative", "inf", "str", "bool", "style", "style-alone", "odd-D"])
+], ids=["zero", "negative", "inf", "int-beyond-float", "str", "bool", "style", "style-alone",
+        "odd-D"])
 def test_bad_rope_arguments_are_rejected_by_name(kwargs, exc, match):
     head_dim = kwargs.pop("head_dim", D)
     with pytest.raises(exc, match=match):
@@ -462,6 +465,8 @@ def test_rope_defaults_and_attributes():
     assert (cache.rope_theta, cache.rope_style) == (500.0, "half")
     assert type(cache.rope_theta) is float
     assert (KVCache(B, S, 1, H, D).rope_theta, KVCache(B, S, 1, H, D).rope_style) == (None, None)
+    # any real number (numbers.Real) that is a finite float
+    assert KVCache(B, S, 1, H, D, rope_theta=fractions.Fraction(10000)).rope_theta == 10000.0
     assert "rope_theta=500.0, rope_style='half'" in repr(cache)
 
 
