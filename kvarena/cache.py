@@ -718,6 +718,7 @@ class KVCache:
             scales; ``get_quantized`` returns the raw views.
         """
         layer_idx = self._layer(layer_idx)
+        pending = check_bool("pending", pending)
         key_view, value_view = self.caches[layer_idx]
         T = self._pending[layer_idx] if pending else 0
         if self._scales is not None:
@@ -1187,7 +1188,7 @@ class KVCache:
 
     def _extent(self, layer_idx, row, pending):
         """``(rows, n)``: the slice of batch rows and the positions ``get`` returns."""
-        T = self._pending[layer_idx] if pending else 0
+        T = self._pending[layer_idx] if check_bool("pending", pending) else 0
         if row is None:
             if not self._uniform:
                 raise ValueError(f"row must be given when rows hold different lengths; "

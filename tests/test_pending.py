@@ -128,6 +128,14 @@ def test_pending_in_a_sliding_window_holds_what_attention_needs(rng):
         cache.advance()
 
 
+@pytest.mark.parametrize("read", ["get", "get_quantized"])
+def test_pending_must_be_a_bool(read):
+    # a truthy string is an error, not True (as lazy and check_finite)
+    cache = KVCache(B, S, L, H, D, dtype=np.int8 if read == "get_quantized" else np.float32)
+    with pytest.raises(TypeError, match=r"^pending must be True or False; got 'no' of type str$"):
+        getattr(cache, read)(0, pending="no")
+
+
 def test_attend_leaves_nothing_pending(rng):
     cache = KVCache(B, S, L, H, D)
     block = normal(rng, B, H, 3, D)
