@@ -375,7 +375,11 @@ class KVCache:
             raise ValueError(f"{name} must have shape (batch_size,) = ({self.batch_size},); "
                              f"got {a.shape}")
         if a.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold ints, one per batch row; got dtype {a.dtype}")
+            # ints beyond int64 become float64 or object in NumPy: show them as given
+            shown = f"{values!r}, " if a.size <= 8 else ""
+            raise TypeError(f"{name} must hold ints within [{np.iinfo(np.intp).min}, "
+                            f"{np.iinfo(np.intp).max}], one per batch row; got {shown}dtype "
+                            f"{a.dtype}")
         if a.dtype.kind == "u" and a.max() > np.iinfo(np.intp).max:
             raise ValueError(f"{name} must hold ints of at most {np.iinfo(np.intp).max}; "
                              f"got {a.tolist()}")
@@ -437,8 +441,11 @@ class KVCache:
         if out.shape != query.shape or out.dtype != query.dtype:
             raise ValueError(f"out must have q's shape {query.shape} and dtype {query.dtype}; "
                              f"got shape {out.shape}, dtype {out.dtype}")
-        if not (out.flags.writeable and out.flags.aligned):
-            raise ValueError("out must be writable, with strides in whole elements")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable; got a read-only array")
+        if not out.flags.aligned:
+            raise ValueError(f"out must be aligned: its data and strides in whole elements "
+                             f"of {out.itemsize} bytes; got strides {out.strides}")
         if _overlaps_itself(out):
             raise ValueError(f"out must not overlap itself; got strides {out.strides} "
                              f"for shape {out.shape}")

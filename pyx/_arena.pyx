@@ -260,7 +260,7 @@ cdef class ArenaAccessor:
         and no ring turned; start + T <= S, and T within a sliding window;
         nothing overlaps the arena, its scales or out; with
         ``check_finite``, no NaN or infinity; out, when given, q's shape and
-        dtype, C-contiguous and writable. Anything else returns None with
+        dtype, C-contiguous, aligned and writable. Anything else returns None with
         nothing touched: the caller's general path then says what is wrong,
         or handles the rest (conversions, eviction).
 
@@ -297,7 +297,8 @@ cdef class ArenaAccessor:
             oa = out
             if not cnp.PyArray_SAMESHAPE(oa, qa) or cnp.PyArray_TYPE(oa) != cnp.PyArray_TYPE(qa) \
                     or not cnp.PyArray_ISNOTSWAPPED(oa) or not cnp.PyArray_IS_C_CONTIGUOUS(oa) \
-                    or not cnp.PyArray_ISWRITEABLE(oa) or self._overlaps(oa) \
+                    or not cnp.PyArray_ISALIGNED(oa) or not cnp.PyArray_ISWRITEABLE(oa) \
+                    or self._overlaps(oa) \
                     or _overlap(oa, qa):
                 return None
         # values: what the general path would refuse, it refuses itself

@@ -246,7 +246,9 @@ def test_out_is_written_in_place_with_any_strides(rng):
     # every (b, h, t) row the same memory: threads would race on it
     (lambda q: np.lib.stride_tricks.as_strided(np.empty(8), q.shape, (0, 0, 0, 8)),
      "overlap itself"),
-    ("readonly", "writable"),
+    ("readonly", "^out must be writable; got a read-only array$"),
+    (lambda q: np.empty(q.size * 8 + 1, np.uint8)[1:].view(np.float64).reshape(q.shape),
+     r"^out must be aligned: its data and strides in whole elements of 8 bytes; got strides"),
     ("list", "numpy.ndarray"),
 ])
 def test_bad_out_is_rejected_and_changes_nothing(bad, match, rng):
