@@ -214,3 +214,22 @@ def test_tinytorch_shaped_model_cached_equals_uncached(rng):
 
     disable_kv_cache(model)
     np.testing.assert_array_equal(model.forward(tokens).data[:, -1], uncached[-1])
+
+
+# -- what enable_kv_cache does to a model, and what it refuses ---------------------------
+
+def test_attention_called_like_a_module_goes_through_the_patch(rng):
+    # attention(x) must look forward up at the call, as TinyTorch's Module
+    # does: enable_kv_cache patches the instance's forward
+    attention = CachedMultiHeadAttention(embed_dim=16, num_heads=2, rng=0)
+    model = type("Model", (), dict(embed_dim=16, num_layers=1, num_heads=2, max_seq_len=8,
+                                   blocks=[type("Block", (), {"attention": attention})()]))()
+    x = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    full = attention(x)
+    cache = enable_kv_cache(model)
+    steps = []
+    for t in range(4):
+        steps.append(attention(x[:, t:t + 1]))
+        cache.advance()
+    assert relative_error(np.concatenate(steps, axis=1), full) <= 1e-5
+    assert np.abs(cache.arena).max() > 0

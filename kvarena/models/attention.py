@@ -135,4 +135,7 @@ class CachedMultiHeadAttention:
                 for p in (self.k_proj, self.v_proj))                          # (B, H, T, D)
         return like(x, self.out_proj.forward(merge_heads(causal_attention(q, k, v))))
 
-    __call__ = forward
+    def __call__(self, *args, **kwargs):
+        # forward looked up at each call, as TinyTorch's Module does:
+        # enable_kv_cache patches the instance's forward
+        return self.forward(*args, **kwargs)
