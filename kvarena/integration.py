@@ -52,8 +52,13 @@ def enable_kv_cache(*args, **kwargs):
     ValueError
         Caching is already enabled on the model, or its sizes are invalid
         (``num_heads`` not dividing ``embed_dim``, or not a multiple of the
-        K/V heads).
+        K/V heads), or two blocks share one attention object.
+    TypeError
+        An attention's ``forward`` cannot be set on the instance (no
+        ``__dict__``, a read-only property). Nothing is left patched.
     """
+    if not args and "model" in kwargs:          # enable_kv_cache(model=...)
+        args = (kwargs.pop("model"),)
     if args and not isinstance(args[0], numbers.Number):
         model, *rest = args
         if rest:
@@ -87,18 +92,18 @@ def _attach(model, *, batch_size=1, **options):
     cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_kv_heads,
                     embed_dim // num_heads, **options)
 
-    patched, uncached = [], []
-    for layer_idx, block in enumerate(blocks):
-        attention = getattr(block, "attention", None)
-        lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
-        if lacking:
-            uncached.append((layer_idx, attention, lacking))
-            continue
-        # an instance attribute shadows the class's forward; remember whether
-        # one was already there so that disable_kv_cache restores it exactly
-        own = vars(attention).get("forward", _ABSENT)
-        attention.forward = _cached_forward(attention, cache, layer_idx)
-        patched.append((attention, own))
+    patched, uncached = [], []          # (attention, had a forward of its own, it, layer)
+    try:
+        for layer_idx, block in enumerate(blocks):
+            attention = getattr(block, "attention", None)
+            lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
+            if lacking:
+                uncached.append((layer_idx, attention, lacking))
+                continue
+            _patch(attention, CachedForward(attention, cache, layer_idx), layer_idx, patched)
+    except BaseException:
+        _restore(patched)               # all or nothing: no layer is left patched
+        raise
     if uncached:
         layer_idx, attention, lacking = uncached[0]
         others = f" (and {len(uncached) - 1} more layers)" if len(uncached) > 1 else ""
@@ -112,13 +117,52 @@ def _attach(model, *, batch_size=1, **options):
     return cache
 
 
-_ABSENT = object()
+class CachedForward:
+    """A patched attention's ``forward``: its calls go through one layer of a cache.
+
+    An object rather than a closure: ``copy.deepcopy`` of a patched model
+    copies it with the attention and the cache it refers to (a function is
+    copied by reference, and the copy would have run the original's
+    weights and written the original's cache).
+    """
+
+    __slots__ = ("attention", "cache", "layer_idx")
+
+    def __init__(self, attention, cache, layer_idx):
+        self.attention, self.cache, self.layer_idx = attention, cache, layer_idx
+
+    def __call__(self, x, mask=None):
+        return cached_attention(self.attention, x, self.cache, self.layer_idx)
 
 
-def _cached_forward(attention, cache, layer_idx):
-    def forward(x, mask=None):
-        return cached_attention(attention, x, cache, layer_idx)
-    return forward
+def _patch(attention, forward, layer_idx, patched):
+    """Set ``attention.forward``, recording what disable_kv_cache restores."""
+    name = f"model.blocks[{layer_idx}].attention"
+    shared = next((layer for other, *_, layer in patched if other is attention), None)
+    if shared is not None:
+        raise ValueError(f"{name} is the same object as model.blocks[{shared}].attention: "
+                         f"each cached layer needs an attention object of its own (one "
+                         f"object cannot tell which layer of the cache it is serving)")
+    # an instance attribute shadows the class's forward; remember whether one
+    # was already there so that disable_kv_cache restores it exactly (a flag,
+    # not a sentinel object, which copy.deepcopy of the model would copy)
+    try:
+        had_own = "forward" in vars(attention)
+        own = vars(attention).get("forward")
+        attention.forward = forward
+    except (TypeError, AttributeError) as exc:
+        raise TypeError(f"{name} ({type(attention).__name__}) cannot be patched: its "
+                        f"forward cannot be set on the instance ({exc})") from None
+    patched.append((attention, had_own, own, layer_idx))
+
+
+def _restore(patched):
+    """Undo ``_patch`` calls, the last first."""
+    for attention, had_own, own, _ in reversed(patched):
+        if had_own:
+            attention.forward = own
+        else:
+            del attention.forward
 
 
 def disable_kv_cache(model):
@@ -131,10 +175,6 @@ def disable_kv_cache(model):
     """
     if not getattr(model, "_cache_enabled", False):
         raise ValueError(f"model ({type(model).__name__}) has no KV cache enabled")
-    for attention, own in model._kv_patched:
-        if own is _ABSENT:
-            del attention.forward
-        else:
-            attention.forward = own
+    _restore(model._kv_patched)
     del model._kv_cache, model._kv_patched
     model._cache_enabled = False

@@ -233,3 +233,55 @@ def test_attention_called_like_a_module_goes_through_the_patch(rng):
         cache.advance()
     assert relative_error(np.concatenate(steps, axis=1), full) <= 1e-5
     assert np.abs(cache.arena).max() > 0
+
+
+def test_blocks_sharing_one_attention_are_refused_and_nothing_is_patched():
+    model = GPT(vocab_size=50, embed_dim=16, num_layers=3, num_heads=2, max_seq_len=32, seed=1)
+    model.blocks[2].attention = model.blocks[0].attention      # layers that share weights
+    with pytest.raises(ValueError, match=r"^model.blocks\[2\].attention is the same object as "
+                                         r"model.blocks\[0\].attention"):
+        enable_kv_cache(model)
+    assert not any("forward" in vars(block.attention) for block in model.blocks)
+    assert not getattr(model, "_cache_enabled", False)
+
+
+def test_an_attention_that_cannot_be_patched_leaves_no_layer_patched():
+    model = GPT(vocab_size=50, embed_dim=16, num_layers=3, num_heads=2, max_seq_len=32, seed=1)
+    first = model.blocks[0].attention
+
+    class ReadOnlyForward:                  # forward is a property: it cannot be set
+        q_proj, k_proj, v_proj, out_proj = (first.q_proj, first.k_proj, first.v_proj,
+                                            first.out_proj)
+        num_heads = 2
+        forward = property(lambda self: first.forward)
+
+    model.blocks[1].attention = ReadOnlyForward()
+    with pytest.raises(TypeError, match=r"^model.blocks\[1\].attention \(ReadOnlyForward\) "
+                                        r"cannot be patched"):
+        enable_kv_cache(model)
+    assert "forward" not in vars(first) and not getattr(model, "_cache_enabled", False)
+    model.blocks[1].attention = CachedMultiHeadAttention(16, 2, rng=1)
+    enable_kv_cache(model)                  # and the model can be cached afterwards
+    disable_kv_cache(model)
+
+
+def test_deepcopy_of_a_cached_model_runs_its_own_weights_and_cache():
+    import copy
+    original = GPT(vocab_size=50, embed_dim=16, num_layers=2, num_heads=2, max_seq_len=32, seed=1)
+    enable_kv_cache(original)
+    twin = copy.deepcopy(original)
+    for block in twin.blocks:              # the twin's weights only
+        block.attention.q_proj.weight[...] = 0
+    tokens = np.array([[1, 2, 3]])
+    got = twin.forward(tokens)
+    assert np.abs(twin._kv_cache.arena).max() > 0, "the twin wrote its own cache"
+    assert np.abs(original._kv_cache.arena).max() == 0, "and not the original's"
+    disable_kv_cache(twin)
+    np.testing.assert_allclose(got, twin.forward(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_enable_kv_cache_takes_the_model_by_keyword():
+    model = GPT(vocab_size=50, embed_dim=16, num_layers=2, num_heads=2, max_seq_len=32, seed=1)
+    cache = enable_kv_cache(model=model, batch_size=2)
+    assert model._kv_cache is cache and cache.batch_size == 2
+    disable_kv_cache(model)
