@@ -285,3 +285,10 @@ def test_enable_kv_cache_takes_the_model_by_keyword():
     cache = enable_kv_cache(model=model, batch_size=2)
     assert model._kv_cache is cache and cache.batch_size == 2
     disable_kv_cache(model)
+
+
+def test_a_temperature_too_small_for_the_logits_is_greedy():
+    # logits / 1e-320 overflow: the limit of sampling as temperature -> 0 is argmax
+    model = GPT(50, 16, 2, 2, 32, seed=1)
+    greedy = model.generate([1, 2, 3], 5)
+    np.testing.assert_array_equal(model.generate([1, 2, 3], 5, temperature=1e-320, seed=0), greedy)

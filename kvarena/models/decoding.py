@@ -109,11 +109,16 @@ def sample(logits, temperature, rng):
     """One token id per row of ``logits`` (batch_size, vocab_size): argmax at temperature 0."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
+    with np.errstate(over="ignore"):
+        z = logits.astype(np.float64) / temperature
+    # a temperature so small that the logits overflow: its limit, argmax
+    # (inf - inf would make every weight NaN, and the draw token 0)
+    finite = np.isfinite(z).all(axis=-1)
+    z[~finite] = 0
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     cdf = np.cumsum(p, axis=-1)
     u = rng.random((len(logits), 1)) * cdf[:, -1:]
-    return (cdf < u).sum(axis=-1)
+    return np.where(finite, (cdf < u).sum(axis=-1), logits.argmax(axis=-1))
 
 
 def result(out, ends, ragged, prompt_tokens):
