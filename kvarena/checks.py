@@ -81,6 +81,22 @@ def check_storage_dtype(dtype):
     return dt.newbyteorder("=")
 
 
+def check_float_dtype(name, dtype):
+    """``dtype`` as a native-order floating-point ``np.dtype`` (a model's weights).
+
+    None is refused (``np.dtype(None)`` would silently mean float64), and so
+    are integer dtypes, whose weights would be truncated to zeros.
+    """
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise TypeError(f"{name} must be a floating-point dtype (float16, float32, float64); "
+                        f"got {dtype!r}")
+    return dt.newbyteorder("=")
+
+
 def as_ndarray(x, name):
     """The ndarray behind ``x``: an ndarray, a ``.data``-holding tensor, or array-like.
 

@@ -287,6 +287,27 @@ def test_enable_kv_cache_takes_the_model_by_keyword():
     disable_kv_cache(model)
 
 
+def test_models_refuse_dtypes_that_are_not_floating_point():
+    for make in (lambda dtype: GPT(50, 16, 2, 2, 32, dtype=dtype),
+                 lambda dtype: CachedMultiHeadAttention(16, 2, rng=0, dtype=dtype)):
+        for dtype in (np.int32, None, "int8"):
+            with pytest.raises(TypeError, match=r"^dtype must be a floating-point dtype"):
+                make(dtype)
+
+
+def test_generate_caches_in_the_model_dtype(monkeypatch):
+    import kvarena.models.gpt as gpt_module
+    made = []
+
+    def spy(model, **options):
+        made.append(enable_kv_cache(model, **options))
+        return made[-1]
+    monkeypatch.setattr(gpt_module, "enable_kv_cache", spy)
+    model = GPT(50, 16, 2, 2, 32, seed=1, dtype=np.float64)
+    assert (model.generate([1, 2, 3], 4) == model.generate([1, 2, 3], 4, use_cache=False)).all()
+    assert made[0].dtype == np.float64
+
+
 def test_a_temperature_too_small_for_the_logits_is_greedy():
     # logits / 1e-320 overflow: the limit of sampling as temperature -> 0 is argmax
     model = GPT(50, 16, 2, 2, 32, seed=1)

@@ -326,11 +326,21 @@ def test_make_cache_holds_kv_heads_only():
     (dict(n_heads=48, n_kv_heads=1), ValueError, r"^dim must be n_heads times an even head_dim"),
     (dict(n_heads=6, n_kv_heads=2, rope_style="neox"), ValueError, r"^rope_style must be one of"),
     (dict(n_heads=6, n_kv_heads=2, rope_theta=0.0), ValueError, r"^rope_theta must be a positive number"),
+    # integer weights would be truncated to zeros; None would silently mean float64
+    (dict(n_heads=6, n_kv_heads=2, dtype=np.int32), TypeError, r"^dtype must be a floating-point dtype .*got <class 'numpy.int32'>"),
+    (dict(n_heads=6, n_kv_heads=2, dtype=None), TypeError, r"^dtype must be a floating-point dtype .*got None"),
 ])
 def test_constructor_rejects(args, error, match):
     n_heads, n_kv_heads = args.pop("n_heads"), args.pop("n_kv_heads")
     with pytest.raises(error, match=match):
         llama(n_heads, n_kv_heads, **args)
+
+
+def test_make_cache_stores_the_model_dtype():
+    # a float64 model keeps float64 keys and values unless told otherwise
+    model = llama(6, 2, dtype=np.float64)
+    assert model.make_cache().dtype == np.float64
+    assert model.make_cache(dtype=np.float16).dtype == np.float16
 
 
 def test_cache_of_the_wrong_geometry_is_rejected():

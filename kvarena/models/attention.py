@@ -6,7 +6,7 @@ import numpy as np
 
 from kvarena.attention import (cached_attention, check_groups, check_x, like, merge_heads,
                                split_heads)
-from kvarena.checks import as_ndarray, check_positive
+from kvarena.checks import as_ndarray, check_float_dtype, check_positive
 
 
 class Linear:
@@ -23,6 +23,7 @@ class Linear:
     """
 
     def __init__(self, in_features, out_features, rng, dtype=np.float32, bias=True):
+        dtype = check_float_dtype("dtype", dtype)
         scale = in_features ** -0.5
         self.weight = (rng.standard_normal((in_features, out_features)) * scale).astype(dtype)
         self.bias = (rng.standard_normal(out_features) * 0.02).astype(dtype) if bias else None
@@ -98,6 +99,7 @@ class CachedMultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, rng=None, dtype=np.float32, num_kv_heads=None):
+        dtype = check_float_dtype("dtype", dtype)
         embed_dim = check_positive("embed_dim", embed_dim)
         num_heads = check_positive("num_heads", num_heads)
         if embed_dim % num_heads:

@@ -9,7 +9,7 @@ and not a training framework (no autograd).
 import numpy as np
 
 from kvarena.attention import check_groups
-from kvarena.checks import check_int, check_positive
+from kvarena.checks import check_float_dtype, check_int, check_positive
 from kvarena.integration import disable_kv_cache, enable_kv_cache
 from kvarena.models import decoding
 from kvarena.models.attention import CachedMultiHeadAttention, Linear
@@ -103,6 +103,7 @@ class GPT:
             else check_positive("num_kv_heads", num_kv_heads)
         check_groups(self.num_heads, self.num_kv_heads)
         self.max_seq_len = check_positive("max_seq_len", max_seq_len)
+        dtype = check_float_dtype("dtype", dtype)
         rng = np.random.default_rng(seed)
         self.token_embedding = (rng.standard_normal((vocab_size, embed_dim)) * 0.5).astype(dtype)
         self.position_embedding = (rng.standard_normal((max_seq_len, embed_dim)) * 0.1).astype(dtype)
@@ -174,7 +175,7 @@ class GPT:
             ``max_seq_len``.
         use_cache : bool, default True
             Uses the model's enabled cache if there is one (reset first),
-            otherwise a temporary one.
+            otherwise a temporary one in the model's dtype.
         temperature : float, default 0
             0 is greedy (argmax); above 0, sampling from
             ``softmax(logits / temperature)``.
@@ -202,7 +203,9 @@ class GPT:
                              f"has batch_size {self._kv_cache.batch_size}")
         cache = None
         if use_cache:
-            cache = self._kv_cache if enabled else enable_kv_cache(self, batch_size=B)
+            # in the model's own dtype: a float64 model keeps float64 keys and values
+            cache = self._kv_cache if enabled else enable_kv_cache(
+                self, batch_size=B, dtype=self.token_embedding.dtype)
         try:
             out, ends = decoding.decode(self.forward, prompts, ragged, max_new_tokens,
                                         temperature, seed, cache)

@@ -24,7 +24,7 @@ import numpy as np
 
 from kvarena.attention import check_groups
 from kvarena.cache import KVCache
-from kvarena.checks import check_bool, check_int, check_positive
+from kvarena.checks import check_bool, check_float_dtype, check_int, check_positive
 from kvarena.models import decoding
 from kvarena.models.attention import Linear, causal_attention, repeat_kv
 
@@ -218,6 +218,7 @@ class Llama:
         self.hidden_dim = 32 * -(-(8 * dim // 3) // 32) if hidden_dim is None \
             else check_positive("hidden_dim", hidden_dim)
         self.rope_theta, self.rope_style = float(rope_theta), rope_style
+        dtype = check_float_dtype("dtype", dtype)
         rng = np.random.default_rng(seed)
         self.tok_embeddings = rng.standard_normal((vocab_size, dim)).astype(dtype)
         self.layers = [TransformerBlock(dim, n_heads, self.n_kv_heads, self.hidden_dim, rng, dtype,
@@ -230,11 +231,12 @@ class Llama:
         """A ``KVCache`` for this model: ``n_kv_heads`` heads of ``head_dim``, one per layer.
 
         ``max_seq_len`` defaults to the model's; ``options`` go to ``KVCache``
-        (``n_sink=`` for a sliding window). ``rotate_in_cache=True`` makes the
+        (``n_sink=`` for a sliding window; ``dtype`` defaults to the model's). ``rotate_in_cache=True`` makes the
         cache rotate keys and queries by their position in the cache, with
         this model's ``rope_theta`` and ``rope_style``.
         """
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+        options.setdefault("dtype", self.tok_embeddings.dtype)     # the model's own
         if check_bool("rotate_in_cache", rotate_in_cache):
             options.update(rope_theta=self.rope_theta, rope_style=self.rope_style)
         return KVCache(batch_size, max_seq_len, self.n_layers, self.n_kv_heads,
