@@ -100,6 +100,12 @@ def _attach(model, *, batch_size=1, **options):
             if lacking:
                 uncached.append((layer_idx, attention, lacking))
                 continue
+            own_kv = next((name for name in KV_HEAD_ATTRIBUTES
+                           if getattr(attention, name, None) is not None), None)
+            if own_kv is not None and getattr(attention, own_kv) != num_kv_heads:
+                raise ValueError(f"model.blocks[{layer_idx}].attention.{own_kv} = "
+                                 f"{getattr(attention, own_kv)!r} differs from model.{kv_name} = "
+                                 f"{num_kv_heads}, the K/V heads the cache stores")
             _patch(attention, CachedForward(attention, cache, layer_idx), layer_idx, patched)
     except BaseException:
         _restore(patched)               # all or nothing: no layer is left patched

@@ -313,3 +313,29 @@ def test_a_temperature_too_small_for_the_logits_is_greedy():
     model = GPT(50, 16, 2, 2, 32, seed=1)
     greedy = model.generate([1, 2, 3], 5)
     np.testing.assert_array_equal(model.generate([1, 2, 3], 5, temperature=1e-320, seed=0), greedy)
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ([np.array([1, 2]), np.array([[3]])], r"^prompt_tokens must be an array of token ids or a "
+                                          r"list of 1-D prompts; got \[array"),
+    ([[1, 2], 5], r"^prompt_tokens must be an array of token ids or a list of 1-D prompts"),
+    ([], r"^prompt_tokens must hold at least one token; got shape \(0,\)$"),
+    ([[], [1]], r"^prompt_tokens must hold at least one token; got shape \(0,\)$"),
+], ids=["nested-deeper", "int-in-list", "empty", "one-empty"])
+def test_malformed_prompts_are_named(prompt, match):
+    with pytest.raises(ValueError, match=match):
+        GPT(50, 16, 2, 2, 32).generate(prompt, 2)
+
+
+def test_attention_kv_heads_must_match_the_model():
+    model = GPT(50, 16, 2, 4, 32, num_kv_heads=2)
+    model.num_kv_heads = 1                 # the model says 1, its attentions 2
+    with pytest.raises(ValueError, match=r"^model.blocks\[0\].attention.num_kv_heads = 2 differs "
+                                         r"from model.num_kv_heads = 1"):
+        enable_kv_cache(model)
+    assert not any("forward" in vars(block.attention) for block in model.blocks)
+
+
+def test_float16_model_computes_in_float16():
+    model = GPT(50, 16, 2, 2, 32, dtype=np.float16)
+    assert model.forward(np.array([[1, 2, 3]])).dtype == np.float16

@@ -13,7 +13,13 @@ from kvarena.checks import check_positive
 
 def check_tokens(tokens, name, ndim, vocab_size):
     """``tokens`` as an integer array of ``ndim`` dimensions holding ids in [0, vocab_size)."""
-    tokens = np.asarray(tokens)
+    try:
+        tokens = np.asarray(tokens)
+    except ValueError as exc:           # a nesting NumPy cannot make one array of
+        raise ValueError(f"{name} must be an array of token ids or a list of 1-D prompts; "
+                         f"got {tokens!r:.80} ({exc})") from None
+    if tokens.size == 0:                # before the dtype: [] is float64 to NumPy
+        raise ValueError(f"{name} must hold at least one token; got shape {tokens.shape}")
     if tokens.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integer token ids; got dtype {tokens.dtype}")
     if tokens.ndim not in ndim:
