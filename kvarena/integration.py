@@ -4,7 +4,7 @@ import logging
 import numbers
 import warnings
 
-from kvarena.attention import KV_HEAD_ATTRIBUTES, cached_attention, check_groups
+from kvarena.attention import KV_HEAD_ATTRIBUTES, cached_attention, check_groups, kv_heads
 from kvarena.cache import KVCache
 from kvarena.checks import check_positive
 
@@ -52,7 +52,8 @@ def enable_kv_cache(*args, **kwargs):
     ValueError
         Caching is already enabled on the model, or its sizes are invalid
         (``num_heads`` not dividing ``embed_dim``, or not a multiple of the
-        K/V heads), or two blocks share one attention object.
+        K/V heads), or two blocks share one attention object, or an
+        attention's K/V heads differ from the model's.
     TypeError
         An attention's ``forward`` cannot be set on the instance (no
         ``__dict__``, a read-only property). Nothing is left patched.
@@ -89,32 +90,43 @@ def _attach(model, *, batch_size=1, **options):
     if len(blocks) != model.num_layers:
         raise ValueError(f"model.blocks must hold model.num_layers = {model.num_layers} "
                          f"blocks; got {len(blocks)}")
-    cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_kv_heads,
-                    embed_dim // num_heads, **options)
-
-    patched, uncached = [], []          # (attention, had a forward of its own, it, layer)
-    try:
-        for layer_idx, block in enumerate(blocks):
-            attention = getattr(block, "attention", None)
-            lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
-            if lacking:
-                uncached.append((layer_idx, attention, lacking))
-                continue
-            own_kv = next((name for name in KV_HEAD_ATTRIBUTES
-                           if getattr(attention, name, None) is not None), None)
-            if own_kv is not None and getattr(attention, own_kv) != num_kv_heads:
-                raise ValueError(f"model.blocks[{layer_idx}].attention.{own_kv} = "
-                                 f"{getattr(attention, own_kv)!r} differs from model.{kv_name} = "
-                                 f"{num_kv_heads}, the K/V heads the cache stores")
-            _patch(attention, CachedForward(attention, cache, layer_idx), layer_idx, patched)
-    except BaseException:
-        _restore(patched)               # all or nothing: no layer is left patched
-        raise
-    if uncached:
+    # everything is checked before anything changes; the cache (which may
+    # create a file) comes last, and if it cannot be made the patches go
+    attentions, uncached = [], []
+    for layer_idx, block in enumerate(blocks):
+        attention = getattr(block, "attention", None)
+        lacking = [name for name in ATTENTION_ATTRIBUTES if not hasattr(attention, name)]
+        if lacking:
+            uncached.append((layer_idx, attention, lacking))
+            continue
+        name = f"model.blocks[{layer_idx}].attention"
+        shared = next((layer for layer, other in attentions if other is attention), None)
+        if shared is not None:
+            raise ValueError(f"{name} is the same object as model.blocks[{shared}].attention: "
+                             f"each cached layer needs an attention object of its own (one "
+                             f"object cannot tell which layer of the cache it is serving)")
+        if kv_heads(attention) != num_kv_heads:     # what cached_attention splits k and v by
+            own = next((n for n in KV_HEAD_ATTRIBUTES
+                        if getattr(attention, n, None) is not None), "num_heads")
+            raise ValueError(f"{name}.{own} = {kv_heads(attention)!r} differs from "
+                             f"model.{kv_name} = {num_kv_heads}, the K/V heads the cache stores")
+        attentions.append((layer_idx, attention))
+    if uncached:        # before any patch: a warning raised as an error changes nothing
         layer_idx, attention, lacking = uncached[0]
         others = f" (and {len(uncached) - 1} more layers)" if len(uncached) > 1 else ""
         warnings.warn(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}){others} "
                       f"has no {', '.join(lacking)}: left uncached", stacklevel=3)
+    patched = []                        # (attention, had a forward of its own, it, layer)
+    try:
+        for layer_idx, attention in attentions:
+            _patch(attention, CachedForward(attention, None, layer_idx), layer_idx, patched)
+        cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_kv_heads,
+                        embed_dim // num_heads, **options)
+    except BaseException:
+        _restore(patched)               # all or nothing: no layer is left patched
+        raise
+    for attention, *_ in patched:
+        attention.forward.cache = cache
 
     model._kv_cache = cache
     model._cache_enabled = True
@@ -143,12 +155,6 @@ class CachedForward:
 
 def _patch(attention, forward, layer_idx, patched):
     """Set ``attention.forward``, recording what disable_kv_cache restores."""
-    name = f"model.blocks[{layer_idx}].attention"
-    shared = next((layer for other, *_, layer in patched if other is attention), None)
-    if shared is not None:
-        raise ValueError(f"{name} is the same object as model.blocks[{shared}].attention: "
-                         f"each cached layer needs an attention object of its own (one "
-                         f"object cannot tell which layer of the cache it is serving)")
     # an instance attribute shadows the class's forward; remember whether one
     # was already there so that disable_kv_cache restores it exactly (a flag,
     # not a sentinel object, which copy.deepcopy of the model would copy)
@@ -157,8 +163,9 @@ def _patch(attention, forward, layer_idx, patched):
         own = vars(attention).get("forward")
         attention.forward = forward
     except (TypeError, AttributeError) as exc:
-        raise TypeError(f"{name} ({type(attention).__name__}) cannot be patched: its "
-                        f"forward cannot be set on the instance ({exc})") from None
+        raise TypeError(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}) "
+                        f"cannot be patched: its forward cannot be set on the instance "
+                        f"({exc})") from None
     patched.append((attention, had_own, own, layer_idx))
 
 

@@ -339,3 +339,35 @@ def test_attention_kv_heads_must_match_the_model():
 def test_float16_model_computes_in_float16():
     model = GPT(50, 16, 2, 2, 32, dtype=np.float16)
     assert model.forward(np.array([[1, 2, 3]])).dtype == np.float16
+
+
+def test_a_refused_enable_creates_no_cache_file(tmp_path):
+    # every check comes before the cache, which would create (and lock) its file
+    model = GPT(50, 16, 3, 2, 32, seed=1)
+    model.blocks[2].attention = model.blocks[1].attention
+    with pytest.raises(ValueError, match="same object"):
+        enable_kv_cache(model, path=tmp_path / "arena.kvm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uncached_layers_warned_as_an_error_leave_the_model_unpatched():
+    import warnings
+    model = GPT(50, 16, 2, 2, 32, seed=1)
+    model.blocks[1].attention = object()    # no projections: would be left uncached
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"model.blocks\[1\].attention .* left uncached"):
+            enable_kv_cache(model)
+    assert "forward" not in vars(model.blocks[0].attention)
+    assert not getattr(model, "_cache_enabled", False)
+
+
+def test_attention_without_kv_heads_on_a_grouped_model_is_refused():
+    # such an attention splits k and v by its num_heads: refused at enable,
+    # not a shape error at the first forward
+    model = TinyGPT(num_heads=4)
+    model.num_kv_heads = 1
+    with pytest.raises(ValueError, match=r"^model.blocks\[0\].attention.num_heads = 4 differs "
+                                         r"from model.num_kv_heads = 1"):
+        enable_kv_cache(model)
+    assert not any("forward" in vars(block.attention) for block in model.blocks)
