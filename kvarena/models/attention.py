@@ -64,7 +64,7 @@ def causal_attention(q, k, v, cached=0):
     """
     T, D = q.shape[-2:]
     S = k.shape[-2]
-    scores = q @ k.swapaxes(-1, -2) / q.dtype.type(np.sqrt(D))   # (B, H, T, S), q's dtype
+    scores = q @ k.swapaxes(-1, -2) / np.float32(np.sqrt(D))             # (B, H, T, S)
     if T > 1 or np.ndim(cached) or cached + T != S:   # else one query that sees every key
         last = np.reshape(cached, (-1, 1, 1, 1)) + np.arange(T)[:, None]  # (B | 1, 1, T, 1)
         scores = np.where(np.arange(S) <= last, scores, -np.inf)
