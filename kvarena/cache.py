@@ -1362,6 +1362,22 @@ def _overlaps_itself(a):
 ROPE_STYLES = ("half", "interleaved")
 
 
+def check_rope_theta(rope_theta, also=""):
+    """``rope_theta`` as a positive float: any real number (a ``Fraction``
+    too) that is finite as a float; ``also`` names what else the caller
+    takes, for the message."""
+    if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
+        raise TypeError(f"rope_theta must be {also}a real number; got {rope_theta!r} "
+                        f"of type {type(rope_theta).__name__}")
+    try:
+        theta = float(rope_theta)
+    except OverflowError:                       # an int beyond float range
+        theta = math.inf
+    if not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
+    return theta
+
+
 def check_rope(rope_theta, rope_style, head_dim):
     """``(rope_theta, rope_style)`` checked: ``(None, None)`` or a positive
     finite float and one of ``ROPE_STYLES`` (default "half")."""
@@ -1370,15 +1386,7 @@ def check_rope(rope_theta, rope_style, head_dim):
             raise ValueError(f"rope_style needs rope_theta (rotation inside the cache); "
                              f"got rope_style={rope_style!r} with rope_theta=None")
         return None, None
-    if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
-        raise TypeError(f"rope_theta must be None or a real number; got {rope_theta!r} "
-                        f"of type {type(rope_theta).__name__}")
-    try:
-        theta = float(rope_theta)               # a Fraction too; an int beyond float range fails
-    except OverflowError:
-        theta = math.inf
-    if not (math.isfinite(theta) and theta > 0):
-        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
+    theta = check_rope_theta(rope_theta, "None or ")
     if rope_style is None:
         rope_style = "half"
     if rope_style not in ROPE_STYLES:

@@ -85,13 +85,14 @@ def check_float_dtype(name, dtype):
     """``dtype`` as a native-order floating-point ``np.dtype`` (a model's weights).
 
     None is refused (``np.dtype(None)`` would silently mean float64), and so
-    are integer dtypes, whose weights would be truncated to zeros.
+    are integer dtypes, whose weights would be truncated to zeros, and
+    longdouble, which no cache stores.
     """
     try:
         dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt is None or dt.kind != "f":
+    if dt is None or dt.newbyteorder("=") not in (np.float16, np.float32, np.float64):
         raise TypeError(f"{name} must be a floating-point dtype (float16, float32, float64); "
                         f"got {dtype!r}")
     return dt.newbyteorder("=")

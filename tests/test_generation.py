@@ -290,7 +290,7 @@ def test_enable_kv_cache_takes_the_model_by_keyword():
 def test_models_refuse_dtypes_that_are_not_floating_point():
     for make in (lambda dtype: GPT(50, 16, 2, 2, 32, dtype=dtype),
                  lambda dtype: CachedMultiHeadAttention(16, 2, rng=0, dtype=dtype)):
-        for dtype in (np.int32, None, "int8"):
+        for dtype in (np.int32, None, "int8", np.longdouble):
             with pytest.raises(TypeError, match=r"^dtype must be a floating-point dtype"):
                 make(dtype)
 
@@ -308,6 +308,31 @@ def test_generate_caches_in_the_model_dtype(monkeypatch):
     assert made[0].dtype == np.float64
 
 
+def test_sampling_gives_a_minus_inf_logit_no_weight_and_the_others_theirs():
+    from kvarena.models.decoding import sample
+    rng = np.random.default_rng(0)
+    drawn = np.bincount([sample(np.array([[0.0, 1.0, 1.0, -np.inf]]), 1.0, rng)[0]
+                         for _ in range(2000)], minlength=4)
+    # weights 1 : e : e : 0
+    assert drawn[3] == 0 and 200 < drawn[0] < 450 and 700 < drawn[1] < 1000, drawn
+
+
+@pytest.mark.parametrize("temperature, error", [(10**400, ValueError), ("1", TypeError),
+                                                (float("nan"), ValueError), (-1, ValueError)],
+                         ids=["beyond-float", "str", "nan", "negative"])
+def test_bad_temperatures_are_named(temperature, error):
+    with pytest.raises(error, match=r"^temperature must be a"):
+        GPT(50, 16, 2, 2, 32).generate([1, 2], 2, temperature=temperature)
+
+
+def test_a_fraction_temperature_samples_as_its_float():
+    import fractions
+    model = GPT(50, 16, 2, 2, 32, seed=1)
+    np.testing.assert_array_equal(
+        model.generate([1, 2], 6, temperature=fractions.Fraction(1, 2), seed=3),
+        model.generate([1, 2], 6, temperature=0.5, seed=3))
+
+
 def test_a_temperature_too_small_for_the_logits_is_greedy():
     # logits / 1e-320 overflow: the limit of sampling as temperature -> 0 is argmax
     model = GPT(50, 16, 2, 2, 32, seed=1)
@@ -320,7 +345,7 @@ def test_a_temperature_too_small_for_the_logits_is_greedy():
                                           r"list of 1-D prompts; got \[array"),
     ([[1, 2], 5], r"^prompt_tokens must be an array of token ids or a list of 1-D prompts"),
     ([], r"^prompt_tokens must hold at least one token; got shape \(0,\)$"),
-    ([[], [1]], r"^prompt_tokens must hold at least one token; got shape \(0,\)$"),
+    ([[], [1]], r"^prompt_tokens\[0\] must hold at least one token; got shape \(0,\)$"),
 ], ids=["nested-deeper", "int-in-list", "empty", "one-empty"])
 def test_malformed_prompts_are_named(prompt, match):
     with pytest.raises(ValueError, match=match):
@@ -334,11 +359,6 @@ def test_attention_kv_heads_must_match_the_model():
                                          r"from model.num_kv_heads = 1"):
         enable_kv_cache(model)
     assert not any("forward" in vars(block.attention) for block in model.blocks)
-
-
-def test_float16_model_computes_in_float16():
-    model = GPT(50, 16, 2, 2, 32, dtype=np.float16)
-    assert model.forward(np.array([[1, 2, 3]])).dtype == np.float16
 
 
 def test_a_refused_enable_creates_no_cache_file(tmp_path):

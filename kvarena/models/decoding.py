@@ -4,6 +4,7 @@
 or without a cache, through any model's ``forward(tokens, start_pos)``.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -11,13 +12,14 @@ import numpy as np
 from kvarena.checks import check_positive
 
 
-def check_tokens(tokens, name, ndim, vocab_size):
-    """``tokens`` as an integer array of ``ndim`` dimensions holding ids in [0, vocab_size)."""
+def check_tokens(tokens, name, ndim, vocab_size, also=""):
+    """``tokens`` as an integer array of ``ndim`` dimensions holding ids in [0,
+    vocab_size); ``also`` names what else the caller takes, for the message."""
     try:
         tokens = np.asarray(tokens)
     except ValueError as exc:           # a nesting NumPy cannot make one array of
-        raise ValueError(f"{name} must be an array of token ids or a list of 1-D prompts; "
-                         f"got {tokens!r:.80} ({exc})") from None
+        raise ValueError(f"{name} must be an array of token ids{also}; got {tokens!r:.80} "
+                         f"({exc})") from None
     if tokens.size == 0:                # before the dtype: [] is float64 to NumPy
         raise ValueError(f"{name} must hold at least one token; got shape {tokens.shape}")
     if tokens.dtype.kind not in "iu":
@@ -25,9 +27,7 @@ def check_tokens(tokens, name, ndim, vocab_size):
     if tokens.ndim not in ndim:
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions; "
                          f"got shape {tokens.shape}")
-    if tokens.shape[-1] < 1:
-        raise ValueError(f"{name} must hold at least one token; got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise ValueError(f"{name} must be ids in [0, vocab_size = {vocab_size}); "
                          f"got values in [{tokens.min()}, {tokens.max()}]")
     return tokens
@@ -38,21 +38,28 @@ def prompts(prompt_tokens, vocab_size):
     if isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) > 0 \
             and all(np.ndim(p) == 1 for p in prompt_tokens) \
             and len({len(p) for p in prompt_tokens}) > 1:
-        return [check_tokens(p, "prompt_tokens", (1,), vocab_size) for p in prompt_tokens], True
-    batch = check_tokens(prompt_tokens, "prompt_tokens", (1, 2), vocab_size)
+        return [check_tokens(p, f"prompt_tokens[{i}]", (1,), vocab_size)
+                for i, p in enumerate(prompt_tokens)], True
+    batch = check_tokens(prompt_tokens, "prompt_tokens", (1, 2), vocab_size,
+                         " or a list of 1-D prompts")
     return list(np.atleast_2d(batch)), False
 
 
 def check_generate(max_new_tokens, use_cache, temperature):
-    """``max_new_tokens`` as a positive int, after checking ``use_cache`` and ``temperature``."""
+    """``(max_new_tokens, temperature)``: a positive int and a float >= 0, after
+    checking ``use_cache``."""
     max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
     if not isinstance(use_cache, (bool, np.bool_)):
         raise TypeError(f"use_cache must be a bool; got {use_cache!r}")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number; got {temperature!r}")
-    if not np.isfinite(temperature) or temperature < 0:
+    try:
+        t = float(temperature)                  # a Fraction too
+    except OverflowError:                       # an int beyond float range
+        t = math.inf
+    if not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
-    return max_new_tokens
+    return max_new_tokens, t
 
 
 def decode(forward, prompt_list, ragged, max_new_tokens, temperature, seed, cache=None):
@@ -115,16 +122,15 @@ def sample(logits, temperature, rng):
     """One token id per row of ``logits`` (batch_size, vocab_size): argmax at temperature 0."""
     if temperature == 0:
         return logits.argmax(axis=-1)
+    z = logits.astype(np.float64)
+    # the max subtracted before dividing: a temperature small enough to
+    # overflow sends the others to -inf (weight 0), its limit being argmax,
+    # and a -inf logit (a banned token) stays a weight of 0
     with np.errstate(over="ignore"):
-        z = logits.astype(np.float64) / temperature
-    # a temperature so small that the logits overflow: its limit, argmax
-    # (inf - inf would make every weight NaN, and the draw token 0)
-    finite = np.isfinite(z).all(axis=-1)
-    z[~finite] = 0
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(p, axis=-1)
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
+    cdf = np.cumsum(np.exp(z), axis=-1)
     u = rng.random((len(logits), 1)) * cdf[:, -1:]
-    return np.where(finite, (cdf < u).sum(axis=-1), logits.argmax(axis=-1))
+    return (cdf < u).sum(axis=-1)
 
 
 def result(out, ends, ragged, prompt_tokens):

@@ -189,7 +189,8 @@ class GPT:
         1-D arrays.
         """
         prompts, ragged = decoding.prompts(prompt_tokens, self.vocab_size)
-        max_new_tokens = decoding.check_generate(max_new_tokens, use_cache, temperature)
+        max_new_tokens, temperature = decoding.check_generate(max_new_tokens, use_cache,
+                                                              temperature)
         B, T = len(prompts), max(len(p) for p in prompts)
         if T + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt length + max_new_tokens must be <= max_seq_len = "

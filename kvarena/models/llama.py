@@ -23,7 +23,7 @@ side of this happens in one place, ``Attention.rotate``.
 import numpy as np
 
 from kvarena.attention import check_groups
-from kvarena.cache import KVCache
+from kvarena.cache import KVCache, check_rope_theta
 from kvarena.checks import check_bool, check_float_dtype, check_int, check_positive
 from kvarena.models import decoding
 from kvarena.models.attention import Linear, causal_attention, repeat_kv
@@ -210,14 +210,13 @@ class Llama:
         if dim % n_heads or (dim // n_heads) % 2:
             raise ValueError(f"dim must be n_heads times an even head_dim (rotary pairs); "
                              f"got dim={dim}, n_heads={n_heads}")
-        if not float(rope_theta) > 0:
-            raise ValueError(f"rope_theta must be a positive number; got {rope_theta!r}")
+        rope_theta = check_rope_theta(rope_theta)
         if rope_style not in ROPE_STYLES:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}; got {rope_style!r}")
         self.head_dim = dim // n_heads
         self.hidden_dim = 32 * -(-(8 * dim // 3) // 32) if hidden_dim is None \
             else check_positive("hidden_dim", hidden_dim)
-        self.rope_theta, self.rope_style = float(rope_theta), rope_style
+        self.rope_theta, self.rope_style = rope_theta, rope_style
         dtype = check_float_dtype("dtype", dtype)
         rng = np.random.default_rng(seed)
         self.tok_embeddings = rng.standard_normal((vocab_size, dim)).astype(dtype)
@@ -231,7 +230,8 @@ class Llama:
         """A ``KVCache`` for this model: ``n_kv_heads`` heads of ``head_dim``, one per layer.
 
         ``max_seq_len`` defaults to the model's; ``options`` go to ``KVCache``
-        (``n_sink=`` for a sliding window; ``dtype`` defaults to the model's). ``rotate_in_cache=True`` makes the
+        (``n_sink=`` for a sliding window; ``dtype`` defaults to the
+        model's). ``rotate_in_cache=True`` makes the
         cache rotate keys and queries by their position in the cache, with
         this model's ``rope_theta`` and ``rope_style``.
         """
@@ -321,7 +321,8 @@ class Llama:
         a ragged batch a list of 1-D arrays.
         """
         prompts, ragged = decoding.prompts(prompt_tokens, self.vocab_size)
-        max_new_tokens = decoding.check_generate(max_new_tokens, use_cache, temperature)
+        max_new_tokens, temperature = decoding.check_generate(max_new_tokens, use_cache,
+                                                              temperature)
         B, T = len(prompts), max(len(p) for p in prompts)
         if cache is not None and not use_cache:
             raise ValueError("cache given with use_cache=False")
