@@ -480,13 +480,13 @@ def open_mapped(path, mode):
         # the lengths are checked before anything is mapped: a map made first
         # would live on in the refusal's traceback, and hold the lock with it
         f.seek(state_offset)
-        _check_state(np.frombuffer(f.read(state_size(shape[2]) * STATE_DTYPE.itemsize),
-                                   STATE_DTYPE), shape[2], shape[4], path, n_sink)
+        checked = np.frombuffer(f.read(state_size(shape[2]) * STATE_DTYPE.itemsize), STATE_DTYPE)
+        _check_state(checked, shape[2], shape[4], path, n_sink)
         buffer, state = _map(f, path, mode, shape, dtype, state_offset, arena_offset)
     if mode == "c":
         # a private mapping shows the file's bytes until this process writes
-        # them: read the lengths once, now, into memory of our own
-        state = np.array(state, dtype=np.intp)
+        # them: the lengths just checked become memory of our own
+        state = np.array(checked, dtype=np.intp)
     return (*arena_views(buffer, shape, dtype), state, n_sink, rope)
 
 
@@ -712,13 +712,17 @@ def _map(f, path, mode, shape, dtype, state_offset, arena_offset):
     # plain ndarray views of the maps (which they keep alive): arithmetic on
     # np.memmap returns memmaps, which nothing here wants. The arena's whole
     # buffer (an int8 arena's scales included) is one map of uint8.
+    # "c" keeps a copy of the lengths, not a map (open_mapped)
+    state = None
     try:
-        state = np.memmap(f, STATE_DTYPE, mode, state_offset, (state_size(shape[2]),))
+        if mode == "r+":
+            state = np.memmap(f, STATE_DTYPE, mode, state_offset, (state_size(shape[2]),))
         arena = np.memmap(f, np.uint8, mode, arena_offset, (arena_bytes(shape, dtype),))
     except OSError as exc:     # e.g. ENOMEM under RLIMIT_AS
+        state = None           # no map may outlive the refusal in its traceback: it holds the lock
         raise OSError(exc.errno, f"cannot map the {arena_bytes(shape, dtype)}-byte arena of "
                                  f"{path} ({os.strerror(exc.errno)})") from None
-    return arena.view(np.ndarray), state.view(np.ndarray)
+    return arena.view(np.ndarray), None if state is None else state.view(np.ndarray)
 
 
 def _new_file_mode(path):

@@ -503,14 +503,23 @@ def test_huge_and_odd_sizes_are_clear_errors(tmp_path):
                 block(cache), block(cache), cache=cache)
 
         # an address-space limit: allocation and mapping fail cleanly
+        shape = (1, 2**16, 4, 4, 64)                 # 512 MiB
+        made = KVCache(*shape, lazy=True, path="made.kvm")     # a sparse file, before the limit
+        del made
+        gc.collect()
         vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20),) * 2)
-        shape = (1, 2**16, 4, 4, 64)                 # 512 MiB
         refused(MemoryError, r"cannot allocate an arena .* \\(536870912 bytes\\)", KVCache, *shape)
         refused(MemoryError, "cannot allocate", KVCache, *shape, lazy=True)
         refused(OSError, r"cannot map the 536870912-byte arena of big.kvm", KVCache, *shape,
                 path="big.kvm")
-        assert os.listdir(".") == []
+        # a refused open holds no map, and so no lock, while its error lives
+        for mode in ("r+", "c"):
+            held = refused(OSError, "cannot map the 536870912-byte arena of made.kvm", KVCache.open,
+                           "made.kvm", mode)
+            refused(OSError, "cannot map", KVCache.open, "made.kvm", "r+")
+            del held
+        assert os.listdir(".") == ["made.kvm"]
     ''', tmp_path)
 
 
