@@ -449,10 +449,15 @@ class KVCache:
         if _overlaps_itself(out):
             raise ValueError(f"out must not overlap itself; got strides {out.strides} "
                              f"for shape {out.shape}")
-        if np.may_share_memory(out, query) or np.may_share_memory(out, self._arena) \
-                or (self._scales is not None and np.may_share_memory(out, self._scales)):
+        if np.may_share_memory(out, query) or self._in_storage(out):
             raise ValueError("out must not overlap q or the cache's arena")
         return out
+
+    def _in_storage(self, a):
+        """Whether ``a`` may share memory with the arena (or an int8 arena's
+        scales, which writing a key writes too)."""
+        return np.may_share_memory(a, self._arena) or (
+            self._scales is not None and np.may_share_memory(a, self._scales))
 
     def _write(self, layer_idx, key, value):
         """Store key and value (B, H, T, D) after each row's committed
@@ -535,10 +540,8 @@ class KVCache:
         destination: either way the block would change while it is copied
         in.
         """
-        # an array that owns its memory cannot be a view of the arena (an
-        # int8 arena's scales included: writing a key writes its scale)
-        if block.base is not None and (np.may_share_memory(block, self._arena) or (
-                self._scales is not None and np.may_share_memory(block, self._scales))):
+        # an array that owns its memory cannot be a view of the arena
+        if block.base is not None and self._in_storage(block):
             return block.copy()
         return block
 
@@ -877,7 +880,8 @@ class KVCache:
             Keys and values of the same positions; any strides.
         out : ndarray, optional
             Where to write the result: q's shape and result dtype,
-            writable, any strides, overlapping neither q nor the arena.
+            writable, any strides in whole elements (aligned), overlapping
+            neither q nor the arena.
 
         Returns
         -------
@@ -1037,7 +1041,8 @@ class KVCache:
             nothing is written.
         RuntimeError
             The lengths were changed outside the cache's methods and are
-            out of range (as for every write): nothing is written.
+            out of range (as for every write), or ``evicted`` was made
+            negative: nothing is written.
         OSError
             The directory is not writable or the filesystem is full; the
             old file is unchanged.
@@ -1225,8 +1230,7 @@ class KVCache:
         else:
             with np.errstate(over="ignore", invalid="ignore"):
                 rows = np.ascontiguousarray(a, dtype=np.float32)
-        if rows is a and a.base is not None and (np.may_share_memory(rows, self._scales)
-                                                 or np.may_share_memory(rows, self._arena)):
+        if rows is a and a.base is not None and self._in_storage(rows):
             rows = rows.copy()               # quantize would write what it reads
         # per token, the sum of squares first (one BLAS call, half the cost of
         # isfinite().all()): finite only if every value is; otherwise look closer
