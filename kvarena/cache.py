@@ -1378,7 +1378,7 @@ def check_rope_theta(rope_theta, also=""):
     except OverflowError:                       # an int beyond float range
         theta = math.inf
     if not (math.isfinite(theta) and theta > 0):
-        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}")
+        raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r:.80}")
     return theta
 
 

@@ -117,16 +117,17 @@ def _attach(model, *, batch_size=1, **options):
         warnings.warn(f"model.blocks[{layer_idx}].attention ({type(attention).__name__}){others} "
                       f"has no {', '.join(lacking)}: left uncached", stacklevel=3)
     patched = []                        # (attention, had a forward of its own, it, layer)
+    forwards = [CachedForward(attention, None, layer_idx) for layer_idx, attention in attentions]
     try:
-        for layer_idx, attention in attentions:
-            _patch(attention, CachedForward(attention, None, layer_idx), layer_idx, patched)
+        for (layer_idx, attention), forward in zip(attentions, forwards):
+            _patch(attention, forward, layer_idx, patched)
         cache = KVCache(batch_size, model.max_seq_len, model.num_layers, num_kv_heads,
                         embed_dim // num_heads, **options)
     except BaseException:
         _restore(patched)               # all or nothing: no layer is left patched
         raise
-    for attention, *_ in patched:
-        attention.forward.cache = cache
+    for forward in forwards:            # the objects made here, not what attention.forward reads
+        forward.cache = cache
 
     model._kv_cache = cache
     model._cache_enabled = True

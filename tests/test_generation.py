@@ -344,9 +344,10 @@ def test_a_temperature_too_small_for_the_logits_is_greedy():
     ([np.array([1, 2]), np.array([[3]])], r"^prompt_tokens must be an array of token ids or a "
                                           r"list of 1-D prompts; got \[array"),
     ([[1, 2], 5], r"^prompt_tokens must be an array of token ids or a list of 1-D prompts"),
+    ([[1, 2], [3, [4]]], r"^prompt_tokens must be an array of token ids or a list of 1-D prompts"),
     ([], r"^prompt_tokens must hold at least one token; got shape \(0,\)$"),
     ([[], [1]], r"^prompt_tokens\[0\] must hold at least one token; got shape \(0,\)$"),
-], ids=["nested-deeper", "int-in-list", "empty", "one-empty"])
+], ids=["nested-deeper", "int-in-list", "list-in-a-row", "empty", "one-empty"])
 def test_malformed_prompts_are_named(prompt, match):
     with pytest.raises(ValueError, match=match):
         GPT(50, 16, 2, 2, 32).generate(prompt, 2)
@@ -391,3 +392,34 @@ def test_attention_without_kv_heads_on_a_grouped_model_is_refused():
                                          r"from model.num_kv_heads = 1"):
         enable_kv_cache(model)
     assert not any("forward" in vars(block.attention) for block in model.blocks)
+
+
+def test_a_forward_read_back_as_a_wrapper_still_gets_the_cache(rng):
+    # an attention whose forward is a property: what it reads back is not
+    # what was set, so the cache goes to the objects enable_kv_cache made
+    class Hooked(MultiHeadAttention):
+        @property
+        def forward(self):
+            inner = self.__dict__.get("hooked") or (
+                lambda x, mask=None: MultiHeadAttention.forward(self, x, mask))
+            return lambda *args, **kwargs: inner(*args, **kwargs)
+
+        @forward.setter
+        def forward(self, f):
+            self.__dict__["hooked"] = f
+
+        @forward.deleter
+        def forward(self):
+            del self.__dict__["hooked"]
+
+    model = TinyGPT()
+    for block in model.blocks:
+        block.attention.__class__ = Hooked
+    tokens = rng.integers(0, model.vocab_size, size=(1, 6))
+    uncached = model.forward(tokens).data
+    cache = enable_kv_cache(model)
+    assert all(block.attention.hooked.cache is cache for block in model.blocks)
+    got = model.forward(tokens, start_pos=0).data
+    assert relative_error(got, uncached) <= 1e-5
+    disable_kv_cache(model)
+    assert not any("hooked" in vars(block.attention) for block in model.blocks)

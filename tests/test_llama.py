@@ -325,11 +325,15 @@ def test_make_cache_holds_kv_heads_only():
     (dict(n_heads=5, n_kv_heads=5), ValueError, r"^dim must be n_heads times an even head_dim"),
     (dict(n_heads=48, n_kv_heads=1), ValueError, r"^dim must be n_heads times an even head_dim"),
     (dict(n_heads=6, n_kv_heads=2, rope_style="neox"), ValueError, r"^rope_style must be one of"),
-    (dict(n_heads=6, n_kv_heads=2, rope_theta=0.0), ValueError, r"^rope_theta must be a finite number > 0; got 0.0$"),
-    (dict(n_heads=6, n_kv_heads=2, rope_theta=10**400), ValueError, r"^rope_theta must be a finite number > 0; got 1000"),
+    (dict(n_heads=6, n_kv_heads=2, rope_theta=0.0), ValueError,
+     r"^rope_theta must be a finite number > 0; got 0.0$"),
+    (dict(n_heads=6, n_kv_heads=2, rope_theta=10**400), ValueError,
+     r"^rope_theta must be a finite number > 0; got 1000"),
     # integer weights would be truncated to zeros; None would silently mean float64
-    (dict(n_heads=6, n_kv_heads=2, dtype=np.int32), TypeError, r"^dtype must be a floating-point dtype .*got <class 'numpy.int32'>"),
-    (dict(n_heads=6, n_kv_heads=2, dtype=None), TypeError, r"^dtype must be a floating-point dtype .*got None"),
+    (dict(n_heads=6, n_kv_heads=2, dtype=np.int32), TypeError,
+     r"^dtype must be a floating-point dtype .*got <class 'numpy.int32'>"),
+    (dict(n_heads=6, n_kv_heads=2, dtype=None), TypeError,
+     r"^dtype must be a floating-point dtype .*got None"),
 ])
 def test_constructor_rejects(args, error, match):
     n_heads, n_kv_heads = args.pop("n_heads"), args.pop("n_kv_heads")

@@ -35,9 +35,13 @@ def check_tokens(tokens, name, ndim, vocab_size, also=""):
 
 def prompts(prompt_tokens, vocab_size):
     """``(list of 1-D prompts, ragged)``, each checked."""
-    if isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) > 0 \
+    try:                                # np.ndim fails on a nesting it cannot make an array of
+        ragged = isinstance(prompt_tokens, (list, tuple)) and len(prompt_tokens) > 0 \
             and all(np.ndim(p) == 1 for p in prompt_tokens) \
-            and len({len(p) for p in prompt_tokens}) > 1:
+            and len({len(p) for p in prompt_tokens}) > 1
+    except ValueError:
+        ragged = False                  # check_tokens below names it
+    if ragged:
         return [check_tokens(p, f"prompt_tokens[{i}]", (1,), vocab_size)
                 for i, p in enumerate(prompt_tokens)], True
     batch = check_tokens(prompt_tokens, "prompt_tokens", (1, 2), vocab_size,
@@ -58,7 +62,7 @@ def check_generate(max_new_tokens, use_cache, temperature):
     except OverflowError:                       # an int beyond float range
         t = math.inf
     if not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r:.80}")
     return max_new_tokens, t
 
 
