@@ -16,17 +16,17 @@ from kvarena.checks import as_ndarray
 KV_HEAD_ATTRIBUTES = ("num_kv_heads", "n_kv_heads")
 
 
-def kv_heads(obj):
-    """How many K/V heads ``obj`` (a model or an attention) has.
+def kv_head_attribute(obj):
+    """The attribute that says how many K/V heads ``obj`` (a model or an
+    attention) has: ``num_kv_heads`` or ``n_kv_heads`` when it has one that
+    is not None (grouped-query or multi-query attention), else ``num_heads``."""
+    return next((name for name in KV_HEAD_ATTRIBUTES if getattr(obj, name, None) is not None),
+                "num_heads")
 
-    ``obj.num_kv_heads`` or ``obj.n_kv_heads`` when it has one that is not
-    None (grouped-query or multi-query attention), else ``obj.num_heads``.
-    """
-    for name in KV_HEAD_ATTRIBUTES:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return obj.num_heads
+
+def kv_heads(obj):
+    """How many K/V heads ``obj`` (a model or an attention) has (``kv_head_attribute``)."""
+    return getattr(obj, kv_head_attribute(obj))
 
 
 def check_groups(num_heads, num_kv_heads, names=("num_heads", "num_kv_heads")):

@@ -16,7 +16,6 @@ trusts what it is given and computes.
 
 import functools
 import math
-import numbers
 import os
 import threading
 import weakref
@@ -26,7 +25,7 @@ import numpy as np
 
 from kvarena import kernel, storage
 from kvarena.checks import (as_ndarray, check_bool, check_int, check_path, check_positive,
-                            check_storage_dtype, check_threads)
+                            check_real, check_storage_dtype, check_threads)
 
 try:
     from kvarena import _arena
@@ -1370,13 +1369,7 @@ def check_rope_theta(rope_theta, also=""):
     """``rope_theta`` as a positive float: any real number (a ``Fraction``
     too) that is finite as a float; ``also`` names what else the caller
     takes, for the message."""
-    if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real):
-        raise TypeError(f"rope_theta must be {also}a real number; got {rope_theta!r} "
-                        f"of type {type(rope_theta).__name__}")
-    try:
-        theta = float(rope_theta)
-    except OverflowError:                       # an int beyond float range
-        theta = math.inf
+    theta = check_real("rope_theta", rope_theta, also)
     if not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r:.80}")
     return theta

@@ -4,6 +4,7 @@ Each returns the normalised value or raises an exception whose message
 names the argument, what was expected and what was given.
 """
 
+import math
 import numbers
 import os
 
@@ -79,6 +80,19 @@ def check_storage_dtype(dtype):
     if dt.newbyteorder("=") not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {DTYPE_NAMES}; got {dt}")
     return dt.newbyteorder("=")
+
+
+def check_real(name, value, also=""):
+    """``value``, any real number (a ``Fraction`` too; bools are not), as a
+    float: inf for an int beyond float range, left to the caller's range
+    check. ``also`` names what else the caller takes, for the message."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {also}a real number; got {value!r} "
+                        f"of type {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def check_float_dtype(name, dtype):

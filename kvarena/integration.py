@@ -4,7 +4,7 @@ import logging
 import numbers
 import warnings
 
-from kvarena.attention import KV_HEAD_ATTRIBUTES, cached_attention, check_groups, kv_heads
+from kvarena.attention import cached_attention, check_groups, kv_head_attribute, kv_heads
 from kvarena.cache import KVCache
 from kvarena.checks import check_positive
 
@@ -82,8 +82,7 @@ def _attach(model, *, batch_size=1, **options):
     if embed_dim % num_heads:
         raise ValueError(f"model.embed_dim must be divisible by model.num_heads; "
                          f"got {embed_dim} and {num_heads}")
-    kv_name = next((name for name in KV_HEAD_ATTRIBUTES
-                    if getattr(model, name, None) is not None), "num_heads")
+    kv_name = kv_head_attribute(model)
     num_kv_heads = check_positive(f"model.{kv_name}", getattr(model, kv_name))
     check_groups(num_heads, num_kv_heads, ("model.num_heads", f"model.{kv_name}"))
     blocks = list(model.blocks)
@@ -105,10 +104,9 @@ def _attach(model, *, batch_size=1, **options):
             raise ValueError(f"{name} is the same object as model.blocks[{shared}].attention: "
                              f"each cached layer needs an attention object of its own (one "
                              f"object cannot tell which layer of the cache it is serving)")
-        if kv_heads(attention) != num_kv_heads:     # what cached_attention splits k and v by
-            own = next((n for n in KV_HEAD_ATTRIBUTES
-                        if getattr(attention, n, None) is not None), "num_heads")
-            raise ValueError(f"{name}.{own} = {kv_heads(attention)!r} differs from "
+        heads = kv_heads(attention)                 # what cached_attention splits k and v by
+        if heads != num_kv_heads:
+            raise ValueError(f"{name}.{kv_head_attribute(attention)} = {heads!r} differs from "
                              f"model.{kv_name} = {num_kv_heads}, the K/V heads the cache stores")
         attentions.append((layer_idx, attention))
     if uncached:        # before any patch: a warning raised as an error changes nothing

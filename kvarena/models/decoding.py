@@ -5,11 +5,10 @@ or without a cache, through any model's ``forward(tokens, start_pos)``.
 """
 
 import math
-import numbers
 
 import numpy as np
 
-from kvarena.checks import check_positive
+from kvarena.checks import check_positive, check_real
 
 
 def check_tokens(tokens, name, ndim, vocab_size, also=""):
@@ -55,12 +54,7 @@ def check_generate(max_new_tokens, use_cache, temperature):
     max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
     if not isinstance(use_cache, (bool, np.bool_)):
         raise TypeError(f"use_cache must be a bool; got {use_cache!r}")
-    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number; got {temperature!r}")
-    try:
-        t = float(temperature)                  # a Fraction too
-    except OverflowError:                       # an int beyond float range
-        t = math.inf
+    t = check_real("temperature", temperature)
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r:.80}")
     return max_new_tokens, t

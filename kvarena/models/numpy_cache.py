@@ -13,9 +13,9 @@ class NumpyKVCache:
     num_heads, max_seq_len, head_dim)``. ``attend`` writes the new block,
     repeats the K/V heads up to q's head count (a copy of the whole
     context, per layer and step) and runs matmul, max-subtracted softmax,
-    matmul in q's dtype (float16 in float32). Duck-compatible with the part of ``KVCache`` that
-    ``Llama`` uses; no input checks beyond capacity: a baseline, not a
-    library cache.
+    matmul in q's dtype (float16 in float32). Duck-compatible with the
+    part of ``KVCache`` that ``Llama`` uses; no input checks beyond
+    capacity: a baseline, not a library cache.
 
     Parameters
     ----------
