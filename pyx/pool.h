@@ -193,8 +193,13 @@ static int kv_parallel(ptrdiff_t n_items, int num_threads, kv_task fn, void *ctx
         /* the workers finish the items they claimed: spin as a worker waits
            for a job (sched_yield, a system call, cost 0.6 us per call on
            this VM), then yield, in case a worker shares this core */
-        for (int spin = 0; atomic_load(&job.inside) > 0; spin++)
-            if (spin < KV_SPIN) kv_pause(); else sched_yield();
+        for (int spin = 0; atomic_load(&job.inside) > 0;)
+            if (spin < KV_SPIN) {
+                kv_pause();
+                spin++;
+            } else {
+                sched_yield();
+            }
         pthread_mutex_unlock(&kv_pool.submit);
     } else {
         kv_drain(&job);
