@@ -55,7 +55,7 @@ cdef extern from "kernel.h" nogil:
         Py_ssize_t Hq, T
         const Py_ssize_t *base
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
-                  int run_threads)
+                  int run_threads, int large)
     int kv_best_isa()
     int kv_prefetch
     int kv_prefetch_helps()
@@ -95,6 +95,13 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
+# from this many bytes a call wakes sleeping workers even when calls are
+# sparse (pool.h's kv_parallel): ~150 us on one thread, where waking one
+# cost the caller 15-100 us. Calls 300 us apart, 1 x 8 x S (alternated
+# 1- and 2-thread caches), 2 threads against 1 when every call woke them:
+# 0.94, 1.00, 1.15, 0.96, 0.82 at 2, 4, 8, 16, 32 MiB; with this bound
+# 1.00, 1.03, 0.98, 1.01, 0.55
+cdef Py_ssize_t WAKE_MIN_BYTES = 8 << 20
 # an accessor with num_threads > 1 runs the last two calls of every period
 # on the thread count it does not choose, to see whether that became the
 # faster; the period doubles, from EXPLORE_EVERY up to EXPLORE_MOST calls,
@@ -427,7 +434,7 @@ cdef class ArenaAccessor:
         work *= (qq.T + tile - 1) // tile
         if work < PARALLEL_MIN_BYTES or self.num_threads == 1:
             with nogil:   # small calls are neither split nor spread
-                status = kv_attend(&c, &qq, isa, 1, 1)
+                status = kv_attend(&c, &qq, isa, 1, 1, 0)
         else:
             status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
@@ -445,7 +452,8 @@ cdef class ArenaAccessor:
             many, exploring = not many, 1
         with nogil:
             start = _now()
-            status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1)
+            status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1,
+                               work >= WAKE_MIN_BYTES)
             rate = (_now() - start) / work
         if many != self.last_many:
             self.last_many = many

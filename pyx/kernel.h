@@ -330,12 +330,13 @@ static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptr
             }
 }
 
-/* attention of q over one layer, into q->out, on run_threads threads; the
- * work is cut for plan_threads, so that the result does not depend on how
- * many threads ran it. 0, or -1 when scratch memory could not be had (out
- * is then incomplete) */
+/* attention of q over one layer, into q->out, on run_threads threads
+ * (`large`: worth waking sleeping ones, see kv_parallel); the work is cut
+ * for plan_threads, so that the result does not depend on how many threads
+ * ran it. 0, or -1 when scratch memory could not be had (out is then
+ * incomplete) */
 static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
-                     int run_threads)
+                     int run_threads, int large)
 {
     /* no more threads than the pool has; 4 * threads must not overflow */
     const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
@@ -363,7 +364,7 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
         if (!job.partial) return -1;
     }
     kv_task_ctx task = {&job, kv_variants[isa][dbl].item};
-    int status = kv_parallel(units * job.n_chunks, run_threads, kv_run_item, &task);
+    int status = kv_parallel(units * job.n_chunks, run_threads, large, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);
         status = acc ? 0 : -1;
