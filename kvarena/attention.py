@@ -85,6 +85,7 @@ def cached_attention(attention, x, cache, layer_idx):
     x_data = as_ndarray(x, "x")
     H, H_kv = attention.num_heads, kv_heads(attention)
     check_x(x_data, H * cache.head_dim, cache.batch_size)
+    cache._check_lengths()
     cache._room("x", x_data.shape[1])
     q = as_ndarray(attention.q_proj.forward(x), "q")   # (B, T, H * D)
     k = as_ndarray(attention.k_proj.forward(x), "k")   # (B, T, H_kv * D)

@@ -70,9 +70,10 @@ def exclusive(method):
     (another thread is inside a guarded method of the same cache) raises
     ``RuntimeError`` at once, before touching anything, instead of letting
     two threads corrupt the arena or the lengths.
-    A call that returns records the lengths it leaves, so that the next
-    write can tell whether they were changed outside the cache's methods
-    (``KVCache._room``).
+    Then the lengths and ring heads are checked (``KVCache._check_lengths``):
+    no method runs on lengths changed outside the cache's methods to values
+    the kernel cannot use, so the lengths a method leaves, which it set
+    from checked ones, can be recorded as seen.
     """
     name = method.__name__
 
@@ -80,10 +81,8 @@ def exclusive(method):
     def guarded(self, *args, **kwargs):
         _take_guard(self, name)
         try:
-            result = method(self, *args, **kwargs)
-            # only on success: lengths a call refused stay "changed outside"
-            self._lengths_seen = self._seq_lens.tobytes()
-            return result
+            self._check_lengths()
+            return method(self, *args, **kwargs)
         finally:
             self._guard.release()
     return guarded
@@ -338,7 +337,6 @@ class KVCache:
         self._adopt_rope(None, None)
         self._lengths_changed()
         self._guard = threading.Lock()      # see exclusive()
-        self._lengths_seen = self._seq_lens.tobytes()
 
     def _adopt_rope(self, rope_theta, rope_style):
         """Turn rotation inside the cache on (checked ``rope_theta``,
@@ -559,8 +557,8 @@ class KVCache:
             self._lengths_changed_outside()
 
     def _room(self, name, T):
-        """Check that a block of ``T`` new positions can be written at the live lengths."""
-        self._check_lengths()
+        """Check that a block of ``T`` new positions can be written at the
+        lengths (checked: ``_check_lengths``)."""
         if self.window is not None:
             if T > self.window:
                 raise ValueError(f"{name} holds T = {T} positions, more than the window of "
@@ -586,14 +584,15 @@ class KVCache:
                                f"cache's methods and are no longer in [0, window = "
                                f"{self.window or 1}); the cache refuses to write")
         self._lengths_changed()
-        self._lengths_seen = self._seq_lens.tobytes()   # checked and taken in
 
     def _lengths_changed(self):
         # seq_pos is read per token (models take positions from it): keep it
         # as a Python int rather than reducing seq_lens on every read
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
-        self._ring_seen = self._ring.tobytes()      # see _room
+        # what _check_lengths compares with: lengths set or checked here
+        self._lengths_seen = self._seq_lens.tobytes()
+        self._ring_seen = self._ring.tobytes()
         # rows whose positions are no longer in slot order (a turned ring), and
         # the ring head as an int when every row has the same
         heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
@@ -773,6 +772,7 @@ class KVCache:
                                  f"{self.max_seq_len}")
             self._seq_lens += n
             self._seq_pos += n
+            self._lengths_seen = self._seq_lens.tobytes()
             self._forget_pending()
             return
         n = self._per_row("n", n)
@@ -788,10 +788,11 @@ class KVCache:
         self._seq_lens += n
         self._lengths_changed()
 
-    @exclusive
     def reset(self):
         """Forget every sequence: all lengths 0 and every written position zeroed
-        (an int8 cache's scales too).
+        (an int8 cache's scales too). Also how a cache whose lengths were
+        changed outside its methods, and that refuses every other call, is
+        made usable again.
 
         Only the positions written since the last reset are looked at, so
         the cost is proportional to what was used, not to the arena; and
@@ -801,14 +802,19 @@ class KVCache:
         no memory, writing zeros to it would commit it (a whole huge page
         where transparent huge pages are on).
         """
-        used = self._arena[..., :self._written[0], :]
-        # as unsigned ints, so that -0.0 counts as data too
-        bits = used.view(f"u{self.dtype.itemsize}")
-        used[bits.any(axis=(-2, -1))] = 0
-        if self._scales is not None:
-            self._wipe_scales()
-        self._state.fill(0)
-        self._lengths_changed()
+        # exclusive() without its check of the lengths, which this sets
+        _take_guard(self, "reset")
+        try:
+            used = self._arena[..., :self._written[0], :]
+            # as unsigned ints, so that -0.0 counts as data too
+            bits = used.view(f"u{self.dtype.itemsize}")
+            used[bits.any(axis=(-2, -1))] = 0
+            if self._scales is not None:
+                self._wipe_scales()
+            self._state.fill(0)
+            self._lengths_changed()
+        finally:
+            self._guard.release()
 
     def get_memory_usage(self):
         """Memory held by the arena, from its real size and dtype.
@@ -905,22 +911,19 @@ class KVCache:
         # token, and the wrapper's frame cost 0.4 of its 4.5 us at S = 16
         _take_guard(self, "attend")
         try:
+            self._check_lengths()
             if type(layer_idx) is int and 0 <= layer_idx < self.num_layers:
                 # the common call (every row at seq_pos, ndarrays the kernel
                 # reads as they are or, keys and values, casts as NumPy does,
                 # no eviction) is checked, written and attended in one
                 # compiled step; None means it is not one, with nothing touched
-                self._check_lengths()
                 plain = self._accessor.attend_plain(layer_idx, self._seq_pos, self._seq_lens,
                                                     q, k, v, out, kernel.current_isa(),
                                                     self.check_finite)
                 if plain is not None:
-                    # the lengths are those _check_lengths saw: nothing to record
                     self._wrote(plain.shape[2])
                     return plain
-            out = self._attend_general(layer_idx, q, k, v, out)
-            self._lengths_seen = self._seq_lens.tobytes()
-            return out
+            return self._attend_general(layer_idx, q, k, v, out)
         finally:
             self._guard.release()
 
@@ -1066,7 +1069,6 @@ class KVCache:
             old file is unchanged.
         """
         path = check_path("path", path)
-        self._check_lengths()       # never a file that load would refuse
         storage.save(self, path)
 
     @classmethod

@@ -191,6 +191,49 @@ def test_lengths_changed_behind_the_cache_are_checked_live(tmp_path):
     ''', tmp_path)
 
 
+def test_no_guarded_method_takes_bad_lengths_in(tmp_path):
+    # a method that returned without looking at the lengths (an identity
+    # reorder, advance) recorded them as seen, and the next attend gave
+    # the kernel 10**7 positions of an 8-slot arena: a segfault
+    run('''
+        cache = filled()
+        base = cache.seq_lens.base           # the cache's whole state, writable
+        k = block(cache)
+        calls = [("reorder", cache.reorder, [0, 1]), ("advance", cache.advance, 1),
+                 ("advance", cache.advance, [1, 0]), ("crop", cache.crop, -1),
+                 ("copy_sequence", cache.copy_sequence, 0, 1),
+                 ("deepcopy", copy.deepcopy, cache),
+                 ("seq_pos", setattr, cache, "seq_pos", 2), ("save", cache.save, "s.kva")]
+        for name, fn, *args in calls:
+            base[0] = 10**7
+            refused(RuntimeError, r"seq_lens = \\[10000000, 3\\] were changed outside", fn, *args,
+                    cache=cache)
+            refused(RuntimeError, "changed outside", cache.attend, 0, k, k, k, cache=cache)
+            base[0] = 3
+        assert not os.path.exists("s.kva")
+        base[0] = 10**7
+        cache.reset()                        # how such a cache is made usable again
+        assert cache.seq_lens.tolist() == [0, 0] and not cache.arena.any()
+        cache.attend(0, k, k, k)
+    ''', tmp_path)
+
+
+def test_lengths_taken_in_by_a_refused_call_are_not_mistaken_later(tmp_path):
+    # a call that took lengths changed outside in and was then refused left
+    # them unrecorded: changed back, they looked unchanged against the stale
+    # record, and attend wrote at the old seq_pos while attending at the new
+    run('''
+        cache, fresh = filled(B=1, n=4), filled(B=1, n=4)
+        q, k = block(cache, seed=2), block(cache, seed=3)
+        base = cache.seq_lens.base
+        base[0] = 0
+        refused(ValueError, "T >= 1", cache.attend, 0, q, k[:, :, :0], k[:, :, :0])
+        base[0] = 4
+        assert cache.attend(0, q, k, k).tobytes() == fresh.attend(0, q, k, k).tobytes()
+        assert cache.seq_pos == 4
+    ''', tmp_path)
+
+
 def test_mapped_file_has_one_writer_in_one_process(tmp_path):
     run('''
         cache = filled(path="m.kvm")
