@@ -95,8 +95,9 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 # below this many bytes of K and V a call runs on one thread: waking a
 # worker costs about as much as it saves (bench/kernel.py)
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
-# from this many bytes a call wakes sleeping workers even when calls are
-# sparse (pool.h's kv_parallel): ~150 us on one thread, where waking one
+# from this many bytes (K and V read, once per tile of queries) a call
+# wakes sleeping workers even when calls are sparse (pool.h's
+# kv_parallel): ~150 us on one thread, where waking one
 # cost the caller 15-100 us. Calls 300 us apart, 1 x 8 x S (alternated
 # 1- and 2-thread caches), 2 threads against 1 when every call woke them:
 # 0.94, 1.00, 1.15, 0.96, 0.82 at 2, 4, 8, 16, 32 MiB; with this bound
@@ -106,11 +107,12 @@ cdef Py_ssize_t WAKE_MIN_BYTES = 8 << 20
 # on the thread count it does not choose, to see whether that became the
 # faster; the period doubles, from EXPLORE_EVERY up to EXPLORE_MOST calls,
 # each time it had not (the chosen count is measured on every call: if it
-# becomes slower than the other was, the next call runs that). Waking the workers
-# of a count not run lately costs ~20 us on this VM, so between a model's
-# layers, 100 us apart, 2 threads took 40 us where one took 24 (1 x 4 x
-# 1000, D = 32); exploring every 16th call then cost a 2-thread cache 5-6%
-# of a small model's generation
+# becomes slower than the other was, the next call runs that). Exploring
+# every 16th call once cost a 2-thread cache 5-6% of a small model's
+# generation: each woke the sleeping workers (~20 us on this VM) between
+# layers 100 us apart. Such calls no longer wake them (WAKE_MIN_BYTES), so
+# there a call on num_threads runs on the caller's thread alone, and the
+# timing compares one thread with one
 cdef Py_ssize_t EXPLORE_EVERY = 16
 cdef Py_ssize_t EXPLORE_MOST = 256
 

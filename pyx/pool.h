@@ -52,7 +52,7 @@ static void *kv_scratch(size_t bytes)
 }
 
 #define KV_MAX_WORKERS 63
-/* polls before a worker sleeps: ~20 us on Zen 4, where a pause is ~65 cycles;
+/* polls before a worker sleeps: ~25 us on Zen 4, where a pause took 25 ns;
  * 9.7 us measured on the Xeon VM CI runs on. Longer (or none) made no
  * difference there: between a model's layers, ~100 us apart, the workers
  * sleep anyway (KVCache times that, see _arena.pyx's EXPLORE_EVERY) */
@@ -76,7 +76,10 @@ static struct {
     kv_pool_job *job;            /* the job on offer, or NULL */
     atomic_ulong generation;     /* bumped for every job offered */
     int started;
-    atomic_llong last_end;       /* when the last job ended, in kv_nanoseconds() */
+    /* when the last job ended, in kv_nanoseconds(); on a line of its own:
+       written after every job, it would evict `generation`, which the
+       spinning workers poll */
+    _Alignas(64) atomic_llong last_end;
 } kv_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
              NULL, 0, 0, 0};
 
@@ -182,7 +185,7 @@ static int kv_pool_grow(int want)
  * (the caller's included); 0, or -1 if any call returned non-zero.
  * Workers still spinning from an earlier job join; sleeping ones are woken
  * when `large` (the job is long enough to pay for it) or when jobs come
- * close together (KV_DENSE_SECONDS). Waking one cost the caller 15-20 us
+ * close together (KV_DENSE_NANOSECONDS). Waking one cost the caller 15-20 us
  * on this VM (the system call, the worker's late grab of the pool's mutex),
  * against ~18 us for a whole small call on one thread; a model's calls,
  * ~100 us apart, found the workers asleep at every one, and each woken
