@@ -1068,8 +1068,7 @@ class KVCache:
             The directory is not writable or the filesystem is full; the
             old file is unchanged.
         """
-        path = check_path("path", path)
-        storage.save(self, path)
+        storage.save(self, check_path("path", path))
 
     @classmethod
     def load(cls, path, *, max_seq_len=None, lazy=False, num_threads=None, check_finite=False,

@@ -103,13 +103,13 @@ def check_float_dtype(name, dtype):
     longdouble, which no cache stores.
     """
     try:
-        dt = None if dtype is None else np.dtype(dtype)
+        dt = check_storage_dtype(dtype)
     except TypeError:
         dt = None
-    if dt is None or dt.newbyteorder("=") not in (np.float16, np.float32, np.float64):
+    if dt is None or dt.kind != "f":
         raise TypeError(f"{name} must be a floating-point dtype (float16, float32, float64); "
                         f"got {dtype!r}")
-    return dt.newbyteorder("=")
+    return dt
 
 
 def as_ndarray(x, name):

@@ -19,7 +19,6 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY, fabs, isfinite, ldexp
 from libc.string cimport memcpy, memmove
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
 
@@ -57,6 +56,7 @@ cdef extern from "kernel.h" nogil:
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                   int run_threads, int large)
     int kv_best_isa()
+    long long kv_nanoseconds()
     int kv_prefetch
     int kv_prefetch_helps()
     void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
@@ -115,12 +115,6 @@ cdef Py_ssize_t WAKE_MIN_BYTES = 8 << 20
 # timing compares one thread with one
 cdef Py_ssize_t EXPLORE_EVERY = 16
 cdef Py_ssize_t EXPLORE_MOST = 256
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return t.tv_sec + 1e-9 * t.tv_nsec
 
 
 cdef class ArenaAccessor:
@@ -448,15 +442,16 @@ cdef class ArenaAccessor:
         cdef int many = self.seconds_per_byte[1] <= self.seconds_per_byte[0]
         cdef int exploring = 0
         cdef int status
-        cdef double start, rate
+        cdef long long start
+        cdef double rate
         self.until_explore -= 1
         if self.until_explore < 2:
             many, exploring = not many, 1
         with nogil:
-            start = _now()
+            start = kv_nanoseconds()
             status = kv_attend(c, q, isa, self.num_threads, self.num_threads if many else 1,
                                work >= WAKE_MIN_BYTES)
-            rate = (_now() - start) / work
+            rate = 1e-9 * (kv_nanoseconds() - start) / work
         if many != self.last_many:
             self.last_many = many
         elif exploring or self.seconds_per_byte[many] == 0:

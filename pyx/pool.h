@@ -89,6 +89,7 @@ static struct {
  * that follow */
 #define KV_DENSE_NANOSECONDS 10000
 
+/* the monotonic clock in nanoseconds (also what KVCache times calls with) */
 static long long kv_nanoseconds(void)
 {
     struct timespec t;
