@@ -57,10 +57,14 @@ class CacheView(np.ndarray):
 def _take_guard(cache, name):
     """Take ``cache``'s guard for its method ``name``, or raise (see ``exclusive``)."""
     if not cache._guard.acquire(False):
-        raise RuntimeError(f"KVCache.{name}: this cache is being used from two threads "
-                           f"at once (or re-entered); a cache serves one thread at a "
-                           f"time: give each thread its own cache, or serialise the "
-                           f"calls with a lock of your own")
+        _refuse_second_thread(name)
+
+
+def _refuse_second_thread(name):
+    raise RuntimeError(f"KVCache.{name}: this cache is being used from two threads "
+                       f"at once (or re-entered); a cache serves one thread at a "
+                       f"time: give each thread its own cache, or serialise the "
+                       f"calls with a lock of your own")
 
 
 def exclusive(method):
@@ -335,6 +339,7 @@ class KVCache:
         # 0 without a window
         self._ring = state[2 * B + 1:]
         self._adopt_rope(None, None)
+        self._accessor.track(self._seq_lens, self._ring, self._written)
         self._lengths_changed()
         self._guard = threading.Lock()      # see exclusive()
 
@@ -551,9 +556,8 @@ class KVCache:
         """Recheck the lengths and ring heads if they changed outside the cache's methods."""
         # the kernel writes at seq_lens as they are in memory now, not at the
         # cached seq_pos: if they changed behind this object's back, recheck
-        # (comparing bytes costs a tenth of a reduction)
-        if (self._seq_lens.tobytes() != self._lengths_seen
-                or self._ring.tobytes() != self._ring_seen):
+        # (the accessor compares them with the values last seen)
+        if not self._accessor.lengths_unchanged():
             self._lengths_changed_outside()
 
     def _room(self, name, T):
@@ -591,8 +595,7 @@ class KVCache:
         self._seq_pos = int(self._seq_lens.max())
         self._uniform = bool((self._seq_lens == self._seq_pos).all())
         # what _check_lengths compares with: lengths set or checked here
-        self._lengths_seen = self._seq_lens.tobytes()
-        self._ring_seen = self._ring.tobytes()
+        self._accessor.see_lengths()
         # rows whose positions are no longer in slot order (a turned ring), and
         # the ring head as an int when every row has the same
         heads = self._ring.tolist()       # a few rows: cheaper in Python than in NumPy
@@ -772,7 +775,7 @@ class KVCache:
                                  f"{self.max_seq_len}")
             self._seq_lens += n
             self._seq_pos += n
-            self._lengths_seen = self._seq_lens.tobytes()
+            self._accessor.see_lengths()
             self._forget_pending()
             return
         n = self._per_row("n", n)
@@ -907,22 +910,24 @@ class KVCache:
         TypeError, ValueError
             As ``update``, also for ``q`` and ``out``; the cache is unchanged.
         """
-        # exclusive() written out: this is the call a model makes per layer and
-        # token, and the wrapper's frame cost 0.4 of its 4.5 us at S = 16
-        _take_guard(self, "attend")
+        # exclusive() written out, the guard taken inline: this is the call a
+        # model makes per layer and token, and at S = 16 the wrapper's frame
+        # cost 0.4 of its 4.5 us, the guard's call and the length checks and
+        # bookkeeping here another 0.6 (now in attend_plain)
+        if not self._guard.acquire(False):
+            _refuse_second_thread("attend")
         try:
-            self._check_lengths()
             if type(layer_idx) is int and 0 <= layer_idx < self.num_layers:
-                # the common call (every row at seq_pos, ndarrays the kernel
-                # reads as they are or, keys and values, casts as NumPy does,
-                # no eviction) is checked, written and attended in one
-                # compiled step; None means it is not one, with nothing touched
-                plain = self._accessor.attend_plain(layer_idx, self._seq_pos, self._seq_lens,
-                                                    q, k, v, out, kernel.current_isa(),
-                                                    self.check_finite)
+                # the common call (lengths as last seen, every row at seq_pos,
+                # ndarrays the kernel reads as they are or, keys and values,
+                # casts as NumPy does, no eviction) is checked, written and
+                # attended in one compiled step; None means it is not one,
+                # with nothing touched
+                plain = self._accessor.attend_plain(layer_idx, q, k, v, out,
+                                                    kernel.current_isa(), self.check_finite)
                 if plain is not None:
-                    self._wrote(plain.shape[2])
                     return plain
+            self._check_lengths()
             return self._attend_general(layer_idx, q, k, v, out)
         finally:
             self._guard.release()

@@ -18,7 +18,7 @@ cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY, fabs, isfinite, ldexp
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove
 
 import numpy as np
 
@@ -161,6 +161,15 @@ cdef class ArenaAccessor:
     cdef const char *arena_hi
     cdef const char *scales_lo
     cdef const char *scales_hi
+    # the cache's lengths, set by track(): its seq_lens and ring heads, its
+    # written end, and both lengths as the cache last set or checked them
+    # (seq_lens then ring heads), which attend_plain compares with at each call
+    cdef cnp.ndarray seq_lens_array
+    cdef object tracked                     # the other three arrays, kept alive
+    cdef Py_ssize_t *seq_lens
+    cdef const Py_ssize_t *ring
+    cdef Py_ssize_t *written
+    cdef Py_ssize_t *seen
 
     def __cinit__(self, arena, int num_threads, scales=None):
         self.arena = arena
@@ -223,6 +232,48 @@ cdef class ArenaAccessor:
             self.rope_sin = <const float *>cnp.PyArray_DATA(<cnp.ndarray>rope_sin)
         self.rope_interleaved = rope_interleaved
 
+    def track(self, seq_lens, ring, written):
+        """Keep the cache's lengths, read and written by ``attend_plain``.
+
+        ``seq_lens`` and ``ring`` (the ring heads, zeros without a window)
+        are intp (B,), ``written`` (the end of the positions written since
+        the last reset) intp (1,), each C-contiguous and writable; the
+        accessor keeps them and records their values as seen (``see_lengths``).
+        """
+        arrays = {"seq_lens": (seq_lens, self.B), "ring": (ring, self.B), "written": (written, 1)}
+        for name, (a, n) in arrays.items():
+            if not (isinstance(a, np.ndarray) and a.dtype == np.intp and a.shape == (n,)
+                    and a.flags.c_contiguous and a.flags.writeable):
+                raise ValueError(f"{name} must be a C-contiguous, writable intp array of "
+                                 f"shape ({n},); got {a!r}")
+        seen = np.zeros(2 * self.B, np.intp)
+        self.tracked = (ring, written, seen)
+        self.seq_lens_array = seq_lens
+        self.seq_lens = <Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>seq_lens)
+        self.ring = <const Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>ring)
+        self.written = <Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>written)
+        self.seen = <Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>seen)
+        self.see_lengths()
+
+    def see_lengths(self):
+        """Record the tracked lengths and ring heads as they are now (set or checked)."""
+        self._need_tracked()
+        memcpy(self.seen, self.seq_lens, self.B * sizeof(Py_ssize_t))
+        memcpy(self.seen + self.B, self.ring, self.B * sizeof(Py_ssize_t))
+
+    def lengths_unchanged(self):
+        """Whether the tracked lengths and ring heads are as ``see_lengths`` recorded."""
+        self._need_tracked()
+        return self._as_seen()
+
+    cdef _need_tracked(self):
+        if self.seq_lens == NULL:
+            raise RuntimeError("the accessor tracks no lengths: call track() first")
+
+    cdef bint _as_seen(self):
+        return memcmp(self.seen, self.seq_lens, self.B * sizeof(Py_ssize_t)) == 0 and \
+            memcmp(self.seen + self.B, self.ring, self.B * sizeof(Py_ssize_t)) == 0
+
     def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
                int isa):
         """Attention of ``q`` over ``layer`` into ``out``.
@@ -245,34 +296,40 @@ cdef class ArenaAccessor:
                              f"{(<object>base).shape} {base.dtype}")
         self._run(layer, base, q, out, isa)
 
-    def attend_plain(self, Py_ssize_t layer, Py_ssize_t start, cnp.ndarray base, q, k, v, out,
-                     int isa, bint check_finite):
+    def attend_plain(self, Py_ssize_t layer, q, k, v, out, int isa, bint check_finite):
         """The common call checked, written and attended in one step; or None.
 
         When the call is plain, writes keys ``k`` and values ``v`` (B, H, T,
-        D) at slots start .. start + T - 1 of ``layer`` in every row, and
-        returns the attention of ``q`` (B, G * H, T, D) over them and the
-        cached positions into ``out`` (a new array of q's dtype when None):
-        what ``KVCache.attend`` does after its checks. Plain: ndarrays only
-        (no subclass); k and v 4-d, native order, in the storage dtype or
-        float32 or float64 (cast as NumPy casts; narrowing ones finite and
-        within the storage's range), an int8 arena's float32,
-        C-contiguous and finite; strides in whole
-        elements; q float32 or float64, native, aligned (finite values
-        within float32 when computed in float32); every row at ``start``
-        and no ring turned; start + T <= S, and T within a sliding window;
-        nothing overlaps the arena, its scales or out; with
+        D) at slots start .. start + T - 1 of ``layer`` in every row, where
+        start is every row's length, records the write in the tracked
+        written end (``track``), and returns the attention of ``q`` (B,
+        G * H, T, D) over them and the cached positions into ``out`` (a new
+        array of q's dtype when None): what ``KVCache.attend`` does after its
+        checks. Plain: the tracked lengths and ring heads as last seen
+        (``see_lengths``), every row of the same length and no ring turned;
+        ndarrays only (no subclass); k and v 4-d, native order, in the
+        storage dtype or float32 or float64 (cast as NumPy casts; narrowing
+        ones finite and within the storage's range), an int8 arena's
+        float32, C-contiguous and finite; strides in whole elements; q
+        float32 or float64, native, aligned (finite values within float32
+        when computed in float32); start + T <= S, and T within a sliding
+        window; nothing overlaps the arena, its scales or out; with
         ``check_finite``, no NaN or infinity; out, when given, q's shape and
-        dtype, C-contiguous, aligned and writable. Anything else returns None with
-        nothing touched: the caller's general path then says what is wrong,
-        or handles the rest (conversions, eviction).
+        dtype, C-contiguous, aligned and writable. Anything else returns None
+        with nothing touched: the caller's general path then says what is
+        wrong, or handles the rest (lengths changed from outside,
+        conversions, eviction).
 
-        Caller checked: 0 <= layer < L; base is C-contiguous intp (B,).
+        Caller checked: 0 <= layer < L.
         """
         cdef cnp.ndarray qa, ka, va, oa
         cdef Py_ssize_t b, T
-        cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
+        cdef Py_ssize_t start
         cdef int narrow
+        self._need_tracked()
+        if not self._as_seen():
+            return None
+        start = self.seq_lens[0]
         if not (cnp.PyArray_CheckExact(q) and cnp.PyArray_CheckExact(k)
                 and cnp.PyArray_CheckExact(v) and (out is None or cnp.PyArray_CheckExact(out))):
             return None
@@ -290,7 +347,7 @@ cdef class ArenaAccessor:
                 or not cnp.PyArray_ISNOTSWAPPED(qa) or not cnp.PyArray_ISALIGNED(qa):
             return None
         for b in range(self.B):
-            if starts[b] != start or (self.ring_head != NULL and self.ring_head[b] != 0):
+            if self.seq_lens[b] != start or (self.ring_head != NULL and self.ring_head[b] != 0):
                 return None
         if self._overlaps(ka) or self._overlaps(va) or self._overlaps(qa):
             return None
@@ -312,7 +369,9 @@ cdef class ArenaAccessor:
             return None
         self._store(layer, 0, ka, start, isa)
         self._store(layer, 1, va, start, isa)
-        self._run(layer, base, qa, oa, isa)
+        self._run(layer, self.seq_lens_array, qa, oa, isa)
+        if start + T > self.written[0]:
+            self.written[0] = start + T
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):

@@ -974,4 +974,15 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
                 np.zeros((2, 1), np.intp), q, q, 0)
         refused(ValueError, "isa must be in", int8.quantize, 0,
                 np.zeros((2, 1), np.intp), q, q, 99)
+        # the lengths attend_plain reads and writes: B rows, writable, intp
+        refused(RuntimeError, "call track", acc.attend_plain, 0, q, q, q, None, 0, False)
+        lens, ring, written = np.zeros(2, np.intp), np.zeros(2, np.intp), np.zeros(1, np.intp)
+        refused(ValueError, r"seq_lens must be a C-contiguous, writable intp array of shape "
+                r"\\(2,\\); got array\\(\\[0\\]\\)", acc.track, lens[:1], ring, written)
+        refused(ValueError, "ring must be", acc.track, lens, ring.astype(np.int32), written)
+        refused(ValueError, "written must be", acc.track, lens, ring, lens)
+        frozen = lens.copy()
+        frozen.flags.writeable = False
+        refused(ValueError, "seq_lens must be", acc.track, frozen, ring, written)
+        refused(RuntimeError, "call track", acc.lengths_unchanged)
     ''', tmp_path)

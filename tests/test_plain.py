@@ -58,8 +58,7 @@ def plain_inputs(rng, dtype, B, H, G, D, T, layout="model"):
 
 def try_plain(cache, layer, q, k, v, out=None, check_finite=False):
     """What the one-step path returns for this call (None: not plain)."""
-    return cache._accessor.attend_plain(layer, cache.seq_pos, cache._seq_lens, q, k, v, out,
-                                        kernel.current_isa(), check_finite)
+    return cache._accessor.attend_plain(layer, q, k, v, out, kernel.current_isa(), check_finite)
 
 
 def state(cache):
