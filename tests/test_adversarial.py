@@ -872,7 +872,11 @@ def test_lazy_reset_commits_no_untouched_page(tmp_path):
 # -- 10. kill -9 during save -----------------------------------------------------------------
 
 SLOW_SAVE = '''
+    import signal
     import kvarena.storage as storage
+    # Ctrl-C raises KeyboardInterrupt even where SIGINT came in ignored (a
+    # shell starts background jobs so, and Python then leaves it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cache = filled(B=1, S=4096, L=4, H=4, D=64, n=4000)       # a 31 MiB snapshot, in 8 blocks
     cache.save("snap.kva")
     real_crc32 = zlib.crc32
