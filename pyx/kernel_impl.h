@@ -207,17 +207,18 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
     }
 }
 
-/* acc += sum over r < n of p[r] * row r of `rows`. Up to four native
- * vectors of acc stay in registers for the whole run, each with two sums
- * (even and odd rows) so that no add waits on the one before; the rows
- * are read in order */
+/* acc += sum over r < n of p[r] * row r of `rows`, in lanes `from` .. D - 1.
+ * Up to four native vectors of acc stay in registers for the whole run,
+ * each with two sums (even and odd rows) so that no add waits on the one
+ * before; the rows are read in order. Every lane gets the same sums in
+ * the same order whichever loop below takes it */
 KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *rows,
-                                 ptrdiff_t n, ptrdiff_t D, int kind)
+                                 ptrdiff_t n, ptrdiff_t D, int kind, ptrdiff_t from)
 {
     typedef KV_FN(vec) vec;
     const ptrdiff_t W = KV_W;
 #define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
-    ptrdiff_t d = 0;
+    ptrdiff_t d = from;
     for (; d + 4 * W <= D; d += 4 * W) {
         vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
         ptrdiff_t r = 0;
@@ -261,6 +262,48 @@ KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *row
             e = KV_MULADD(p[r], KV_FN(load1)(rows, r * D + d, kind), e);
         acc[d] += e;
     }
+}
+
+/* accumulate for four queries that weigh the same n rows: acc[i] += the
+ * rows weighted by p[i], each row loaded once for the four. Two native
+ * vectors of each query's acc at a time (16 sums in registers); per query
+ * and lane the sums of accumulate, in its order: the same bits */
+KV_INLINE void KV_FN(accumulate4)(KV_REAL *const acc[4], const KV_REAL *const p[4],
+                                  const void *rows, ptrdiff_t n, ptrdiff_t D, int kind)
+{
+    typedef KV_FN(vec) vec;
+    const ptrdiff_t W = KV_W;
+#define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
+    ptrdiff_t d = 0;
+    for (; d + 2 * W <= D; d += 2 * W) {
+        vec e0[4] = {{0}}, e1[4] = {{0}}, o0[4] = {{0}}, o1[4] = {{0}};
+        ptrdiff_t r = 0;
+        for (; r + 2 <= n; r += 2) {
+            const vec a0 = KV_LD(r, 0), a1 = KV_LD(r, W), b0 = KV_LD(r + 1, 0),
+                      b1 = KV_LD(r + 1, W);
+            for (int i = 0; i < 4; i++) {
+                const KV_REAL pe = p[i][r], po = p[i][r + 1];
+                e0[i] += pe * a0;
+                e1[i] += pe * a1;
+                o0[i] += po * b0;
+                o1[i] += po * b1;
+            }
+        }
+        if (r < n) {
+            const vec a0 = KV_LD(r, 0), a1 = KV_LD(r, W);
+            for (int i = 0; i < 4; i++) {
+                e0[i] += p[i][r] * a0;
+                e1[i] += p[i][r] * a1;
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            *(vec *)(acc[i] + d) += e0[i] + o0[i];
+            *(vec *)(acc[i] + d + W) += e1[i] + o1[i];
+        }
+    }
+#undef KV_LD
+    /* the last vector and the last D mod W lanes: one query at a time */
+    for (int i = 0; i < 4; i++) KV_FN(accumulate)(acc[i], p[i], rows, n, D, kind, d);
 }
 
 /* a run of rows in consecutive slots, as the loops below read it: stored
@@ -351,17 +394,21 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
     for (int i = 0; i < 4; i++) best[i] = top[i];
 }
 
-/* acc += the n rows of a run weighted by p (`scaled`: by p times each row's scale) */
-KV_INLINE void KV_FN(accumulate_kind)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run,
-                                      ptrdiff_t n, ptrdiff_t D, int kind, int scaled)
+/* acc[i] += the n rows of a run weighted by p[i] for the k (1 or 4) queries
+ * (`scaled`: by p[i] times each row's scale) */
+KV_INLINE void KV_FN(accumulate_kind)(KV_REAL *const acc[4], const KV_REAL *const p[4],
+                                      const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
+                                      int kind, int scaled, int k)
 {
-    if (scaled) {
-        KV_REAL scaled[KV_BLK];
-        for (ptrdiff_t r = 0; r < n; r++) scaled[r] = p[r] * run->scale[r];
-        KV_FN(accumulate)(acc, scaled, run->rows, n, D, kind);
-    } else {
-        KV_FN(accumulate)(acc, p, run->rows, n, D, kind);
-    }
+    KV_REAL scaled_p[4][KV_BLK];
+    const KV_REAL *weight[4] = {p[0], p[1], p[2], p[3]};
+    if (scaled)
+        for (int i = 0; i < k; i++) {
+            for (ptrdiff_t r = 0; r < n; r++) scaled_p[i][r] = p[i][r] * run->scale[r];
+            weight[i] = scaled_p[i];
+        }
+    if (k == 4) KV_FN(accumulate4)(acc, weight, run->rows, n, D, kind);
+    else KV_FN(accumulate)(acc[0], weight[0], run->rows, n, D, kind, 0);
 }
 
 /* the n rows of a run into dst as the compute type (int8 rows unscaled:
@@ -433,17 +480,18 @@ static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)
     }
 }
 
-static void KV_FN(weigh)(KV_REAL *acc, const KV_REAL *p, const KV_FN(run) *run, ptrdiff_t n,
-                         ptrdiff_t D)
+/* weighted sums for k (1 or 4) queries that see the same n rows */
+static void KV_FN(weigh)(KV_REAL *const acc[4], const KV_REAL *const p[4],
+                         const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D, int k)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
-    case KV_F16: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_F16, 0); break;
-    case KV_I8: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_I8, 1); break;
+    case KV_F16: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_F16, 0, k); break;
+    case KV_I8: KV_FN(accumulate_kind)(acc, p, run, n, D, KV_I8, 1, k); break;
 #endif
     default:
-        if (run->scale) KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 1);
-        else KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 0);
+        if (run->scale) KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 1, k);
+        else KV_FN(accumulate_kind)(acc, p, run, n, D, KV_NATIVE, 0, k);
         break;
     }
 }
@@ -740,11 +788,19 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
             }
         }
 
-        /* 3. weighted sum of the values, each row read once for all Q queries */
+        /* 3. weighted sum of the values, each row read once for all Q queries
+         *    and loaded once for each four of them that see the same rows */
         const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
-        for (ptrdiff_t i = 0; i < Q; i++)
-            KV_FN(weigh)(acc + i * D, w + i * KV_BLK, &values,
-                         kv_seen(first + i / G, j0, n), D);
+        for (ptrdiff_t i = 0, k; i < Q; i += k) {
+            k = kv_pass_size(i, Q, G, first, j0, n, 1) == 4 ? 4 : 1;
+            KV_REAL *accs[4];
+            const KV_REAL *ps[4];
+            for (ptrdiff_t g = 0; g < 4; g++) {
+                accs[g] = acc + (i + kv_min(g, k - 1)) * D;
+                ps[g] = w + (i + kv_min(g, k - 1)) * KV_BLK;
+            }
+            KV_FN(weigh)(accs, ps, &values, kv_seen(first + i / G, j0, n), D, (int)k);
+        }
     }
 
     /* one chunk: normalise into out; several: keep (m, l, acc) for the merge */

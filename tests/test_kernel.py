@@ -153,6 +153,31 @@ def test_grouped_query_equals_keys_and_values_repeated(rng):
     assert grouped.arena.nbytes * G == repeated.arena.nbytes
 
 
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("D", [7, 48, 65])
+@pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
+def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
+    # four query heads of a K/V head share each key and value row's load (one
+    # score pass, one weighted sum; G = 5: four together, the fifth alone):
+    # each head's output is, bit for bit, what it gets from a cache holding
+    # its K/V head repeated, where it reads the rows alone
+    B, H, G, n = 2, 2, 5, 37
+    keys, values = rng.standard_normal((2, B, H, n, D))
+    q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, B, H, T, D))
+    grouped = KVCache(B, n + T, 1, H, D, dtype=dtype, num_threads=1)
+    repeated = KVCache(B, n + T, 1, G * H, D, dtype=dtype, num_threads=1)
+    grouped.update(0, keys, values)
+    repeated.update(0, *(np.repeat(a, G, axis=1) for a in (keys, values)))
+    for cache in (grouped, repeated):
+        cache.advance(n)
+    with forced_isa(isa):
+        got = grouped.attend(0, q, k, v)
+        want = repeated.attend(0, q, *(np.repeat(a, G, axis=1) for a in (k, v)))
+    assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_sink", [None, 2])
 @pytest.mark.parametrize("D", [7, 24, 64])
