@@ -367,11 +367,13 @@ cdef class ArenaAccessor:
             return None
         if self._unsafe_block(ka, check_finite) or self._unsafe_block(va, check_finite):
             return None
+        # the written end first: reset() must wipe what is stored even if a
+        # store or the kernel then raises (a scratch allocation failing)
+        if start + T > self.written[0]:
+            self.written[0] = start + T
         self._store(layer, 0, ka, start, isa)
         self._store(layer, 1, va, start, isa)
         self._run(layer, self.seq_lens_array, qa, oa, isa)
-        if start + T > self.written[0]:
-            self.written[0] = start + T
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):

@@ -566,6 +566,27 @@ def test_huge_and_odd_sizes_are_clear_errors(tmp_path):
     ''', tmp_path)
 
 
+def test_reset_wipes_what_an_attend_that_ran_out_of_memory_stored(tmp_path):
+    # the kernel's scratch cannot be had (a huge head_dim under an address-space
+    # limit): attend raises after storing k and v, and reset() still wipes them
+    run('''
+        wide = KVCache(1, 4, 1, 1, 1 << 20)            # 32 MiB; the kernel wants ~270 MiB more
+        x = np.ones((1, 1, 1, 1 << 20), np.float32)
+        vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (100 << 20), resource.RLIM_INFINITY))
+        try:
+            wide.attend(0, x, x, x)
+        except MemoryError:
+            pass
+        else:
+            raise AssertionError("the kernel's scratch was expected to fail under the limit")
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+        assert wide._arena.any(), "attend was expected to store k and v before the kernel"
+        wide.reset()
+        assert not wide._arena.any(), "reset() left what a failed attend stored"
+    ''', tmp_path)
+
+
 # -- 5. full and read-only filesystems -----------------------------------------------
 
 FULL_DISK = textwrap.dedent('''
