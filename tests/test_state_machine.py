@@ -351,7 +351,10 @@ def test_statistics():
         print(f"  {outcome:28} {count}")
     assert STATS["examples"] >= MAX_EXAMPLES
     assert STATS["longest_run"] >= STEPS - 1
-    assert STATS["max_seq_pos"] == 8
+    # some cache was filled to its max_seq_len (which examples draw from 1 to 8:
+    # one fresh-clone run filled 259 caches, none of them of 8, so "seq_pos
+    # reached 8" failed by chance)
+    assert STATS["full"] > 0
     assert STATS["evictions"] > 0
     for name in ("update", "advance", "advance per row", "get", "get row", "attend", "reorder",
                  "copy_sequence", "crop"):
