@@ -207,6 +207,26 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
     }
 }
 
+/* the k queries q[i] as the dot products are to read them (query[i]).
+ * With D = 4W as a constant (score and score4 compile it so: 64 floats on
+ * AVX-512) each is 4 vectors, copied into `held`, which the compiler keeps
+ * in registers for a whole pass over the rows; read from q, a query is
+ * loaded again for every row (a store to the scores could change q, as far
+ * as the compiler knows). For four queries that is 20 vector loads per row
+ * instead of 4, more than the CPU's load ports take in the time of the 16
+ * multiply-adds */
+KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) held[][4],
+                           const KV_REAL *query[])
+{
+    for (int i = 0; i < k; i++) {
+        query[i] = q[i];
+        if (D == 4 * KV_W) {
+            for (int j = 0; j < 4; j++) held[i][j] = *(const KV_FN(vec) *)(q[i] + j * KV_W);
+            query[i] = (const KV_REAL *)held[i];
+        }
+    }
+}
+
 /* acc += sum over r < n of p[r] * row r of `rows`, in lanes `from` .. D - 1.
  * Up to four native vectors of acc stay in registers for the whole run,
  * each with two sums (even and odd rows) so that no add waits on the one
@@ -350,6 +370,9 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
+    KV_FN(vec) held[1][4];
+    const KV_REAL *query;
+    KV_FN(hold)(&q, 1, D, held, &query);
     for (ptrdiff_t r = 0; r < n; r++) {
         if (r == ask) {
             kv_ask(ahead, r);
@@ -359,11 +382,11 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
         const void *row = (const char *)run->rows + r * stride;
 #if !KV_DOUBLE
         if (rotated)
-            w[r] = KV_FN(dot_rotated)(q, row, D, kind, run->cos + r * (D / 2),
+            w[r] = KV_FN(dot_rotated)(query, row, D, kind, run->cos + r * (D / 2),
                                       run->sin + r * (D / 2)) * f;
         else
 #endif
-            w[r] = KV_FN(dot)(q, row, D, kind) * f;
+            w[r] = KV_FN(dot)(query, row, D, kind) * f;
         best = w[r] > best ? w[r] : best;
     }
     return best;
@@ -378,6 +401,9 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
     KV_FN(four) top = {best[0], best[1], best[2], best[3]};
+    KV_FN(vec) held[4][4];
+    const KV_REAL *query[4];
+    KV_FN(hold)(q, 4, D, held, query);
     for (ptrdiff_t r = 0; r < n; r++) {
         if (r == ask) {
             kv_ask(ahead, r);
@@ -385,7 +411,7 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
         }
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
         KV_FN(four) s;
-        KV_FN(dot4)(q, (const char *)run->rows + r * stride, D, kind, &s);
+        KV_FN(dot4)(query, (const char *)run->rows + r * stride, D, kind, &s);
         s *= f;
         for (int i = 0; i < 4; i++) w[i][r] = s[i];
         const __typeof__(s > top) larger = s > top;        /* the lanes of s to keep */
@@ -426,8 +452,9 @@ KV_INLINE void KV_FN(convert_kind)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_
 }
 
 /* the three above for a run's storage type: one branch per run, none per row */
-static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
-                            KV_REAL scale, KV_REAL *w, KV_REAL best, const kv_ahead *ahead)
+KV_INLINE KV_REAL KV_FN(score_d)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
+                                 ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
+                                 const kv_ahead *ahead)
 {
 #if !KV_DOUBLE
     if (run->cos) {             /* keys rotated in the dot product: stored ones only */
@@ -450,12 +477,20 @@ static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n
     }
 }
 
+/* score_d, with D = 4W compiled as a constant (see hold) */
+static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
+                            KV_REAL scale, KV_REAL *w, KV_REAL best, const kv_ahead *ahead)
+{
+    if (D == 4 * KV_W) return KV_FN(score_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
+    return KV_FN(score_d)(q, run, n, D, scale, w, best, ahead);
+}
+
 /* score for four queries, over a run whose keys are not rotated in the dot
  * product. Float16 and int8 runs reach it read in place only when
  * KV_CONVERT_FROM is built above 2 (four queries share a converted tile) */
-static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
-                          ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
-                          const kv_ahead *ahead)
+KV_INLINE void KV_FN(score4_d)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
+                               ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
+                               const kv_ahead *ahead)
 {
     switch (run->kind) {
 #if !KV_DOUBLE
@@ -467,6 +502,15 @@ static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrd
         else KV_FN(score4_kind)(q, run, n, D, scale, w, best, ahead, KV_NATIVE, 0);
         break;
     }
+}
+
+/* score4_d, with D = 4W compiled as a constant (see hold) */
+static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
+                          ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
+                          const kv_ahead *ahead)
+{
+    if (D == 4 * KV_W) KV_FN(score4_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
+    else KV_FN(score4_d)(q, run, n, D, scale, w, best, ahead);
 }
 
 static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)

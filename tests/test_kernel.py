@@ -71,6 +71,11 @@ CASES = [  # B, H, G, D, S, cached per row, T
     (1, 1, 4, 256, 71, [69], 1),
     (2, 1, 6, 7, 75, [40, 3], 2),            # a score pass for four heads, then one each
     (3, 2, 2, 64, 201, [130, 7, 66], 70),   # several query tiles, blocks that wrap none
+    # D = four vectors, where a pass holds its queries in registers: float
+    # compute 16, 32, 64 (baseline, AVX2, AVX-512), a float64 arena's 8, 16, 32
+    (2, 2, 4, 32, 71, [40, 13], 1),
+    (1, 2, 5, 16, 45, [43], 2),
+    (2, 1, 1, 8, 30, [29, 3], 1),
 ]
 
 
@@ -155,13 +160,15 @@ def test_grouped_query_equals_keys_and_values_repeated(rng):
 
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("D", [7, 48, 65])
+@pytest.mark.parametrize("D", [7, 8, 16, 32, 48, 64, 65])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
 def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
     # four query heads of a K/V head share each key and value row's load (one
     # score pass, one weighted sum; G = 5: four together, the fifth alone):
     # each head's output is, bit for bit, what it gets from a cache holding
-    # its K/V head repeated, where it reads the rows alone
+    # its K/V head repeated, where it reads the rows alone (four at a time,
+    # the last of 37 repeated). D = 8 .. 64 include each instruction set's
+    # four vectors, where both hold their queries in registers
     B, H, G, n = 2, 2, 5, 37
     keys, values = rng.standard_normal((2, B, H, n, D))
     q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
