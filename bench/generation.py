@@ -178,13 +178,16 @@ def bench_config(name, counts, args, progress, max_runs):
         with MachineLoad() as load:
             # the two cached runs timed on their own: beside an uncached run
             # of seconds, a budget of rounds leaves them two samples each; and
-            # at least five rounds, since their ratio is taken round by round;
-            # short runs take up to five times the uncached rounds: the host's
-            # speed flips within a second, and with seven rounds rows of short
-            # runs read 1.06-1.07 (run V: small N = 200, large N = 10)
+            # at least 2 * max_runs - 1 rounds (9; 5 with --quick), since their
+            # ratio is taken round by round: single rounds of runs of 0.2-0.4 s
+            # read 0.84-1.33, and with five such rounds rows read 1.11 and 1.14
+            # (run AC: small N = 500, 1000); short runs take up to five times
+            # the uncached rounds: the host's speed flips within a second, and
+            # with seven rounds rows of short runs read 1.06-1.07 (run V: small
+            # N = 200, large N = 10)
             times, tokens, runs = time_runs({m: generator(model, n, m) for m in modes[-2:]},
                                             max_runs=5 * max_runs, run_budget=2.0, retries=2,
-                                            min_runs=5)
+                                            min_runs=2 * max_runs - 1)
             pairs = runs.pop("rounds")
             if modes[0] == "uncached":
                 slow, slow_tokens, slow_runs = time_runs(
@@ -232,7 +235,7 @@ def generation_table(result):
     notes = [f"greedy, prompt of {len(result['prompt'])} tokens, batch 1, float32; BLAS threads: "
              f"{result['blas']}",
              "speedup = uncached s / cached s; medians of up to 5 uncached runs (3 with --quick), "
-             "and of 5 to 25 (15) rounds of the two cached runs, as many as 2 s hold, each "
+             "and of 9 to 25 (5 to 15) rounds of the two cached runs, as many as 2 s hold, each "
              "run in turn, the order reversed every other round",
              "cached = generate(use_cache=True) with enable_kv_cache(model, num_threads=1); "
              "cached 2thr = with num_threads=2",
