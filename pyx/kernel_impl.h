@@ -159,6 +159,28 @@ KV_INLINE float KV_FN(max_lanes)(KV_FN(vec) v)
 }
 #endif
 
+/* c + a * b, lane by lane, rounded once where the instruction set fuses
+ * it. Written out for the dot products, whose first two steps compute
+ * q0 * k0 + q2 * k2: left to the compiler, which of the two products it
+ * fuses can differ between dot and dot4, or between two builds, once a
+ * constant D unrolls the loop (the sum starting at 0 folds away), and a
+ * query must get the same bits alone and with three others. The x86-64
+ * baseline has no fused multiply-add, so nothing to choose there */
+KV_INLINE KV_FN(vec) KV_FN(muladd)(KV_FN(vec) a, KV_FN(vec) b, KV_FN(vec) c)
+{
+#if KV_HAVE_X86 && KV_VBYTES == 64 && KV_DOUBLE
+    return (KV_FN(vec))_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif KV_HAVE_X86 && KV_VBYTES == 64
+    return (KV_FN(vec))_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif KV_HAVE_X86 && KV_VBYTES == 32 && KV_DOUBLE
+    return (KV_FN(vec))_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#elif KV_HAVE_X86 && KV_VBYTES == 32
+    return (KV_FN(vec))_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return c + a * b;
+#endif
+}
+
 /* dot product of q with one stored row, in registers: two vector sums,
  * then a tree of the lanes */
 KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind)
@@ -167,11 +189,11 @@ KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int
     vec s0 = {0}, s1 = {0};
     ptrdiff_t d = 0;
     for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
-        s0 += *(const vec *)(q + d) * KV_FN(load)(row, d, kind);
-        s1 += *(const vec *)(q + d + KV_W) * KV_FN(load)(row, d + KV_W, kind);
+        s0 = KV_FN(muladd)(*(const vec *)(q + d), KV_FN(load)(row, d, kind), s0);
+        s1 = KV_FN(muladd)(*(const vec *)(q + d + KV_W), KV_FN(load)(row, d + KV_W, kind), s1);
     }
     if (d + KV_W <= D) {
-        s0 += *(const vec *)(q + d) * KV_FN(load)(row, d, kind);
+        s0 = KV_FN(muladd)(*(const vec *)(q + d), KV_FN(load)(row, d, kind), s0);
         d += KV_W;
     }
     KV_REAL s = KV_FN(sum_lanes)(s0 + s1);
@@ -190,13 +212,13 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
     for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
         const vec k0 = KV_FN(load)(row, d, kind), k1 = KV_FN(load)(row, d + KV_W, kind);
         for (int i = 0; i < 4; i++) {
-            even[i] += *(const vec *)(q[i] + d) * k0;
-            odd[i] += *(const vec *)(q[i] + d + KV_W) * k1;
+            even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0, even[i]);
+            odd[i] = KV_FN(muladd)(*(const vec *)(q[i] + d + KV_W), k1, odd[i]);
         }
     }
     if (d + KV_W <= D) {
         const vec k0 = KV_FN(load)(row, d, kind);
-        for (int i = 0; i < 4; i++) even[i] += *(const vec *)(q[i] + d) * k0;
+        for (int i = 0; i < 4; i++) even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0, even[i]);
         d += KV_W;
     }
     for (int i = 0; i < 4; i++) even[i] += odd[i];
@@ -210,11 +232,12 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
 /* the k queries q[i] as the dot products are to read them (query[i]).
  * With D = 4W as a constant (score and score4 compile it so: 64 floats on
  * AVX-512) each is 4 vectors, copied into `held`, which the compiler keeps
- * in registers for a whole pass over the rows; read from q, a query is
- * loaded again for every row (a store to the scores could change q, as far
- * as the compiler knows). For four queries that is 20 vector loads per row
- * instead of 4, more than the CPU's load ports take in the time of the 16
- * multiply-adds */
+ * in registers for a whole pass over the rows (on AVX-512, with 32 of
+ * them; AVX2 and the baseline have 16 and spill some, measured no slower);
+ * read from q, a query is loaded again for every row (a store to the
+ * scores could change q, as far as the compiler knows). For four queries
+ * that is 20 vector loads per row instead of 4, more than Zen 4's load
+ * ports take in the time of the 16 multiply-adds */
 KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) held[][4],
                            const KV_REAL *query[])
 {
