@@ -165,7 +165,8 @@ KV_INLINE float KV_FN(max_lanes)(KV_FN(vec) v)
  * fuses can differ between dot and dot4, or between two builds, once a
  * constant D unrolls the loop (the sum starting at 0 folds away), and a
  * query must get the same bits alone and with three others. The x86-64
- * baseline has no fused multiply-add, so nothing to choose there */
+ * baseline has no fused multiply-add, so nothing to choose there (other
+ * CPUs build only that variant, and there the compiler may fuse) */
 KV_INLINE KV_FN(vec) KV_FN(muladd)(KV_FN(vec) a, KV_FN(vec) b, KV_FN(vec) c)
 {
 #if KV_HAVE_X86 && KV_VBYTES == 64 && KV_DOUBLE
