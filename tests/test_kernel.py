@@ -166,9 +166,9 @@ def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
     # four query heads of a K/V head share each key and value row's load (one
     # score pass, one weighted sum; G = 5: four together, the fifth alone):
     # each head's output is, bit for bit, what it gets from a cache holding
-    # its K/V head repeated, where it reads the rows alone (four at a time,
-    # the last of 37 repeated). D = 8 .. 64 include each instruction set's
-    # four vectors, where both hold their queries in registers
+    # its K/V head repeated, where it reads the rows alone. D = 8 .. 64
+    # include each instruction set's four vectors, where both passes hold
+    # their queries in registers
     B, H, G, n = 2, 2, 5, 37
     keys, values = rng.standard_normal((2, B, H, n, D))
     q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
