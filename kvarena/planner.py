@@ -17,8 +17,10 @@ cache that rotates inside (``rope_theta``) adds two float32
 in ``batch_size * max_seq_len`` (up to those 63 bytes of padding; the
 tables in ``max_seq_len``), so the largest batch or context that fits a
 memory budget has a closed form. The attention kernel keeps no buffer
-per cache: its working memory is a few kilobytes per thread (queries,
-accumulators and a 32-row tile) plus, for a long row split across threads,
+per cache: its working memory, per thread, is the queries, accumulators
+and scores of a call and room for a 256-row tile of keys and one of values
+(128 KiB at head_dim 64 in float32; touched only where rows are converted)
+plus, for a long row split across threads,
 ``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
 module imports nothing from ``kvarena.cache``; the two must agree, and the
 tests check it.

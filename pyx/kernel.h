@@ -35,9 +35,18 @@
 enum { KV_F16 = 0, KV_F32 = 1, KV_F64 = 2, KV_I8 = 3 };            /* storage types */
 enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instruction sets */
 
-#ifndef KV_BLK
-#define KV_BLK 32   /* rows per block: a float32 K and V tile of D = 64 is 16 KiB */
-#endif
+/* rows per block. The kernel reads a block of keys, then the same rows of
+ * values, so K and V alternate every block. At 32 rows (8 KiB of each at
+ * D = 64, float32) a call out of cache slowed by up to 3x whenever the
+ * host slowed memory by 30% (the read floor and the plain C loop: 30%);
+ * 1 thread, 8 x 12 x 1024, floor/kvarena over ~2,000 calls, p50 / p25 /
+ * p10: 0.65-0.78, 0.39-0.42, 0.35-0.36 at 32 rows; 0.78-0.79, 0.75,
+ * 0.71-0.72 at 256 (the C loop: 0.67, 0.64, 0.62); 64 and 128 between.
+ * In L2, 256 rows took 0.82-0.89x the time of 32. A call that asks for
+ * each next block itself (kv_prefetch, Intel cores) keeps blocks of 32,
+ * the distance measured there */
+#define KV_BLK 256
+#define KV_BLK_ASKED 32
 #ifndef KV_CONVERT_FROM
 /* queries sharing a block from which float16 and int8 rows are converted
  * once into a tile rather than read in place. Measured (1 thread, 8 K/V
@@ -80,6 +89,8 @@ typedef struct {
     const kv_query *q;
     ptrdiff_t G, Tq, n_qtiles, n_chunks, chunk_len;
     void *partial;               /* n_chunks > 1: (B, Hq, T, n_chunks, 2 + D) */
+    int ask;                     /* ask for each next block ahead (kv_prefetch) */
+    ptrdiff_t blk;               /* rows per block: KV_BLK_ASKED if ask, else KV_BLK */
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
@@ -341,7 +352,9 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     /* no more threads than the pool has; 4 * threads must not overflow */
     const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
     const int dbl = c->dtype == KV_F64;
-    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL};
+    /* read once per call, so that every item cuts the same blocks */
+    const int ask = kv_prefetch;
+    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, ask ? KV_BLK_ASKED : KV_BLK};
     ptrdiff_t longest = 0;
     for (ptrdiff_t b = 0; b < c->B; b++)
         if (q->base[b] + q->T > longest) longest = q->base[b] + q->T;
@@ -355,7 +368,7 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
         job.n_chunks = kv_min((4 * threads + units - 1) / units, (longest + 255) / 256);
     if (job.n_chunks < 1) job.n_chunks = 1;
     job.chunk_len = (longest + job.n_chunks - 1) / job.n_chunks;
-    job.chunk_len = (job.chunk_len + KV_BLK - 1) / KV_BLK * KV_BLK;
+    job.chunk_len = (job.chunk_len + job.blk - 1) / job.blk * job.blk;
     job.n_chunks = (longest + job.chunk_len - 1) / job.chunk_len;
 
     const size_t real = dbl ? sizeof(double) : sizeof(float);

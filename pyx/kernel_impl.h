@@ -755,7 +755,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
 {
     const kv_layer *c = job->c;
     const kv_query *q = job->q;
-    const ptrdiff_t D = c->D, G = job->G, chunk = item % job->n_chunks;
+    const ptrdiff_t D = c->D, G = job->G, chunk = item % job->n_chunks, blk = job->blk;
     const ptrdiff_t qtile = (item / job->n_chunks) % job->n_qtiles;
     const ptrdiff_t bh = item / (job->n_chunks * job->n_qtiles), b = bh / c->H, h = bh % c->H;
     const ptrdiff_t t0 = qtile * job->Tq, nt = kv_min(job->Tq, q->T - t0), Q = G * nt;
@@ -767,10 +767,10 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
      * each from a 64-byte boundary (kv_scratch's is one): a tile vector
      * split across two cache lines costs every store and load, and the
      * forwarding of each converted row from its store to the dot */
-    const ptrdiff_t tile = kv_round64(KV_BLK * D * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    const ptrdiff_t tile = kv_round64(blk * D * sizeof(KV_REAL)) / sizeof(KV_REAL);
     const ptrdiff_t rows = kv_round64(Q * D * sizeof(KV_REAL)) / sizeof(KV_REAL);
     const ptrdiff_t per_query = kv_round64(Q * sizeof(KV_REAL)) / sizeof(KV_REAL);
-    const ptrdiff_t scores = kv_round64(Q * KV_BLK * sizeof(KV_REAL)) / sizeof(KV_REAL);
+    const ptrdiff_t scores = kv_round64(Q * blk * sizeof(KV_REAL)) / sizeof(KV_REAL);
     KV_REAL *mem = (KV_REAL *)kv_scratch(sizeof(KV_REAL) *
                                          (2 * tile + 2 * rows + 2 * per_query + scores));
     if (!mem) return -1;
@@ -801,8 +801,8 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     KV_REAL dropped[KV_BLK];
 
     /* iterate over the positions [lo, hi): cached ones, then causal in the block */
-    for (ptrdiff_t j0 = lo; j0 < hi; j0 += KV_BLK) {
-        const ptrdiff_t n = kv_min(KV_BLK, hi - j0);
+    for (ptrdiff_t j0 = lo; j0 < hi; j0 += blk) {
+        const ptrdiff_t n = kv_min(blk, hi - j0);
         const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
         /* score passes: three or four queries that see the same rows share
          * one, which loads each key row once for them; else one per query
@@ -811,13 +811,13 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         const int grouped = keys.cos == NULL;
         const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
         /* the next block's rows: each score pass asks for a share */
-        const int ask = kv_prefetch && j0 + KV_BLK < hi;
+        const int ask = job->ask && j0 + blk < hi;
         kv_ahead next = {0};
         if (ask) {
             ptrdiff_t passes = 0;
             for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j0, n, grouped))
                 passes++;
-            next = kv_ahead_of(c, b, h, j0 + KV_BLK, kv_min(KV_BLK, hi - j0 - KV_BLK), passes);
+            next = kv_ahead_of(c, b, h, j0 + blk, kv_min(blk, hi - j0 - blk), passes);
         }
 
         /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
@@ -829,7 +829,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
             KV_REAL best[4];
             next.first = pass;
             if (k == 1) {
-                best[0] = KV_FN(score)(qv + i * D, &keys, seen, D, scale, w + i * KV_BLK, m[i],
+                best[0] = KV_FN(score)(qv + i * D, &keys, seen, D, scale, w + i * blk, m[i],
                                        ask ? &next : NULL);
             } else {        /* fewer than four: the last one again, its scores dropped */
                 const KV_REAL *qs[4];
@@ -837,14 +837,14 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
                 for (ptrdiff_t g = 0; g < 4; g++) {
                     const ptrdiff_t at = i + kv_min(g, k - 1);
                     qs[g] = qv + at * D;
-                    ws[g] = g < k ? w + at * KV_BLK : dropped;
+                    ws[g] = g < k ? w + at * blk : dropped;
                     best[g] = m[at];
                 }
                 KV_FN(score4)(qs, &keys, seen, D, scale, ws, best, ask ? &next : NULL);
             }
             for (ptrdiff_t g = 0; g < k; g++, i++) {
                 /* 2. softmax weights, max-subtracted for stability */
-                const KV_REAL total = KV_FN(softmax_weights)(w + i * KV_BLK, seen, best[g]);
+                const KV_REAL total = KV_FN(softmax_weights)(w + i * blk, seen, best[g]);
                 if (best[g] > m[i]) {
                     const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best[g]);
                     l[i] *= shrink;
@@ -865,7 +865,7 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
             const KV_REAL *ps[4];
             for (ptrdiff_t g = 0; g < 4; g++) {
                 accs[g] = acc + (i + kv_min(g, k - 1)) * D;
-                ps[g] = w + (i + kv_min(g, k - 1)) * KV_BLK;
+                ps[g] = w + (i + kv_min(g, k - 1)) * blk;
             }
             KV_FN(weigh)(accs, ps, &values, kv_seen(first + i / G, j0, n), D, (int)k);
         }

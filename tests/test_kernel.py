@@ -76,6 +76,9 @@ CASES = [  # B, H, G, D, S, cached per row, T
     (2, 2, 4, 32, 71, [40, 13], 1),
     (1, 2, 5, 16, 45, [43], 2),
     (2, 1, 1, 8, 30, [29, 3], 1),
+    # past a block of 256 rows (without prefetch; with it, blocks are 32)
+    (2, 1, 2, 64, 600, [599, 256], 1),
+    (1, 2, 1, 7, 530, [300], 5),
 ]
 
 
