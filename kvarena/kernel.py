@@ -87,8 +87,9 @@ def forced_isa(name):
 def forced_prefetch(on):
     """Ask (``on`` true) or do not ask for the next block ahead inside the block.
 
-    For tests and benchmarks: every cache in the process is affected, and
-    results do not change, only speed.
+    For tests and benchmarks: every cache in the process is affected. A
+    call that asks reads blocks of 32 rows (else up to 256), so the last
+    bits of its results can differ; both are held to the reference.
     """
     saved = _arena.prefetch()
     _arena.set_prefetch(bool(on))

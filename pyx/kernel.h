@@ -42,11 +42,16 @@ enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instructio
  * 1 thread, 8 x 12 x 1024, floor/kvarena over ~2,000 calls, p50 / p25 /
  * p10: 0.65-0.78, 0.39-0.42, 0.35-0.36 at 32 rows; 0.78-0.79, 0.75,
  * 0.71-0.72 at 256 (the C loop: 0.67, 0.64, 0.62); 64 and 128 between.
- * In L2, 256 rows took 0.82-0.89x the time of 32. A call that asks for
- * each next block itself (kv_prefetch, Intel cores) keeps blocks of 32,
- * the distance measured there */
+ * In L2, 256 rows took 0.82-0.89x the time of 32. So a block holds
+ * KV_BLK_BYTES of keys, within [KV_BLK_ASKED, KV_BLK] rows (a huge head_dim
+ * keeps 32-row tiles, as before). A call that asks for each next block
+ * itself (kv_prefetch, Intel cores) keeps blocks of 32 rows, the distance
+ * measured there */
+#define KV_BLK_BYTES (64 << 10)
 #define KV_BLK 256
 #define KV_BLK_ASKED 32
+_Static_assert(KV_BLK_ASKED <= KV_BLK, "the stack arrays are sized for KV_BLK rows");
+
 #ifndef KV_CONVERT_FROM
 /* queries sharing a block from which float16 and int8 rows are converted
  * once into a tile rather than read in place. Measured (1 thread, 8 K/V
@@ -94,6 +99,7 @@ typedef struct {
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static inline ptrdiff_t kv_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
 static inline ptrdiff_t kv_round64(ptrdiff_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* position map: the slot of logical position pos in row b */
@@ -354,7 +360,9 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     const int dbl = c->dtype == KV_F64;
     /* read once per call, so that every item cuts the same blocks */
     const int ask = kv_prefetch;
-    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, ask ? KV_BLK_ASKED : KV_BLK};
+    const ptrdiff_t fit = KV_BLK_BYTES / (c->D * kv_elem_bytes[c->dtype]);
+    const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
+    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, blk};
     ptrdiff_t longest = 0;
     for (ptrdiff_t b = 0; b < c->B; b++)
         if (q->base[b] + q->T > longest) longest = q->base[b] + q->T;

@@ -161,18 +161,20 @@ def test_grouped_query_equals_keys_and_values_repeated(rng):
     assert grouped.arena.nbytes * G == repeated.arena.nbytes
 
 
+@PREFETCH
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("D", [7, 8, 16, 32, 48, 64, 65])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
+def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, prefetch, rng):
     # four query heads of a K/V head share each key and value row's load (one
     # score pass, one weighted sum; G = 5: four together, the fifth alone):
     # each head's output is, bit for bit, what it gets from a cache holding
     # its K/V head repeated, where it reads the rows alone. D = 8 .. 64
     # include each instruction set's four vectors, where both passes hold
-    # their queries in registers
-    B, H, G, n = 2, 2, 5, 37
+    # their queries in registers. 300 positions: past the first block
+    # (256 rows at most; 32 with prefetch)
+    B, H, G, n = 2, 2, 5, 300
     keys, values = rng.standard_normal((2, B, H, n, D))
     q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
     k, v = rng.standard_normal((2, B, H, T, D))
@@ -182,33 +184,35 @@ def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
     repeated.update(0, *(np.repeat(a, G, axis=1) for a in (keys, values)))
     for cache in (grouped, repeated):
         cache.advance(n)
-    with forced_isa(isa):
+    with forced_isa(isa), forced_prefetch(prefetch):
         got = grouped.attend(0, q, k, v)
         want = repeated.attend(0, q, *(np.repeat(a, G, axis=1) for a in (k, v)))
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
+@PREFETCH
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_sink", [None, 2])
 @pytest.mark.parametrize("D", [7, 24, 64])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, rng):
+def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, prefetch,
+                                                            rng):
     # one query per K/V head reads float16 and int8 rows in place, in
     # registers; five share a converted copy of each block, four of them
     # in one pass over the keys and the fifth alone. A query's result must
     # not depend on which: five identical query heads per K/V head give,
     # bit for bit, the result of one. D = 7 and 24 end in lanes short of a
     # vector. With a window the ring has wrapped, so some blocks straddle
-    # its end
+    # its end. 300 positions: past the first block (256 rows at most)
     B, H, G = 2, 3, 5
-    S = 200 if n_sink is None else 75
+    S = 320 if n_sink is None else 275
     cache = KVCache(B, S, 1, H, D, dtype=dtype, n_sink=n_sink)
     for _ in range(3):
-        k, v = rng.standard_normal((2, B, H, 40, D))
+        k, v = rng.standard_normal((2, B, H, 100, D))
         cache.update(0, k, v)
-        cache.advance(40)
+        cache.advance(100)
     q, k, v = rng.standard_normal((B, H, 1, D)), *rng.standard_normal((2, B, H, 1, D))
-    with forced_isa(isa):
+    with forced_isa(isa), forced_prefetch(prefetch):
         one = cache.attend(0, q, k, v)
         shared = cache.attend(0, np.repeat(q, G, axis=1), k, v)
     assert np.repeat(one, G, axis=1).tobytes() == shared.tobytes()
