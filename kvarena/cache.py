@@ -26,6 +26,7 @@ import numpy as np
 from kvarena import kernel, storage
 from kvarena.checks import (as_ndarray, check_bool, check_int, check_path, check_positive,
                             check_real, check_storage_dtype, check_threads)
+from kvarena.planner import ARENA_ALIGN
 
 try:
     from kvarena import _arena
@@ -831,7 +832,9 @@ class KVCache:
             share of the capacity, ``seq_pos / max_seq_len`` when rows are
             equal) and ``dtype`` (its name). ``total_bytes`` is the arena's
             whole allocation: for int8, ``scale_bytes`` of scales included
-            (``scale_bytes`` is 0 for a float cache). A file-backed cache adds
+            (``scale_bytes`` is 0 for a float cache), and in memory the 63
+            bytes in which the arena moves to a 64-byte boundary (see
+            ``footprint``). A file-backed cache adds
             ``path`` and ``resident_bytes``: how much of the mapped arena
             this process has in memory now (None where the OS does not
             tell). ``rope_bytes``: the rotary tables (0 without
@@ -840,7 +843,8 @@ class KVCache:
         """
         rope_bytes = 0 if self.rope_theta is None else 2 * self._rope_cos.nbytes
         arena_bytes = storage.arena_bytes(self._arena.shape, self.dtype)   # with int8 scales
-        total_bytes = arena_bytes + rope_bytes
+        room = 0 if self.path is not None else ARENA_ALIGN - 1     # see storage.new_arena
+        total_bytes = arena_bytes + room + rope_bytes
         utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
         usage = {
             "total_bytes": total_bytes,

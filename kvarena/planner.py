@@ -39,6 +39,10 @@ _MEMINFO = "/proc/meminfo"
 SCALE_DTYPE = np.dtype(np.float32)
 #: where an int8 arena's scales start in its buffer: the next multiple of this
 SCALE_ALIGN = 64
+#: an in-memory arena starts on a multiple of this many bytes, so that a row's
+#: vectors never straddle two cache lines (NumPy's large allocations start 16
+#: bytes past a page); its buffer is ARENA_ALIGN - 1 bytes longer to find one
+ARENA_ALIGN = 64
 
 
 def arena_layout(shape, dtype):
@@ -82,8 +86,11 @@ class Footprint:
         The key/value data (for int8, the int8 values alone).
     total_bytes : int
         Everything the cache holds that grows with its configuration: the
-        one arena buffer (``arena_bytes``, and for int8 up to 63 bytes of
-        padding and ``scale_bytes``) and ``rope_bytes``.
+        one arena buffer (``arena_bytes``; for int8 up to 63 bytes of
+        padding and ``scale_bytes``; and 63 bytes of room, ``ARENA_ALIGN -
+        1``, in which the arena moves to start on a 64-byte boundary) and
+        ``rope_bytes``. A file-backed arena maps the file instead and needs
+        no room: its cache holds 63 bytes fewer.
     scale_bytes : int
         int8 only: one float32 scale per stored D-vector (0 otherwise).
     rope_bytes : int
@@ -162,7 +169,7 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     data, offset, total = arena_layout(shape, dt)
     tables = _rope_bytes(max_seq_len, head_dim, rope)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, data, total + tables, total - offset, tables)
+                     dt.name, data, total + ARENA_ALIGN - 1 + tables, total - offset, tables)
 
 
 def available_memory():

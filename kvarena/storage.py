@@ -60,7 +60,7 @@ import zlib
 import numpy as np
 
 from kvarena.checks import DTYPE_NAMES, SUPPORTED_DTYPES, check_int
-from kvarena.planner import SCALE_DTYPE, arena_layout, available_memory
+from kvarena.planner import ARENA_ALIGN, SCALE_DTYPE, arena_layout, available_memory
 
 try:
     import fcntl
@@ -121,8 +121,10 @@ def new_arena(shape, dtype, lazy):
     """A zeroed in-memory arena ``(arena, scales)``; unless ``lazy``, with
     every page touched now.
 
-    One allocation: for int8, the data and its scales are views of one
-    buffer (``arena_views``); ``scales`` is None for a float arena.
+    One allocation, ``ARENA_ALIGN - 1`` bytes longer than the arena, which
+    starts in it on a multiple of ``ARENA_ALIGN``. For int8, the data and
+    its scales are views of one buffer (``arena_views``); ``scales`` is
+    None for a float arena.
 
     Raises
     ------
@@ -132,23 +134,26 @@ def new_arena(shape, dtype, lazy):
         swapping or in the kernel's OOM killer, not in an exception.
     """
     nbytes = arena_bytes(shape, dtype)
+    room = nbytes + ARENA_ALIGN - 1
     if not lazy:
         try:
             available = available_memory()
         except OSError:
             available = None
-        if available is not None and nbytes > available:
+        if available is not None and room > available:
             raise MemoryError(f"an eager arena of shape {tuple(shape)} and dtype {dtype.name} "
-                              f"needs {nbytes} bytes, more than the {available} bytes of "
+                              f"needs {room} bytes, more than the {available} bytes of "
                               f"memory available now; use a smaller cache or lazy=True")
     try:
         if lazy:
-            buffer = np.zeros(nbytes, dtype=np.uint8)   # calloc: pages come on first touch
+            buffer = np.zeros(room, dtype=np.uint8)     # calloc: pages come on first touch
         else:
-            buffer = np.empty(nbytes, dtype=np.uint8)
+            buffer = np.empty(room, dtype=np.uint8)
     except MemoryError:
         raise MemoryError(f"cannot allocate an arena of shape {tuple(shape)} and dtype "
-                          f"{dtype.name} ({nbytes} bytes)") from None
+                          f"{dtype.name} ({room} bytes)") from None
+    start = -buffer.ctypes.data % ARENA_ALIGN
+    buffer = buffer[start:start + nbytes]
     if not lazy:
         buffer.fill(0)                          # touch every page now
     return arena_views(buffer, shape, dtype)

@@ -312,7 +312,7 @@ def test_make_cache_holds_kv_heads_only():
     cache = model.make_cache(2)
     assert cache.arena.shape == (LAYERS, 2, 2, 2, MAX_SEQ, 8)
     fp = footprint(2, MAX_SEQ, LAYERS, model.n_kv_heads, model.head_dim)
-    assert cache.get_memory_usage()["total_bytes"] == fp.arena_bytes
+    assert cache.get_memory_usage()["total_bytes"] == fp.total_bytes
     # a third of what the same model would need with its K/V repeated to 6 heads
     assert 3 * fp.arena_bytes == footprint(2, MAX_SEQ, LAYERS, 6, 8).arena_bytes
 

@@ -42,7 +42,9 @@ def test_footprint_worked_by_hand():
     fp = footprint(2, 10, 3, 4, 8, dtype=np.float16)
     # arena: 3 layers x K,V x 2 rows x 4 heads x 10 positions x 8 dims x 2 bytes
     assert fp.arena_bytes == 3 * 2 * 2 * 4 * 10 * 8 * 2 == 7680
-    assert fp.total_bytes == fp.arena_bytes   # the kernel holds no buffer per cache
+    # and 63 bytes of room in which the arena starts on a 64-byte boundary;
+    # the kernel holds no buffer per cache
+    assert fp.total_bytes == fp.arena_bytes + planner.ARENA_ALIGN - 1 == 7743
     assert (fp.batch_size, fp.max_seq_len, fp.num_layers, fp.num_heads, fp.head_dim,
             fp.dtype) == (2, 10, 3, 4, 8, "float16")
 
@@ -70,11 +72,14 @@ def test_footprint_is_what_kvcache_allocates(shape, dtype):
 def test_footprint_with_rope_is_what_kvcache_allocates(shape):
     fp = footprint(*shape, rope=True)
     buffers, cache = numpy_buffers_allocated(lambda: KVCache(*shape, rope_theta=1e4, lazy=True))
-    # the arena, then the cos and sin tables: float32 (max_seq_len, head_dim / 2) each
-    for size in (fp.arena_bytes, fp.rope_bytes // 2, fp.rope_bytes // 2):
+    # the arena's buffer, then the cos and sin tables: float32 (max_seq_len,
+    # head_dim / 2) each
+    room = planner.ARENA_ALIGN - 1
+    for size in (fp.arena_bytes + room, fp.rope_bytes // 2, fp.rope_bytes // 2):
         assert size in buffers, (buffers, fp)
         buffers.remove(size)
-    assert fp.total_bytes == fp.arena_bytes + fp.rope_bytes == cache.get_memory_usage()["total_bytes"]
+    assert fp.total_bytes == fp.arena_bytes + room + fp.rope_bytes \
+        == cache.get_memory_usage()["total_bytes"]
     intp = np.dtype(np.intp).itemsize
     assert sum(buffers) <= 8 * intp * (shape[0] + 1), (buffers, shape)
 
@@ -246,22 +251,23 @@ def test_footprint_rejects_bad_arguments(shape, dtype, error, message):
 
 def test_plan_budget_too_small_for_one_position():
     # one position of 3 rows: 3 rows x 5 heads x 3 layers x K,V x 7 dims x 4 bytes
-    # = 3 * 5 * 168 = 2520 bytes
-    assert footprint(3, 1, *MODEL).total_bytes == 2520
-    assert plan(*MODEL, batch_size=3, available_bytes=2520).max_seq_len == 1
+    # = 3 * 5 * 168 = 2520 bytes, and 63 bytes of room to align the arena
+    assert footprint(3, 1, *MODEL).total_bytes == 2520 + 63
+    assert plan(*MODEL, batch_size=3, available_bytes=2583).max_seq_len == 1
     with pytest.raises(ValueError, match=re.escape(
-            "available_bytes=2519 cannot hold one position for batch_size=3: "
-            "that needs 2520 bytes")):
-        plan(*MODEL, batch_size=3, available_bytes=2519)
+            "available_bytes=2582 cannot hold one position for batch_size=3: "
+            "that needs 2583 bytes")):
+        plan(*MODEL, batch_size=3, available_bytes=2582)
 
 
 def test_plan_budget_too_small_for_one_row():
     # one row of 10 positions, float64: 10 x 5 heads x 3 layers x K,V x 7 dims x 8 bytes = 16800
-    assert footprint(1, 10, *MODEL, dtype=np.float64).total_bytes == 16800
+    # (and 63 bytes of room to align the arena)
+    assert footprint(1, 10, *MODEL, dtype=np.float64).total_bytes == 16800 + 63
     with pytest.raises(ValueError, match=re.escape(
-            "available_bytes=16799 cannot hold one row for max_seq_len=10: "
-            "that needs 16800 bytes")):
-        plan(*MODEL, dtype=np.float64, max_seq_len=10, available_bytes=16799)
+            "available_bytes=16862 cannot hold one row for max_seq_len=10: "
+            "that needs 16863 bytes")):
+        plan(*MODEL, dtype=np.float64, max_seq_len=10, available_bytes=16862)
 
 
 def test_footprint_type_is_exported():
