@@ -308,73 +308,58 @@ KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *row
     }
 }
 
+/* accumulate4 over the nv (4 or 2; a constant once inlined) native vectors
+ * of lanes from d: the rows read whole and in order, each loaded once for
+ * the four queries, with even and odd sums as in accumulate */
+KV_INLINE void KV_FN(accumulate4_lanes)(KV_REAL *const acc[4], const KV_REAL *const p[4],
+                                        const void *rows, ptrdiff_t n, ptrdiff_t D, int kind,
+                                        ptrdiff_t d, int nv)
+{
+    typedef KV_FN(vec) vec;
+    const ptrdiff_t W = KV_W;
+#define KV_LD(r, j) KV_FN(load)(rows, (r) * D + d + (j) * W, kind)
+    vec e[4][4] = {{{0}}}, o[4][4] = {{{0}}};          /* [query][vector], even and odd rows */
+    ptrdiff_t r = 0;
+    for (; r + 2 <= n; r += 2) {
+        vec a[4], b[4];
+        for (int j = 0; j < nv; j++) a[j] = KV_LD(r, j);
+        for (int j = 0; j < nv; j++) b[j] = KV_LD(r + 1, j);
+        for (int i = 0; i < 4; i++) {
+            const KV_REAL pe = p[i][r], po = p[i][r + 1];
+            for (int j = 0; j < nv; j++) {
+                e[i][j] += pe * a[j];
+                o[i][j] += po * b[j];
+            }
+        }
+    }
+    if (r < n)
+        for (int j = 0; j < nv; j++) {
+            const vec a = KV_LD(r, j);
+            for (int i = 0; i < 4; i++) e[i][j] += p[i][r] * a;
+        }
+#undef KV_LD
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < nv; j++) *(vec *)(acc[i] + d + j * W) += e[i][j] + o[i][j];
+}
+
 /* accumulate for four queries that weigh the same n rows: acc[i] += the
  * rows weighted by p[i], each row loaded once for the four; per query and
  * lane the sums of accumulate, in its order: the same bits. Four native
  * vectors of each query's acc at a time (32 sums, more than the registers:
- * the compiler keeps some on the stack) read the rows whole and in order.
- * Two at a time read the first half of every row of the run, then the
- * second: a run of 256 rows is 64 KiB, and out of cache that stride cost
- * more than the spills. 8 x 32/8 x 16384 on 2 threads: 17.8-21.0 ms
- * against 23.6-32.7 (five alternated processes); in L2 1.10x the time,
- * prefill 1 x 12 x 512 1.05x */
+ * the compiler keeps some on the stack), then two. Two at a time over the
+ * whole row read the first half of every row of the run, then the second:
+ * a run of 256 rows is 64 KiB, and out of cache that stride cost more than
+ * the spills. 8 x 32/8 x 16384 on 2 threads: 17.8-21.0 ms against
+ * 23.6-32.7 (five alternated processes); in L2 1.10x the time, prefill
+ * 1 x 12 x 512 1.05x */
 KV_INLINE void KV_FN(accumulate4)(KV_REAL *const acc[4], const KV_REAL *const p[4],
                                   const void *rows, ptrdiff_t n, ptrdiff_t D, int kind)
 {
-    typedef KV_FN(vec) vec;
-    const ptrdiff_t W = KV_W;
-#define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
     ptrdiff_t d = 0;
-    for (; d + 4 * W <= D; d += 4 * W) {
-        vec e[4][4] = {{{0}}}, o[4][4] = {{{0}}};      /* [query][vector], even and odd rows */
-        ptrdiff_t r = 0;
-        for (; r + 2 <= n; r += 2) {
-            vec a[4], b[4];
-            for (int j = 0; j < 4; j++) a[j] = KV_LD(r, j * W);
-            for (int j = 0; j < 4; j++) b[j] = KV_LD(r + 1, j * W);
-            for (int i = 0; i < 4; i++) {
-                const KV_REAL pe = p[i][r], po = p[i][r + 1];
-                for (int j = 0; j < 4; j++) {
-                    e[i][j] += pe * a[j];
-                    o[i][j] += po * b[j];
-                }
-            }
-        }
-        if (r < n)
-            for (int j = 0; j < 4; j++) {
-                const vec a = KV_LD(r, j * W);
-                for (int i = 0; i < 4; i++) e[i][j] += p[i][r] * a;
-            }
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) *(vec *)(acc[i] + d + j * W) += e[i][j] + o[i][j];
-    }
-    for (; d + 2 * W <= D; d += 2 * W) {          /* two or three vectors left */
-        vec e0[4] = {{0}}, e1[4] = {{0}}, o0[4] = {{0}}, o1[4] = {{0}};
-        ptrdiff_t r = 0;
-        for (; r + 2 <= n; r += 2) {
-            const vec a0 = KV_LD(r, 0), a1 = KV_LD(r, W), b0 = KV_LD(r + 1, 0),
-                      b1 = KV_LD(r + 1, W);
-            for (int i = 0; i < 4; i++) {
-                const KV_REAL pe = p[i][r], po = p[i][r + 1];
-                e0[i] += pe * a0;
-                e1[i] += pe * a1;
-                o0[i] += po * b0;
-                o1[i] += po * b1;
-            }
-        }
-        if (r < n) {
-            const vec a0 = KV_LD(r, 0), a1 = KV_LD(r, W);
-            for (int i = 0; i < 4; i++) {
-                e0[i] += p[i][r] * a0;
-                e1[i] += p[i][r] * a1;
-            }
-        }
-        for (int i = 0; i < 4; i++) {
-            *(vec *)(acc[i] + d) += e0[i] + o0[i];
-            *(vec *)(acc[i] + d + W) += e1[i] + o1[i];
-        }
-    }
-#undef KV_LD
+    for (; d + 4 * KV_W <= D; d += 4 * KV_W)
+        KV_FN(accumulate4_lanes)(acc, p, rows, n, D, kind, d, 4);
+    for (; d + 2 * KV_W <= D; d += 2 * KV_W)       /* two or three vectors left */
+        KV_FN(accumulate4_lanes)(acc, p, rows, n, D, kind, d, 2);
     /* the last vector and the last D mod W lanes: one query at a time */
     for (int i = 0; i < 4; i++) KV_FN(accumulate)(acc[i], p[i], rows, n, D, kind, d);
 }
