@@ -18,9 +18,10 @@ in ``batch_size * max_seq_len`` (up to those 63 bytes of padding; the
 tables in ``max_seq_len``), so the largest batch or context that fits a
 memory budget has a closed form. The attention kernel keeps no buffer
 per cache: its working memory, per thread, is the queries, accumulators
-and scores of a call and room for a 256-row tile of keys and one of values
-(128 KiB at head_dim 64 in float32; touched only where rows are converted)
-plus, for a long row split across threads,
+and scores of a call and room for a block of keys and one of values in
+the compute type (blocks of at most 64 KiB of stored keys and 256 rows:
+128 KiB of tiles at head_dim 64 in float32; touched only where rows are
+converted) plus, for a long row split across threads,
 ``(2 + head_dim)`` numbers per query and chunk, freed after the call. This
 module imports nothing from ``kvarena.cache``; the two must agree, and the
 tests check it.
@@ -39,9 +40,10 @@ _MEMINFO = "/proc/meminfo"
 SCALE_DTYPE = np.dtype(np.float32)
 #: where an int8 arena's scales start in its buffer: the next multiple of this
 SCALE_ALIGN = 64
-#: an in-memory arena starts on a multiple of this many bytes, so that a row's
-#: vectors never straddle two cache lines (NumPy's large allocations start 16
-#: bytes past a page); its buffer is ARENA_ALIGN - 1 bytes longer to find one
+#: an in-memory arena starts on a multiple of this many bytes, so that rows
+#: of a multiple of 64 bytes start on cache lines (NumPy's large allocations
+#: start 16 bytes past a page); its buffer is ARENA_ALIGN - 1 bytes longer to
+#: find one
 ARENA_ALIGN = 64
 
 

@@ -95,7 +95,8 @@ typedef struct {
     ptrdiff_t G, Tq, n_qtiles, n_chunks, chunk_len;
     void *partial;               /* n_chunks > 1: (B, Hq, T, n_chunks, 2 + D) */
     int ask;                     /* ask for each next block ahead (kv_prefetch) */
-    ptrdiff_t blk;               /* rows per block: KV_BLK_ASKED if ask, else KV_BLK */
+    ptrdiff_t blk;               /* rows per block: KV_BLK_ASKED if ask, else KV_BLK_BYTES of
+                                    keys within [KV_BLK_ASKED, KV_BLK] rows */
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
