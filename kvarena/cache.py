@@ -179,8 +179,10 @@ class KVCache:
         faster. The work is cut the same way whichever count runs, so
         results do not depend on it. They may differ in the last bits
         between ``num_threads`` settings, or batches of different sizes,
-        once a call is large enough to split long rows into chunks
-        (flash-decoding).
+        once a call splits long rows into chunks (flash-decoding): when it
+        reads 8 MiB of keys and values or more and has fewer than four
+        work items (a row's K/V head and up to 64 queries) per thread, or
+        when it has fewer items than threads.
     check_finite : bool, default False
         Reject NaN and infinity in keys, values and queries.
     rope_theta : float, optional

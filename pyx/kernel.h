@@ -378,9 +378,13 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     /* query tile: up to 64 queries share each K/V block */
     job.Tq = kv_min(q->T, job.G >= 64 ? 1 : 64 / job.G);
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
-    /* chunks: enough work items to keep every thread busy, none shorter than 256 */
+    /* chunks: enough work items to keep every thread busy, none shorter than
+     * 256; in a call too small to wake workers (sparse calls run on the
+     * caller alone) only when there are fewer units than threads. Chunks
+     * cost partials and a merge: a small model's calls (1 x 4 heads, 256-500
+     * positions, 100 us apart) took 1.05-1.08x the time on a 2-thread cache */
     const ptrdiff_t units = c->B * c->H * job.n_qtiles;
-    if (threads > 1 && units < 4 * threads)
+    if (threads > 1 && units < 4 * threads && (large || units < threads))
         job.n_chunks = kv_min((4 * threads + units - 1) / units, (longest + 255) / 256);
     if (job.n_chunks < 1) job.n_chunks = 1;
     job.chunk_len = (longest + job.n_chunks - 1) / job.n_chunks;
