@@ -247,10 +247,12 @@ KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(v
 }
 
 /* acc += sum over r < n of p[r] * row r of `rows`, in lanes `from` .. D - 1.
- * Up to four native vectors of acc stay in registers for the whole run,
- * each with two sums (even and odd rows) so that no add waits on the one
- * before; the rows are read in order. Every lane gets the same sums in
- * the same order whichever loop below takes it */
+ * Up to four native vectors of acc stay in registers for a whole pass over
+ * the rows, read in order. Four vectors are four independent chains of
+ * multiply-adds, enough to keep the units busy; fewer would wait on their
+ * own adds, so each then keeps two sums (even and odd rows). Every lane
+ * gets the same sums in the same order whichever loop, here or in
+ * accumulate4, takes it */
 KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *rows,
                                  ptrdiff_t n, ptrdiff_t D, int kind, ptrdiff_t from)
 {
@@ -259,30 +261,17 @@ KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *row
 #define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
     ptrdiff_t d = from;
     for (; d + 4 * W <= D; d += 4 * W) {
-        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
-        ptrdiff_t r = 0;
-        for (; r + 2 <= n; r += 2) {
-            const KV_REAL pe = p[r], po = p[r + 1];
-            e0 += pe * KV_LD(r, 0);
-            e1 += pe * KV_LD(r, W);
-            e2 += pe * KV_LD(r, 2 * W);
-            e3 += pe * KV_LD(r, 3 * W);
-            o0 += po * KV_LD(r + 1, 0);
-            o1 += po * KV_LD(r + 1, W);
-            o2 += po * KV_LD(r + 1, 2 * W);
-            o3 += po * KV_LD(r + 1, 3 * W);
+        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
+        for (ptrdiff_t r = 0; r < n; r++) {
+            e0 += p[r] * KV_LD(r, 0);
+            e1 += p[r] * KV_LD(r, W);
+            e2 += p[r] * KV_LD(r, 2 * W);
+            e3 += p[r] * KV_LD(r, 3 * W);
         }
-        if (r < n) {
-            const KV_REAL pe = p[r];
-            e0 += pe * KV_LD(r, 0);
-            e1 += pe * KV_LD(r, W);
-            e2 += pe * KV_LD(r, 2 * W);
-            e3 += pe * KV_LD(r, 3 * W);
-        }
-        *(vec *)(acc + d) += e0 + o0;
-        *(vec *)(acc + d + W) += e1 + o1;
-        *(vec *)(acc + d + 2 * W) += e2 + o2;
-        *(vec *)(acc + d + 3 * W) += e3 + o3;
+        *(vec *)(acc + d) += e0;
+        *(vec *)(acc + d + W) += e1;
+        *(vec *)(acc + d + 2 * W) += e2;
+        *(vec *)(acc + d + 3 * W) += e3;
     }
     for (; d + W <= D; d += W) {    /* fewer than four vectors left */
         vec e = {0}, o = {0};
@@ -305,36 +294,36 @@ KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *row
 
 /* accumulate4 over the nv (4 or 2; a constant once inlined) native vectors
  * of lanes from d: the rows read whole and in order, each loaded once for
- * the four queries, with even and odd sums as in accumulate */
+ * the four queries, with accumulate's sums: one chain per query and vector
+ * when four vectors, even and odd rows when two */
 KV_INLINE void KV_FN(accumulate4_lanes)(KV_REAL *const acc[4], const KV_REAL *const p[4],
                                         const void *rows, ptrdiff_t n, ptrdiff_t D, int kind,
                                         ptrdiff_t d, int nv)
 {
     typedef KV_FN(vec) vec;
-    const ptrdiff_t W = KV_W;
+    const ptrdiff_t W = KV_W, step = nv == 4 ? 1 : 2;      /* rows a step */
 #define KV_LD(r, j) KV_FN(load)(rows, (r) * D + d + (j) * W, kind)
-    vec e[4][4] = {{{0}}}, o[4][4] = {{{0}}};          /* [query][vector], even and odd rows */
+    vec e[4][4] = {{{0}}}, o[4][2] = {{{0}}};   /* [query][vector], even (or all) and odd rows */
     ptrdiff_t r = 0;
-    for (; r + 2 <= n; r += 2) {
-        vec a[4], b[4];
+    for (; r + step <= n; r += step) {
+        vec a[4], b[2];
         for (int j = 0; j < nv; j++) a[j] = KV_LD(r, j);
-        for (int j = 0; j < nv; j++) b[j] = KV_LD(r + 1, j);
-        for (int i = 0; i < 4; i++) {
-            const KV_REAL pe = p[i][r], po = p[i][r + 1];
+        for (int j = 0; step == 2 && j < 2; j++) b[j] = KV_LD(r + 1, j);
+        for (int i = 0; i < 4; i++)
             for (int j = 0; j < nv; j++) {
-                e[i][j] += pe * a[j];
-                o[i][j] += po * b[j];
+                e[i][j] += p[i][r] * a[j];
+                if (step == 2) o[i][j] += p[i][r + 1] * b[j];
             }
-        }
     }
-    if (r < n)
-        for (int j = 0; j < nv; j++) {
+    if (r < n)                          /* two vectors, an odd number of rows */
+        for (int j = 0; j < 2; j++) {
             const vec a = KV_LD(r, j);
             for (int i = 0; i < 4; i++) e[i][j] += p[i][r] * a;
         }
 #undef KV_LD
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < nv; j++) *(vec *)(acc[i] + d + j * W) += e[i][j] + o[i][j];
+        for (int j = 0; j < nv; j++)
+            *(vec *)(acc[i] + d + j * W) += step == 2 ? e[i][j] + o[i][j] : e[i][j];
 }
 
 /* accumulate for four queries that weigh the same n rows: acc[i] += the
