@@ -329,13 +329,11 @@ KV_INLINE void KV_FN(accumulate4_lanes)(KV_REAL *const acc[4], const KV_REAL *co
 /* accumulate for four queries that weigh the same n rows: acc[i] += the
  * rows weighted by p[i], each row loaded once for the four; per query and
  * lane the sums of accumulate, in its order: the same bits. Four native
- * vectors of each query's acc at a time (32 sums, more than the registers:
- * the compiler keeps some on the stack), then two. Two at a time over the
- * whole row read the first half of every row of the run, then the second:
- * a run of 256 rows is 64 KiB, and out of cache that stride cost more than
- * the spills. 8 x 32/8 x 16384 on 2 threads: 17.8-21.0 ms against
- * 23.6-32.7 (five alternated processes); in L2 1.10x the time, prefill
- * 1 x 12 x 512 1.05x */
+ * vectors of each query's acc at a time (16 sums, one per query and
+ * vector), then two. Two at a time over the whole row read the first half
+ * of every row of the run, then the second: a run of 256 rows is 64 KiB,
+ * and out of cache that stride made the grouped call 8 x 32/8 x 16384 on 2
+ * threads take 23.6-32.7 ms against 17.8-21.0 (five alternated processes) */
 KV_INLINE void KV_FN(accumulate4)(KV_REAL *const acc[4], const KV_REAL *const p[4],
                                   const void *rows, ptrdiff_t n, ptrdiff_t D, int kind)
 {
