@@ -59,9 +59,9 @@ cdef extern from "kernel.h" nogil:
     long long kv_nanoseconds()
     int kv_prefetch
     int kv_prefetch_helps()
-    void kv_quantize(const float *rows, signed char *data, float *scale, const Py_ssize_t *slots,
-                     Py_ssize_t B, Py_ssize_t H, Py_ssize_t S, Py_ssize_t D, Py_ssize_t T,
-                     int isa)
+    void kv_store(const float *x, const Py_ssize_t *xs, int dtype, void *data, float *scale,
+                  const Py_ssize_t *slots, Py_ssize_t B, Py_ssize_t H, Py_ssize_t S,
+                  Py_ssize_t D, Py_ssize_t T, int isa)
 
 #: True when this extension was built with KVARENA_CYTHON_DEBUG=1.
 BOUNDSCHECK = bool(KVARENA_BOUNDSCHECK)
@@ -414,7 +414,14 @@ cdef class ArenaAccessor:
         cdef Py_ssize_t *slots
         if KVARENA_BOUNDSCHECK and not 0 <= start <= self.S - T:
             raise IndexError(f"attend_plain: slots [{start}, {start + T}) out of [0, {self.S})")
-        if self.storage == KV_I8:
+        cdef Py_ssize_t xs[3]
+        if self.storage == KV_I8 or (self.storage == KV_F16 and s[3] == 4
+                                     and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32):
+            # converted by the kernel's row store: int8 (float32 C-contiguous,
+            # _plain_block), or float32 rows into halves (NumPy's cast took
+            # 2.8 ns an element, the row store ~0.1)
+            for d in range(3):
+                xs[d] = s[d] // 4
             slots = <Py_ssize_t *>PyMem_Malloc(B * T * sizeof(Py_ssize_t))
             if slots == NULL:
                 raise MemoryError()
@@ -422,8 +429,9 @@ cdef class ArenaAccessor:
                 for t in range(T):
                     slots[b * T + t] = start + t
             with nogil:
-                kv_quantize(<const float *>src, <signed char *>&self.raw[layer, kv, 0, 0, 0, 0],
-                            &self.scale[layer, kv, 0, 0, 0], slots, B, H, self.S, D, T, isa)
+                kv_store(<const float *>src, xs, self.storage, &self.raw[layer, kv, 0, 0, 0, 0],
+                         &self.scale[layer, kv, 0, 0, 0] if self.storage == KV_I8 else NULL,
+                         slots, B, H, self.S, D, T, isa)
             PyMem_Free(slots)
             return
         if cnp.PyArray_TYPE(x) != self.storage_num:
@@ -532,42 +540,48 @@ cdef class ArenaAccessor:
         """Smoothed seconds per byte of K and V measured on (1, num_threads) threads."""
         return self.seconds_per_byte[0], self.seconds_per_byte[1]
 
-    def quantize(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
-                 const float[:, :, :, ::1] key, const float[:, :, :, ::1] value, int isa):
-        """int8 arenas: store key and value (B, H, T, D) of ``layer``, row b's
-        position t at slot slots[b, t], as int8 with one absmax / 127 scale per
-        row, on instruction set ``isa`` (checked: 0 <= isa <= BEST_ISA).
+    def store(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
+              const float[:, :, :, ::1] key, const float[:, :, :, ::1] value, int isa):
+        """int8 and float16 arenas: store key and value (B, H, T, D) of
+        ``layer``, row b's position t at slot slots[b, t], on instruction set
+        ``isa`` (checked: 0 <= isa <= BEST_ISA): as halves rounded to
+        nearest (NumPy's cast), or as int8 with one absmax / 127 scale per
+        row.
 
-        Caller checked: 0 <= layer < L; the arena is int8; key and value
-        are float32, C-contiguous, (B, H, T, D) and finite (what a NaN or
-        infinity becomes differs between instruction sets); slots is
-        (B, T), in [0, S).
+        Caller checked: 0 <= layer < L; key and value are float32,
+        C-contiguous, (B, H, T, D), overlap neither the arena nor the
+        scales, and for int8 are finite (what a NaN or infinity becomes
+        differs between instruction sets), for float16 within its range;
+        slots is (B, T), in [0, S).
         """
         cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
-        cdef Py_ssize_t S = self.raw.shape[4], b, t
+        cdef Py_ssize_t S = self.raw.shape[4], b, t, kv
+        cdef Py_ssize_t xs[3]
+        cdef const float *rows[2]
         # shapes in every build (a mismatch would write outside the arena)
-        if self.scales is None or B != self.B or H != self.H or D != self.D \
+        if self.storage not in (KV_I8, KV_F16) or B != self.B or H != self.H or D != self.D \
                 or value.shape[0] != B or value.shape[1] != H or value.shape[2] != T \
                 or value.shape[3] != D or slots.shape[0] != B or slots.shape[1] != T:
-            raise ValueError(f"quantize: an int8 arena and key, value ({self.B}, {self.H}, T, "
-                             f"{self.D}) with slots (B, T) are needed; got key "
+            raise ValueError(f"store: an int8 or float16 arena and key, value ({self.B}, "
+                             f"{self.H}, T, {self.D}) with slots (B, T) are needed; got key "
                              f"{(<object>key).shape}, value {(<object>value).shape}, slots "
                              f"{(<object>slots).shape}, storage {self.arena.dtype}")
         if not 0 <= isa <= BEST_ISA:
             raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
         if KVARENA_BOUNDSCHECK:
             if not 0 <= layer < self.raw.shape[0]:
-                raise IndexError(f"quantize: layer {layer} out of [0, {self.raw.shape[0]}) "
-                                 f"or not an int8 arena")
+                raise IndexError(f"store: layer {layer} out of [0, {self.raw.shape[0]})")
             for b in range(B):
                 for t in range(T):
                     if not 0 <= slots[b, t] < S:
-                        raise IndexError(f"quantize: slot {slots[b, t]} out of [0, {S})")
+                        raise IndexError(f"store: slot {slots[b, t]} out of [0, {S})")
+        xs[0], xs[1], xs[2] = H * T * D, T * D, D
+        rows[0], rows[1] = &key[0, 0, 0, 0], &value[0, 0, 0, 0]
         with nogil:
-            kv_quantize(&key[0, 0, 0, 0], <signed char *>&self.raw[layer, 0, 0, 0, 0, 0],
-                        &self.scale[layer, 0, 0, 0, 0], &slots[0, 0], B, H, S, D, T, isa)
-            kv_quantize(&value[0, 0, 0, 0], <signed char *>&self.raw[layer, 1, 0, 0, 0, 0],
-                        &self.scale[layer, 1, 0, 0, 0], &slots[0, 0], B, H, S, D, T, isa)
+            for kv in range(2):
+                kv_store(rows[kv], xs, self.storage, &self.raw[layer, kv, 0, 0, 0, 0],
+                         &self.scale[layer, kv, 0, 0, 0] if self.storage == KV_I8 else NULL,
+                         &slots[0, 0], B, H, S, D, T, isa)
 
     def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
              const Py_ssize_t[::1] count):
@@ -658,31 +672,83 @@ cdef inline double _half(unsigned short bits) noexcept nogil:
     return ldexp(mantissa + 1024, exponent - 25)
 
 
+# The magnitudes of n floats at p, step elements apart, as the largest of
+# their bits with the sign cleared: for IEEE floats of one width the bits of
+# magnitudes order as the magnitudes do, and a NaN's or an infinity's are the
+# largest (from 0x7f800000 for float32). Integer maxima vectorise (the
+# compiler does not reorder a float max, whose NaN rule depends on order):
+# the scan of a float32 block took 2.2 ns an element as a loop of fabs and
+# isfinite, the longest part of writing it into a float16 cache
+cdef inline unsigned long long _most16(const unsigned short *p, Py_ssize_t n,
+                                       Py_ssize_t step) noexcept nogil:
+    cdef unsigned short most = 0, bits
+    cdef Py_ssize_t i
+    for i in range(n):
+        bits = p[i * step] & 0x7FFF
+        most = bits if bits > most else most
+    return most
+
+
+cdef inline unsigned long long _most32(const unsigned int *p, Py_ssize_t n,
+                                       Py_ssize_t step) noexcept nogil:
+    cdef unsigned int most = 0, bits
+    cdef Py_ssize_t i
+    for i in range(n):
+        bits = p[i * step] & 0x7FFFFFFFu
+        most = bits if bits > most else most
+    return most
+
+
+cdef inline unsigned long long _most64(const unsigned long long *p, Py_ssize_t n,
+                                       Py_ssize_t step) noexcept nogil:
+    cdef unsigned long long most = 0, bits
+    cdef Py_ssize_t i
+    for i in range(n):
+        bits = p[i * step] & 0x7FFFFFFFFFFFFFFFull
+        most = bits if bits > most else most
+    return most
+
+
 cdef int _scan(cnp.ndarray x, double limit):
     # 4-d float16, float32 or float64 x: 1 if it holds a NaN or an infinity,
     # else 2 if a value's magnitude exceeds limit, else 0
     cdef const cnp.npy_intp *n = cnp.PyArray_DIMS(x)
     cdef const cnp.npy_intp *s = cnp.PyArray_STRIDES(x)
     cdef const char *p = <const char *>cnp.PyArray_DATA(x)
-    cdef const char *e
-    cdef Py_ssize_t i, j, k, d
-    cdef double a, most = 0
-    cdef int kind = cnp.PyArray_TYPE(x)
-    for i in range(n[0]):
-        for j in range(n[1]):
-            for k in range(n[2]):
-                for d in range(n[3]):
-                    e = p + i * s[0] + j * s[1] + k * s[2] + d * s[3]
-                    if kind == cnp.NPY_FLOAT64:
-                        a = (<const double *>e)[0]
-                    elif kind == cnp.NPY_FLOAT32:
-                        a = (<const float *>e)[0]
+    cdef const char *row
+    cdef Py_ssize_t i, j, k, size = cnp.PyArray_ITEMSIZE(x), step = s[3] // size
+    cdef unsigned long long most = 0, bits, special
+    cdef double largest
+    cdef float largest32
+    cdef unsigned int most32
+    special = 0x7C00 if size == 2 else (0x7F800000u if size == 4 else 0x7FF0000000000000ull)
+    with nogil:
+        for i in range(n[0]):
+            for j in range(n[1]):
+                for k in range(n[2]):
+                    row = p + i * s[0] + j * s[1] + k * s[2]
+                    # step 1 spelled out: the compiler vectorises the inlined loop
+                    if size == 2:
+                        bits = _most16(<const unsigned short *>row, n[3], 1) if step == 1 \
+                            else _most16(<const unsigned short *>row, n[3], step)
+                    elif size == 4:
+                        bits = _most32(<const unsigned int *>row, n[3], 1) if step == 1 \
+                            else _most32(<const unsigned int *>row, n[3], step)
                     else:
-                        a = _half((<const unsigned short *>e)[0])
-                    if not isfinite(a):
+                        bits = _most64(<const unsigned long long *>row, n[3], 1) if step == 1 \
+                            else _most64(<const unsigned long long *>row, n[3], step)
+                    if bits >= special:
                         return 1
-                    most = fabs(a) if fabs(a) > most else most
-    return 2 if most > limit else 0
+                    most = bits if bits > most else most
+    if size == 2:
+        largest = _half(<unsigned short>most)
+    elif size == 4:
+        most32 = <unsigned int>most
+        memcpy(&largest32, &most32, 4)
+        largest = largest32
+    else:
+        memcpy(&largest, &most, 8)
+    return 2 if largest > limit else 0
 
 
 cdef _check_extent(kv_layer c, kv_query qq, q, out, base, Py_ssize_t layer, Py_ssize_t L):

@@ -249,6 +249,27 @@ static inline float kv_half_to_float(uint16_t h)
     return v.f;
 }
 
+/* float -> IEEE half, rounded to nearest, ties to even (as NumPy casts and
+ * F16C converts): the row store's path without F16C, and its last D mod W
+ * lanes. Beyond the half range (from 65520, which rounds up) infinity; a
+ * NaN stays a NaN (quiet, its payload's top bits kept, as F16C does) */
+static inline uint16_t kv_float_to_half(float f)
+{
+    union { float f; uint32_t u; } v = { .f = f };
+    const uint16_t sign = (uint16_t)(v.u >> 16 & 0x8000u);
+    const uint32_t a = v.u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u | (uint16_t)(a >> 13 & 0x3ffu);
+    if (a >= 0x477ff000u) return sign | 0x7c00u;
+    if (a < 0x38800000u) {          /* below 2^-14: a subnormal half, or 0 */
+        v.u = a;                    /* in units of 2^-24; 1024 is the least normal */
+        return sign | (uint16_t)lrintf(v.f * 0x1p24f);
+    }
+    /* rebias the exponent (127 -> 15), then round 23 bits of fraction to 10:
+       add just under half a unit, and the last kept bit for ties (a carry
+       into the exponent is right) */
+    return sign | (uint16_t)((a - 0x38000000u + 0xfffu + (a >> 13 & 1u)) >> 13);
+}
+
 #include "pool.h"
 
 /* -- the body, once per instruction set and compute type -------------------- */
@@ -294,14 +315,16 @@ typedef int (*kv_item_fn)(const kv_job *, ptrdiff_t);
 typedef void (*kv_merge_fn)(const kv_job *, ptrdiff_t, ptrdiff_t, ptrdiff_t, void *);
 
 typedef float (*kv_quantize_fn)(const float *, int8_t *, ptrdiff_t);
+typedef void (*kv_half_fn)(const float *, uint16_t *, ptrdiff_t);
 
-/* [isa][0 = float compute, 1 = double]; int8 quantization is float only */
-#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa, quantize_row_f_##isa}, \
-                         {attend_item_d_##isa, merge_d_##isa, NULL}}
+/* [isa][0 = float compute, 1 = double]; storing rows is float only */
+#define KV_VARIANT(isa) {{attend_item_f_##isa, merge_f_##isa, quantize_row_f_##isa, \
+                          half_row_f_##isa}, {attend_item_d_##isa, merge_d_##isa, NULL, NULL}}
 static const struct {
     kv_item_fn item;
     kv_merge_fn merge;
     kv_quantize_fn quantize;
+    kv_half_fn half;
 } kv_variants[3][2] = {
     KV_VARIANT(baseline),
 #if KV_HAVE_X86
@@ -340,18 +363,24 @@ static int kv_run_item(void *ctx, ptrdiff_t item)
     return t->fn(t->job, item);
 }
 
-/* int8 storage: rows[b, h, t] of a (B, H, T, D) float32 block, C-contiguous,
- * into slot slots[b * T + t] of (b, h), each as D int8 values and one scale
- * (absmax / 127), on instruction set `isa` */
-static void kv_quantize(const float *rows, int8_t *data, float *scale, const ptrdiff_t *slots,
-                        ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D, ptrdiff_t T, int isa)
+/* int8 and float16 storage: the float32 rows x[b, h, t] (D consecutive
+ * floats each, rows xs[0], xs[1], xs[2] floats apart along b, h, t) into
+ * slot slots[b * T + t] of (b, h) in data, on instruction set `isa`: as
+ * halves (dtype KV_F16), or as int8 with one scale (absmax / 127) each in
+ * scale (KV_I8) */
+static void kv_store(const float *x, const ptrdiff_t xs[3], int dtype, void *data, float *scale,
+                     const ptrdiff_t *slots, ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D,
+                     ptrdiff_t T, int isa)
 {
-    const kv_quantize_fn row = kv_variants[isa][0].quantize;
+    const kv_quantize_fn quantize = kv_variants[isa][0].quantize;
+    const kv_half_fn half = kv_variants[isa][0].half;
     for (ptrdiff_t b = 0; b < B; b++)
         for (ptrdiff_t h = 0; h < H; h++)
             for (ptrdiff_t t = 0; t < T; t++) {
+                const float *row = x + b * xs[0] + h * xs[1] + t * xs[2];
                 const ptrdiff_t slot = (b * H + h) * S + slots[b * T + t];
-                scale[slot] = row(rows + ((b * H + h) * T + t) * D, data + slot * D, D);
+                if (dtype == KV_I8) scale[slot] = quantize(row, (int8_t *)data + slot * D, D);
+                else half(row, (uint16_t *)data + slot * D, D);
             }
 }
 

@@ -752,6 +752,26 @@ static float KV_FN(quantize_row)(const float *x, int8_t *q, ptrdiff_t D)
 }
 #endif
 
+#if !KV_DOUBLE
+/* float16 storage: the D floats of x as halves in h, rounded to nearest,
+ * ties to even (kv_float_to_half's rounding, and NumPy's) */
+static void KV_FN(half_row)(const float *x, uint16_t *h, ptrdiff_t D)
+{
+    ptrdiff_t d = 0;
+#if KV_F16C >= 16
+    for (; d + 16 <= D; d += 16)
+        _mm256_storeu_si256((__m256i *)(h + d),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+#if KV_F16C >= 8
+    for (; d + 8 <= D; d += 8)
+        _mm_storeu_si128((__m128i *)(h + d),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; d < D; d++) h[d] = kv_float_to_half(x[d]);
+}
+#endif
+
 /* one work item: query heads h*G .. h*G + G - 1 of row b, query positions
  * t0 .. t0 + nt - 1, over logical positions [lo, hi) of the row */
 static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)

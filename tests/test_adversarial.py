@@ -993,11 +993,11 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         int8 = _arena.ArenaAccessor(np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1,
                                     np.zeros((1, 2, 2, 2, 8), np.float32))
         wide = np.zeros((2, 3, 1, 4), np.float32)
-        refused(ValueError, "quantize: an int8 arena", int8.quantize, 0,
+        refused(ValueError, "store: an int8 or float16 arena", int8.store, 0,
                 np.zeros((2, 1), np.intp), wide, wide, 0)
-        refused(ValueError, "quantize: an int8 arena", acc.quantize, 0,
+        refused(ValueError, "store: an int8 or float16 arena", acc.store, 0,
                 np.zeros((2, 1), np.intp), q, q, 0)
-        refused(ValueError, "isa must be in", int8.quantize, 0,
+        refused(ValueError, "isa must be in", int8.store, 0,
                 np.zeros((2, 1), np.intp), q, q, 99)
         # the lengths attend_plain reads and writes: B rows, writable, intp
         refused(RuntimeError, "call track", acc.attend_plain, 0, q, q, q, None, 0, False)

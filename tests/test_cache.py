@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import Tensor
-from kvarena import CacheView, KVCache, enable_kv_cache, disable_kv_cache
+from kvarena import CacheView, KVCache, _arena, enable_kv_cache, disable_kv_cache, kernel_info
+from kvarena.kernel import forced_isa
 
 B, S, L, H, D = 2, 8, 3, 4, 16
 
@@ -249,6 +250,75 @@ def test_inputs_of_any_layout_and_float_dtype_are_cast_on_write(rng):
         cache.update(0, key, key)
         cache.advance(4)
         np.testing.assert_array_equal(cache.get(0)[0], base.astype(np.float32), err_msg=name)
+
+
+def hard_to_round(rng, shape):
+    """float32 values whose float16 rounding is easy to get wrong first (ties
+    to even, subnormals, the ends of the range, signed zeros), then random
+    ones over the whole half range."""
+    x = rng.standard_normal(shape) * 2.0 ** rng.integers(-30, 16, shape)
+    x = np.clip(x, -65504, 65504).astype(np.float32)
+    edge = [0.0, -0.0, 65504, -65504, 65503, 2**-14, -2**-14 * (1 - 2**-10), 2**-24, 2**-25,
+            -3 * 2**-25, 2**-26, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20, 2049, 2051]
+    x.flat[:len(edge)] = edge
+    return x
+
+
+@pytest.mark.parametrize("isa", kernel_info()["isas"])
+@pytest.mark.parametrize("head_dim", [1, 7, 8, 16, 67])
+def test_float32_rows_round_into_float16_as_numpy_casts(rng, isa, head_dim):
+    # the kernel's row store (F16C 16 and 8 at a time, the rest and the
+    # baseline in software) against NumPy's cast, bit for bit: update (the
+    # general path) and attend (the one-step path), keys as a (B, T, H, D)
+    # model's transposed view
+    b, h, t = 2, 3, 9
+    keys = hard_to_round(rng, (b, t, h, head_dim)).transpose(0, 2, 1, 3)
+    values = hard_to_round(rng, (b, h, t, head_dim))
+    q = np.zeros((b, h, t, head_dim), np.float32)
+    caches = [KVCache(b, t, 1, h, head_dim, dtype=np.float16) for _ in range(2)]
+    with forced_isa(isa):
+        caches[0].update(0, keys, values)
+        caches[1].attend(0, q, keys, values)
+    for cache in caches:
+        for stored, given in zip(cache.arena[0], (keys, values)):
+            assert stored.view(np.uint16).tobytes() == given.astype(np.float16).view(
+                np.uint16).tobytes()
+
+
+def test_float16_store_keeps_infinities(rng):
+    cache = KVCache(1, 4, 1, 2, 8, dtype=np.float16)
+    keys = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    keys[0, 1, 2, :2] = np.inf, -np.inf
+    cache.update(0, keys, keys)
+    assert np.array_equal(cache.arena[0, 0], keys.astype(np.float16))
+
+
+def test_float16_store_reads_rows_that_alias_the_arena_before_writing(rng):
+    # float32 keys and values that are the arena's own bytes (a float32 view
+    # of all of it): stored as NumPy's cast would store them, from the bytes
+    # as they were before the call
+    cache = KVCache(1, 4, 1, 2, 8, dtype=np.float16)
+    cache.update(0, *rng.standard_normal((2, 1, 2, 4, 8)))
+    aliased = cache.arena.reshape(-1).view(np.float32).reshape(1, 2, 4, 8)
+    want = aliased.astype(np.float16)
+    cache.update(0, aliased, aliased)
+    assert np.array_equal(cache.arena[0, 0], want) and np.array_equal(cache.arena[0, 1], want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+def test_value_scan_sees_every_element(dtype, layout):
+    # _arena.scan, run on every write that narrows (and every check_finite
+    # and int8 one): 1 for a NaN or an infinity, else 2 beyond the limit, else
+    # 0, wherever the value sits, in rows read whole or element by element
+    for where in [(0, 0, 0, 0), (1, 2, 4, 6), (1, 0, 3, 5)]:
+        for value, want in [(0.5, 0), (2.0, 0), (3.0, 2), (-3.0, 2), (np.nan, 1), (np.inf, 1),
+                            (-np.inf, 1)]:
+            x = np.zeros((2, 3, 5, 14), dtype)
+            view = {"contiguous": x[..., :7], "strided": x[..., ::2],
+                    "transposed": x.transpose(0, 1, 3, 2)[:, :, :7]}[layout]
+            view[where[:3] + (where[3] % view.shape[3],)] = value
+            assert _arena.scan(view, 2.0) == want, (where, value)
 
 
 def test_update_does_not_advance_and_overwrites_until_advanced(rng):
