@@ -252,7 +252,7 @@ static inline float kv_half_to_float(uint16_t h)
 /* float -> IEEE half, rounded to nearest, ties to even (as NumPy casts and
  * F16C converts): the row store's path without F16C, and its last D mod W
  * lanes. Beyond the half range (from 65520, which rounds up) infinity; a
- * NaN stays a NaN (quiet, its payload's top bits kept, as F16C does) */
+ * NaN stays a NaN (made quiet, the top bits of its payload kept) */
 static inline uint16_t kv_float_to_half(float f)
 {
     union { float f; uint32_t u; } v = { .f = f };
