@@ -223,13 +223,6 @@ static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
     }
 }
 
-/* a score pass's asks for the rows before `end`: *next, then every
- * `every` rows (*next is PTRDIFF_MAX in a pass that asks for nothing) */
-static inline void kv_ask_until(const kv_ahead *a, ptrdiff_t *next, ptrdiff_t end)
-{
-    for (; *next < end; *next += a->every) kv_ask(a, *next);
-}
-
 static inline ptrdiff_t kv_partial_index(const kv_job *job, ptrdiff_t b, ptrdiff_t head,
                                          ptrdiff_t t, ptrdiff_t chunk)
 {

@@ -15,13 +15,12 @@
 /* the instruction set's native vector, loadable at any float alignment */
 typedef KV_REAL KV_FN(vec) __attribute__((vector_size(KV_VBYTES), aligned(sizeof(KV_REAL))));
 #define KV_W ((ptrdiff_t)(KV_VBYTES / sizeof(KV_REAL)))     /* lanes per vector */
-/* four numbers of the compute type: the scores of four queries with one
- * row, or of one query with four rows */
+/* four numbers of the compute type: the scores of four queries with one row */
 typedef KV_REAL KV_FN(four) __attribute__((vector_size(4 * sizeof(KV_REAL))));
 #define KV_INLINE static inline __attribute__((always_inline))
 /* c + a * b for the last D mod W lanes, rounded once where the instruction
  * set fuses it (as the compiler does with the vector sums), else twice.
- * Written out: a lone query and four (dot4's two uses), rows read in place and
+ * Written out: a lone query and four (dot, dot4), rows read in place and
  * converted (accumulate by storage type) must round alike, and left to the
  * compiler a scalar loop's rounding depends on how it vectorises the loop
  * (it multiplied a vector of products, then added them one by one) */
@@ -163,7 +162,7 @@ KV_INLINE float KV_FN(max_lanes)(KV_FN(vec) v)
 /* c + a * b, lane by lane, rounded once where the instruction set fuses
  * it. Written out for the dot products, whose first two steps compute
  * q0 * k0 + q2 * k2: left to the compiler, which of the two products it
- * fuses can differ between dot4's two uses, or between two builds, once a
+ * fuses can differ between dot and dot4, or between two builds, once a
  * constant D unrolls the loop (the sum starting at 0 folds away), and a
  * query must get the same bits alone and with three others. The x86-64
  * baseline has no fused multiply-add, so nothing to choose there (other
@@ -183,46 +182,52 @@ KV_INLINE KV_FN(vec) KV_FN(muladd)(KV_FN(vec) a, KV_FN(vec) b, KV_FN(vec) c)
 #endif
 }
 
-/* four dot products, q[i] . row[i], in registers: per pair two vector
- * sums (even and odd vectors), their lanes summed by one tree for the four
- * (sum_lanes4), then the last D mod W lanes. `one_row` (a constant at every
- * call): the four share row[0], loaded once for them (four query heads of
- * one K/V head); else they share the query, held in registers, and read
- * four rows (a lone query: a quarter of the lane trees). Either way each
- * pair gets the same sums in the same order: a query's score has the same
- * bits alone and beside three others */
-KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *const row[4], ptrdiff_t D,
-                           int kind, KV_FN(four) *s, int one_row)
+/* dot product of q with one stored row, in registers: two vector sums,
+ * then a tree of the lanes */
+KV_INLINE KV_REAL KV_FN(dot)(const KV_REAL *q, const void *row, ptrdiff_t D, int kind)
+{
+    typedef KV_FN(vec) vec;
+    vec s0 = {0}, s1 = {0};
+    ptrdiff_t d = 0;
+    for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
+        s0 = KV_FN(muladd)(*(const vec *)(q + d), KV_FN(load)(row, d, kind), s0);
+        s1 = KV_FN(muladd)(*(const vec *)(q + d + KV_W), KV_FN(load)(row, d + KV_W, kind), s1);
+    }
+    if (d + KV_W <= D) {
+        s0 = KV_FN(muladd)(*(const vec *)(q + d), KV_FN(load)(row, d, kind), s0);
+        d += KV_W;
+    }
+    KV_REAL s = KV_FN(sum_lanes)(s0 + s1);
+    for (; d < D; d++) s = KV_MULADD(q[d], KV_FN(load1)(row, d, kind), s);
+    return s;
+}
+
+/* the dot products of four queries with one stored row, each loaded once:
+ * per query the sums of dot, in its order, so each gets dot's bits */
+KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t D, int kind,
+                           KV_FN(four) *s)
 {
     typedef KV_FN(vec) vec;
     vec even[4] = {{0}}, odd[4] = {{0}};
-#define KV_LD4(i, off) KV_FN(load)(row[one_row ? 0 : (i)], (off), kind)
     ptrdiff_t d = 0;
     for (; d + 2 * KV_W <= D; d += 2 * KV_W) {
-        vec k0[4], k1[4];
+        const vec k0 = KV_FN(load)(row, d, kind), k1 = KV_FN(load)(row, d + KV_W, kind);
         for (int i = 0; i < 4; i++) {
-            k0[i] = one_row && i ? k0[0] : KV_LD4(i, d);
-            k1[i] = one_row && i ? k1[0] : KV_LD4(i, d + KV_W);
-        }
-        for (int i = 0; i < 4; i++) {
-            even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0[i], even[i]);
-            odd[i] = KV_FN(muladd)(*(const vec *)(q[i] + d + KV_W), k1[i], odd[i]);
+            even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0, even[i]);
+            odd[i] = KV_FN(muladd)(*(const vec *)(q[i] + d + KV_W), k1, odd[i]);
         }
     }
     if (d + KV_W <= D) {
-        vec k0[4];
-        for (int i = 0; i < 4; i++) {
-            k0[i] = one_row && i ? k0[0] : KV_LD4(i, d);
-            even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0[i], even[i]);
-        }
+        const vec k0 = KV_FN(load)(row, d, kind);
+        for (int i = 0; i < 4; i++) even[i] = KV_FN(muladd)(*(const vec *)(q[i] + d), k0, even[i]);
         d += KV_W;
     }
-#undef KV_LD4
     for (int i = 0; i < 4; i++) even[i] += odd[i];
     KV_FN(sum_lanes4)(even, s);
-    for (; d < D; d++)
-        for (int i = 0; i < 4; i++)
-            (*s)[i] = KV_MULADD(q[i][d], KV_FN(load1)(row[one_row ? 0 : i], d, kind), (*s)[i]);
+    for (; d < D; d++) {
+        const KV_REAL k = KV_FN(load1)(row, d, kind);
+        for (int i = 0; i < 4; i++) (*s)[i] = KV_MULADD(q[i][d], k, (*s)[i]);
+    }
 }
 
 /* the k queries q[i] as the dot products are to read them (query[i]).
@@ -383,40 +388,31 @@ KV_INLINE KV_REAL KV_FN(dot_rotated)(const KV_REAL *q, const void *row, ptrdiff_
 #endif
 
 /* w[r] = (q . row r) * scale (times the row's own scale when `scaled`)
- * for the n rows of a run, four rows a step (the last step repeats the
- * last row, its extra scores dropped); returns the largest of them and best */
+ * for the n rows of a run; returns the largest of them and best */
 KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
                                     ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
                                     const kv_ahead *ahead, int kind, int scaled, int rotated)
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
-    ptrdiff_t ask = ahead ? ahead->first : PTRDIFF_MAX;
+    ptrdiff_t ask = ahead ? ahead->first : n;
     KV_FN(vec) held[1][4];
     const KV_REAL *query;
     KV_FN(hold)(&q, 1, D, held, &query);
-    const KV_REAL *const queries[4] = {query, query, query, query};
-    for (ptrdiff_t r = 0; r < n; r += 4) {
-        const ptrdiff_t m = kv_min(4, n - r);
-        kv_ask_until(ahead, &ask, r + m);
-        const char *at = (const char *)run->rows + r * stride;
-        KV_FN(four) s;
+    for (ptrdiff_t r = 0; r < n; r++) {
+        if (r == ask) {
+            kv_ask(ahead, r);
+            ask += ahead->every;
+        }
+        const KV_REAL f = scaled ? scale * run->scale[r] : scale;
+        const void *row = (const char *)run->rows + r * stride;
 #if !KV_DOUBLE
         if (rotated)
-            for (ptrdiff_t j = 0; j < m; j++)
-                s[j] = KV_FN(dot_rotated)(query, at + j * stride, D, kind,
-                                          run->cos + (r + j) * (D / 2),
-                                          run->sin + (r + j) * (D / 2));
+            w[r] = KV_FN(dot_rotated)(query, row, D, kind, run->cos + r * (D / 2),
+                                      run->sin + r * (D / 2)) * f;
         else
 #endif
-        {
-            const void *rows[4];
-            for (ptrdiff_t j = 0; j < 4; j++) rows[j] = at + kv_min(j, m - 1) * stride;
-            KV_FN(dot4)(queries, rows, D, kind, &s, 0);
-        }
-        for (ptrdiff_t j = 0; j < m; j++) {
-            w[r + j] = s[j] * (scaled ? scale * run->scale[r + j] : scale);
-            best = w[r + j] > best ? w[r + j] : best;
-        }
+            w[r] = KV_FN(dot)(query, row, D, kind) * f;
+        best = w[r] > best ? w[r] : best;
     }
     return best;
 }
@@ -428,17 +424,19 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
                                   KV_REAL best[4], const kv_ahead *ahead, int kind, int scaled)
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
-    ptrdiff_t ask = ahead ? ahead->first : PTRDIFF_MAX;
+    ptrdiff_t ask = ahead ? ahead->first : n;
     KV_FN(four) top = {best[0], best[1], best[2], best[3]};
     KV_FN(vec) held[4][4];
     const KV_REAL *query[4];
     KV_FN(hold)(q, 4, D, held, query);
     for (ptrdiff_t r = 0; r < n; r++) {
-        kv_ask_until(ahead, &ask, r + 1);
+        if (r == ask) {
+            kv_ask(ahead, r);
+            ask += ahead->every;
+        }
         const KV_REAL f = scaled ? scale * run->scale[r] : scale;
         KV_FN(four) s;
-        const void *const row[4] = {(const char *)run->rows + r * stride};
-        KV_FN(dot4)(query, row, D, kind, &s, 1);
+        KV_FN(dot4)(query, (const char *)run->rows + r * stride, D, kind, &s);
         s *= f;
         for (int i = 0; i < 4; i++) w[i][r] = s[i];
         const __typeof__(s > top) larger = s > top;        /* the lanes of s to keep */
