@@ -475,7 +475,7 @@ class KVCache:
         if self._scales is not None:
             return self._store_rows(layer_idx, key, value)
         if self.dtype == np.float16 and key.dtype == value.dtype == np.float32:
-            key, value = np.ascontiguousarray(key), np.ascontiguousarray(value)
+            key, value = (np.require(a, requirements="CA") for a in (key, value))
             return self._store_rows(layer_idx, key, value)
         T = key.shape[2]
         keys, values = self._layers[layer_idx]
@@ -1256,13 +1256,13 @@ class KVCache:
         self.caches = DequantizedLayers(self.arena, self.scales)
 
     def _to_quantize(self, name, a):
-        """Keys or values ``a`` (checked) as the float32 C-contiguous rows that
-        ``ArenaAccessor.store`` reads; every value must be finite."""
-        if a.dtype == np.float32 and a.flags.c_contiguous:     # per token: no conversion
+        """Keys or values ``a`` (checked) as the float32 C-contiguous, aligned
+        rows that ``ArenaAccessor.store`` reads; every value must be finite."""
+        if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.aligned:   # per token
             rows = a
         else:
             with np.errstate(over="ignore", invalid="ignore"):
-                rows = np.ascontiguousarray(a, dtype=np.float32)
+                rows = np.require(a, np.float32, "CA")
         if rows is a and a.base is not None and self._in_storage(rows):
             rows = rows.copy()               # store would write what it reads
         # per token, the sum of squares first (one BLAS call, half the cost of

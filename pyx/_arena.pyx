@@ -545,14 +545,14 @@ cdef class ArenaAccessor:
         """int8 and float16 arenas: store key and value (B, H, T, D) of
         ``layer``, row b's position t at slot slots[b, t], on instruction set
         ``isa`` (checked: 0 <= isa <= BEST_ISA): as halves rounded to
-        nearest (NumPy's cast), or as int8 with one absmax / 127 scale per
-        row.
+        nearest, ties to even (NumPy's cast; infinities kept, a NaN stored
+        as a quiet NaN), or as int8 with one absmax / 127 scale per row.
 
         Caller checked: 0 <= layer < L; key and value are float32,
-        C-contiguous, (B, H, T, D), overlap neither the arena nor the
-        scales, and for int8 are finite (what a NaN or infinity becomes
-        differs between instruction sets), for float16 within its range;
-        slots is (B, T), in [0, S).
+        C-contiguous, aligned, (B, H, T, D), overlap neither the arena nor
+        the scales, and for int8 are finite (what a NaN or infinity becomes
+        differs between instruction sets), for float16 have no finite value
+        beyond 65504; slots is (B, T), in [0, S).
         """
         cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
         cdef Py_ssize_t S = self.raw.shape[4], b, t, kv

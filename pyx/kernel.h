@@ -253,8 +253,10 @@ static inline uint16_t kv_float_to_half(float f)
     const uint32_t a = v.u & 0x7fffffffu;
     if (a > 0x7f800000u) return sign | 0x7e00u | (uint16_t)(a >> 13 & 0x3ffu);
     if (a >= 0x477ff000u) return sign | 0x7c00u;
-    if (a < 0x38800000u) {          /* below 2^-14: a subnormal half, or 0 */
-        v.u = a;                    /* in units of 2^-24; 1024 is the least normal */
+    if (a < 0x38800000u) {          /* below 2^-14: a subnormal half, or 0, in units of
+                                       2^-24 (1024 is the least normal), rounded in the
+                                       CPU's mode: to nearest unless a program changed it */
+        v.u = a;
         return sign | (uint16_t)lrintf(v.f * 0x1p24f);
     }
     /* rebias the exponent (127 -> 15), then round 23 bits of fraction to 10:

@@ -285,12 +285,19 @@ def test_float32_rows_round_into_float16_as_numpy_casts(rng, isa, head_dim):
                 np.uint16).tobytes()
 
 
-def test_float16_store_keeps_infinities(rng):
-    cache = KVCache(1, 4, 1, 2, 8, dtype=np.float16)
-    keys = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
-    keys[0, 1, 2, :2] = np.inf, -np.inf
-    cache.update(0, keys, keys)
-    assert np.array_equal(cache.arena[0, 0], keys.astype(np.float16))
+@pytest.mark.parametrize("isa", kernel_info()["isas"])
+@pytest.mark.parametrize("head_dim", [7, 8, 67])
+def test_float16_store_keeps_infinities_and_nan(rng, isa, head_dim):
+    cache = KVCache(1, 4, 1, 2, head_dim, dtype=np.float16)
+    keys = rng.standard_normal((1, 2, 4, head_dim)).astype(np.float32)
+    keys[0, 1, 2, :] = np.inf
+    keys[0, 1, 3, :] = -np.inf
+    keys[0, 0, 1, :] = np.nan
+    with forced_isa(isa):
+        cache.update(0, keys, keys)
+    stored = cache.arena[0, 0]
+    assert np.array_equal(stored, keys.astype(np.float16), equal_nan=True)
+    assert np.signbit(stored[0, 1, 3]).all() and np.isnan(stored[0, 0, 1]).all()
 
 
 def test_float16_store_reads_rows_that_alias_the_arena_before_writing(rng):
