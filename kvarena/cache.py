@@ -26,7 +26,7 @@ import numpy as np
 from kvarena import kernel, storage
 from kvarena.checks import (as_ndarray, check_bool, check_int, check_path, check_positive,
                             check_real, check_storage_dtype, check_threads)
-from kvarena.planner import ARENA_ALIGN
+from kvarena.planner import ARENA_ROOM
 
 try:
     from kvarena import _arena
@@ -848,7 +848,7 @@ class KVCache:
         """
         rope_bytes = 0 if self.rope_theta is None else 2 * self._rope_cos.nbytes
         arena_bytes = storage.arena_bytes(self._arena.shape, self.dtype)   # with int8 scales
-        room = 0 if self.path is not None else ARENA_ALIGN - 1     # see storage.new_arena
+        room = 0 if self.path is not None else ARENA_ROOM     # see storage.new_arena
         total_bytes = arena_bytes + room + rope_bytes
         utilization = int(self._seq_lens.sum()) / (self.batch_size * self.max_seq_len)
         usage = {

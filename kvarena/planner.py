@@ -42,9 +42,11 @@ SCALE_DTYPE = np.dtype(np.float32)
 SCALE_ALIGN = 64
 #: an in-memory arena starts on a multiple of this many bytes, so that rows
 #: of a multiple of 64 bytes start on cache lines (NumPy's large allocations
-#: start 16 bytes past a page); its buffer is ARENA_ALIGN - 1 bytes longer to
-#: find one
+#: start 16 bytes past a page)
 ARENA_ALIGN = 64
+#: how many bytes longer than the arena an in-memory arena's buffer is, to
+#: find such a start in it (a file-backed arena maps the file: none)
+ARENA_ROOM = ARENA_ALIGN - 1
 
 
 def arena_layout(shape, dtype):
@@ -89,8 +91,8 @@ class Footprint:
     total_bytes : int
         Everything the cache holds that grows with its configuration: the
         one arena buffer (``arena_bytes``; for int8 up to 63 bytes of
-        padding and ``scale_bytes``; and 63 bytes of room, ``ARENA_ALIGN -
-        1``, in which the arena moves to start on a 64-byte boundary) and
+        padding and ``scale_bytes``; and 63 bytes of room, ``ARENA_ROOM``,
+        in which the arena moves to start on a 64-byte boundary) and
         ``rope_bytes``. A file-backed arena maps the file instead and needs
         no room: its cache holds 63 bytes fewer.
     scale_bytes : int
@@ -171,7 +173,7 @@ def footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim, dtype=np
     data, offset, total = arena_layout(shape, dt)
     tables = _rope_bytes(max_seq_len, head_dim, rope)
     return Footprint(batch_size, max_seq_len, num_layers, num_heads, head_dim,
-                     dt.name, data, total + ARENA_ALIGN - 1 + tables, total - offset, tables)
+                     dt.name, data, total + ARENA_ROOM + tables, total - offset, tables)
 
 
 def available_memory():

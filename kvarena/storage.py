@@ -60,7 +60,7 @@ import zlib
 import numpy as np
 
 from kvarena.checks import DTYPE_NAMES, SUPPORTED_DTYPES, check_int
-from kvarena.planner import ARENA_ALIGN, SCALE_DTYPE, arena_layout, available_memory
+from kvarena.planner import ARENA_ALIGN, ARENA_ROOM, SCALE_DTYPE, arena_layout, available_memory
 
 try:
     import fcntl
@@ -121,7 +121,7 @@ def new_arena(shape, dtype, lazy):
     """A zeroed in-memory arena ``(arena, scales)``; unless ``lazy``, with
     every page touched now.
 
-    One allocation, ``ARENA_ALIGN - 1`` bytes longer than the arena, which
+    One allocation, ``ARENA_ROOM`` bytes longer than the arena, which
     starts in it on a multiple of ``ARENA_ALIGN``. For int8, the data and
     its scales are views of one buffer (``arena_views``); ``scales`` is
     None for a float arena.
@@ -134,7 +134,7 @@ def new_arena(shape, dtype, lazy):
         swapping or in the kernel's OOM killer, not in an exception.
     """
     nbytes = arena_bytes(shape, dtype)
-    room = nbytes + ARENA_ALIGN - 1
+    room = nbytes + ARENA_ROOM
     if not lazy:
         try:
             available = available_memory()
