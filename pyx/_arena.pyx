@@ -672,6 +672,12 @@ cdef inline double _half(unsigned short bits) noexcept nogil:
     return ldexp(mantissa + 1024, exponent - 25)
 
 
+ctypedef fused float_bits:       # a float16, float32 or float64 read as its bits
+    unsigned short
+    unsigned int
+    unsigned long long
+
+
 # The magnitudes of n floats at p, step elements apart, as the largest of
 # their bits with the sign cleared: for IEEE floats of one width the bits of
 # magnitudes order as the magnitudes do, and a NaN's or an infinity's are the
@@ -679,32 +685,13 @@ cdef inline double _half(unsigned short bits) noexcept nogil:
 # compiler does not reorder a float max, whose NaN rule depends on order):
 # the scan of a float32 block took 2.2 ns an element as a loop of fabs and
 # isfinite, the longest part of writing it into a float16 cache
-cdef inline unsigned long long _most16(const unsigned short *p, Py_ssize_t n,
-                                       Py_ssize_t step) noexcept nogil:
-    cdef unsigned short most = 0, bits
+cdef inline unsigned long long _most(const float_bits *p, Py_ssize_t n,
+                                     Py_ssize_t step) noexcept nogil:
+    cdef float_bits sign = <float_bits>1 << (8 * sizeof(float_bits) - 1)
+    cdef float_bits most = 0, bits
     cdef Py_ssize_t i
     for i in range(n):
-        bits = p[i * step] & 0x7FFF
-        most = bits if bits > most else most
-    return most
-
-
-cdef inline unsigned long long _most32(const unsigned int *p, Py_ssize_t n,
-                                       Py_ssize_t step) noexcept nogil:
-    cdef unsigned int most = 0, bits
-    cdef Py_ssize_t i
-    for i in range(n):
-        bits = p[i * step] & 0x7FFFFFFFu
-        most = bits if bits > most else most
-    return most
-
-
-cdef inline unsigned long long _most64(const unsigned long long *p, Py_ssize_t n,
-                                       Py_ssize_t step) noexcept nogil:
-    cdef unsigned long long most = 0, bits
-    cdef Py_ssize_t i
-    for i in range(n):
-        bits = p[i * step] & 0x7FFFFFFFFFFFFFFFull
+        bits = p[i * step] & ~sign
         most = bits if bits > most else most
     return most
 
@@ -729,14 +716,14 @@ cdef int _scan(cnp.ndarray x, double limit):
                     row = p + i * s[0] + j * s[1] + k * s[2]
                     # step 1 spelled out: the compiler vectorises the inlined loop
                     if size == 2:
-                        bits = _most16(<const unsigned short *>row, n[3], 1) if step == 1 \
-                            else _most16(<const unsigned short *>row, n[3], step)
+                        bits = _most(<const unsigned short *>row, n[3], 1) if step == 1 \
+                            else _most(<const unsigned short *>row, n[3], step)
                     elif size == 4:
-                        bits = _most32(<const unsigned int *>row, n[3], 1) if step == 1 \
-                            else _most32(<const unsigned int *>row, n[3], step)
+                        bits = _most(<const unsigned int *>row, n[3], 1) if step == 1 \
+                            else _most(<const unsigned int *>row, n[3], step)
                     else:
-                        bits = _most64(<const unsigned long long *>row, n[3], 1) if step == 1 \
-                            else _most64(<const unsigned long long *>row, n[3], step)
+                        bits = _most(<const unsigned long long *>row, n[3], 1) if step == 1 \
+                            else _most(<const unsigned long long *>row, n[3], step)
                     if bits >= special:
                         return 1
                     most = bits if bits > most else most
