@@ -10,8 +10,9 @@ float32 scale per stored D-vector beside it, in the same allocation:
 
     scales (num_layers, 2, batch_size, num_heads, max_seq_len)
 
-This module validates all input; ``kvarena._arena`` (pyx/_arena.pyx)
-trusts what it is given and computes.
+This module validates all input and keeps the cache's meaning (lengths,
+windows, pending writes); ``kvarena._arena`` (pyx/_arena.pyx) computes,
+checking only what would take it outside the memory it was given.
 """
 
 import functools

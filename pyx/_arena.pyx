@@ -1,10 +1,12 @@
 """Typed access to the kvarena arena: attention and in-place moves.
 
-Everything here trusts its caller. ``kvarena.cache.KVCache`` validates every
-index, shape, dtype, stride and capacity before calling in; with bounds
-checks off (the release build) a bad index here corrupts memory instead of
-raising. The debug build (KVARENA_CYTHON_DEBUG=1) re-checks the full extent
-of every access and raises IndexError.
+Every entry point checks, in every build, what would send the kernel or a
+copy outside the memory it was given: indices, lengths, shapes, dtypes,
+alignment, overlaps (O(B x T) a call; called from Python, nothing here may
+crash the process). What the values mean (lengths as a cache keeps them,
+finite keys) is ``kvarena.cache.KVCache``'s to check, before it calls in.
+The debug build (KVARENA_CYTHON_DEBUG=1) also bounds-checks every typed
+memoryview index.
 
 Legend, used in every shape below:
     L  layers          B  batch rows      H  key/value heads
@@ -120,10 +122,10 @@ cdef Py_ssize_t EXPLORE_MOST = 256
 cdef class ArenaAccessor:
     """Typed view of one arena.
 
-    Caller guarantees: ``arena`` is C-contiguous, 6-d (L, 2, B, H, S, D), of
-    a native-order float16/float32/float64 or int8 dtype; for int8,
-    ``scales`` is float32 (L, 2, B, H, S), C-contiguous, one per stored row;
-    ``num_threads >= 1``.
+    ``arena``: C-contiguous, aligned, writable, 6-d (L, 2, B, H, S, D), of a
+    native-order float16/float32/float64 or int8 dtype; for int8, ``scales``
+    is float32 (L, 2, B, H, S), C-contiguous, one per stored row;
+    ``num_threads >= 1`` (all checked).
     """
 
     cdef readonly object arena, scales
@@ -172,6 +174,12 @@ cdef class ArenaAccessor:
     cdef Py_ssize_t *seen
 
     def __cinit__(self, arena, int num_threads, scales=None):
+        if not (isinstance(arena, np.ndarray) and arena.ndim == 6 and arena.shape[1] == 2
+                and arena.flags.c_contiguous and arena.flags.aligned
+                and arena.dtype in _STORAGE_CODES) or num_threads < 1:
+            raise ValueError(f"arena must be a C-contiguous, aligned (L, 2, B, H, S, D) array "
+                             f"of native float16, float32, float64 or int8, and num_threads "
+                             f">= 1; got {_described(arena)} and {num_threads}")
         self.arena = arena
         self.scales = scales
         self.num_threads = num_threads
@@ -181,11 +189,12 @@ cdef class ArenaAccessor:
         self.storage = _STORAGE_CODES[arena.dtype]
         self.L, _, self.B, self.H, self.S, self.D = arena.shape
         self.itemsize = arena.dtype.itemsize
-        if (scales is not None) != (self.storage == KV_I8) or \
-                (scales is not None and scales.shape != arena.shape[:5]):
-            raise ValueError(f"scales must be float32 {arena.shape[:5]} for an int8 arena, "
-                             f"and None otherwise; got "
-                             f"{None if scales is None else scales.shape} for {arena.dtype}")
+        if (scales is not None) != (self.storage == KV_I8) or scales is not None and not (
+                isinstance(scales, np.ndarray) and scales.dtype == np.float32
+                and scales.flags.c_contiguous and scales.shape == arena.shape[:5]):
+            raise ValueError(f"scales must be C-contiguous float32 {arena.shape[:5]} for an "
+                             f"int8 arena, and None otherwise; got {_described(scales)} "
+                             f"for {arena.dtype}")
         if scales is not None:
             self.scale = scales
             _extent(scales, &self.scales_lo, &self.scales_hi)
@@ -266,6 +275,10 @@ cdef class ArenaAccessor:
         self._need_tracked()
         return self._as_seen()
 
+    cdef _check_layer(self, str method, Py_ssize_t layer):
+        if not 0 <= layer < self.L:
+            raise ValueError(f"{method}: layer must be in [0, {self.L}); got {layer}")
+
     cdef _need_tracked(self):
         if self.seq_lens == NULL:
             raise RuntimeError("the accessor tracks no lengths: call track() first")
@@ -274,8 +287,8 @@ cdef class ArenaAccessor:
         return memcmp(self.seen, self.seq_lens, self.B * sizeof(Py_ssize_t)) == 0 and \
             memcmp(self.seen + self.B, self.ring, self.B * sizeof(Py_ssize_t)) == 0
 
-    def attend(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
-               int isa):
+    def attend(self, Py_ssize_t layer, cnp.ndarray base not None, cnp.ndarray q not None,
+               cnp.ndarray out not None, int isa):
         """Attention of ``q`` over ``layer`` into ``out``.
 
         q and out are (B, Hq, T, D), Hq = G * H; query head h attends with
@@ -284,16 +297,34 @@ cdef class ArenaAccessor:
         keys and values the caller has written at base[b] ..), through the
         position map set by ``positions``.
 
-        Caller checked: 0 <= layer < L; base is C-contiguous intp (B,);
-        q and out are float32 or float64, native order, 4-d, with strides
-        that are multiples of their itemsize; out is writable and overlaps
-        neither q nor the arena; Hq is a multiple of H; base[b] + T <= S.
+        Checked (ValueError, nothing touched): 0 <= layer < L; base is
+        C-contiguous intp (B,) with 0 <= base[b] <= S - T; q is (B, Hq, T,
+        D) with Hq a positive multiple of H, out has q's shape and is
+        writable, overlapping neither q nor the arena; both are float32 or
+        float64, native order, aligned (so their strides are whole elements).
         """
-        if cnp.PyArray_NDIM(q) != 4 or cnp.PyArray_NDIM(out) != 4 \
-                or base.shape[0] != self.B or base.dtype != np.intp:
-            raise ValueError(f"q and out must be 4-d, base intp ({self.B},); got q "
-                             f"{(<object>q).shape}, out {(<object>out).shape}, base "
-                             f"{(<object>base).shape} {base.dtype}")
+        cdef Py_ssize_t b, T
+        cdef const Py_ssize_t *starts
+        self._check_layer("attend", layer)
+        if not (cnp.PyArray_NDIM(base) == 1 and cnp.PyArray_DIMS(base)[0] == self.B
+                and cnp.PyArray_TYPE(base) == cnp.NPY_INTP and cnp.PyArray_ISCARRAY_RO(base)
+                and cnp.PyArray_ISNOTSWAPPED(base)):
+            raise ValueError(f"attend: base must be C-contiguous, aligned intp ({self.B},); "
+                             f"got {_described(base)}")
+        if not (_is_queries(q) and _is_queries(out) and cnp.PyArray_DIMS(q)[0] == self.B
+                and cnp.PyArray_DIMS(q)[1] > 0 and cnp.PyArray_DIMS(q)[1] % self.H == 0
+                and cnp.PyArray_DIMS(q)[3] == self.D and cnp.PyArray_SAMESHAPE(q, out)):
+            raise ValueError(f"attend: q must be 4-d ({self.B}, G * {self.H}, T, {self.D}), G "
+                             f">= 1, and out of its shape; both float32 or float64, native "
+                             f"order, aligned; got q {_described(q)}, out {_described(out)}")
+        if not cnp.PyArray_ISWRITEABLE(out) or self._overlaps(out) or _overlap(out, q):
+            raise ValueError("attend: out must be writable and overlap neither q nor the arena")
+        T = cnp.PyArray_DIMS(q)[2]
+        starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
+        for b in range(self.B):
+            if not 0 <= starts[b] <= self.S - T:
+                raise ValueError(f"attend: base[{b}] must be in [0, {self.S - T}] (S - T, "
+                                 f"T = {T}); got {starts[b]}")
         self._run(layer, base, q, out, isa)
 
     def attend_plain(self, Py_ssize_t layer, q, k, v, out, int isa, bint check_finite):
@@ -320,12 +351,13 @@ cdef class ArenaAccessor:
         wrong, or handles the rest (lengths changed from outside,
         conversions, eviction).
 
-        Caller checked: 0 <= layer < L.
+        Checked first (ValueError): 0 <= layer < L.
         """
         cdef cnp.ndarray qa, ka, va, oa
         cdef Py_ssize_t b, T
         cdef Py_ssize_t start
         cdef int narrow
+        self._check_layer("attend_plain", layer)
         self._need_tracked()
         if not self._as_seen():
             return None
@@ -452,7 +484,7 @@ cdef class ArenaAccessor:
 
     cdef _run(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
               int isa):
-        # the kernel on q, out (checked by the caller), with the position map
+        # the kernel on q, out (as attend checks them), with the position map
         cdef kv_layer c
         cdef kv_query qq
         cdef Py_ssize_t i, b, work, tile
@@ -488,8 +520,6 @@ cdef class ArenaAccessor:
             qq.os[i] = cnp.PyArray_STRIDES(out)[i] // cnp.PyArray_ITEMSIZE(out)
         qq.Hq, qq.T = cnp.PyArray_DIMS(q)[1], cnp.PyArray_DIMS(q)[2]
         qq.base = starts
-        if KVARENA_BOUNDSCHECK:
-            _check_extent(c, qq, q, out, base, layer, self.L)
         work = 0
         for b in range(c.B):
             work += starts[b] + qq.T
@@ -548,11 +578,12 @@ cdef class ArenaAccessor:
         nearest, ties to even (NumPy's cast; infinities kept, a NaN stored
         as a quiet NaN), or as int8 with one absmax / 127 scale per row.
 
-        Caller checked: 0 <= layer < L; key and value are float32,
-        C-contiguous, aligned, (B, H, T, D), overlap neither the arena nor
-        the scales, and for int8 are finite (what a NaN or infinity becomes
-        differs between instruction sets), for float16 have no finite value
-        beyond 65504; slots is (B, T), in [0, S).
+        Checked (ValueError, nothing stored): 0 <= layer < L; key and value
+        (B, H, T, D) float32, C-contiguous (their type), aligned; slots (B,
+        T) in [0, S). Caller checked: key and value overlap neither the arena
+        nor the scales, and for int8 are finite (what a NaN or infinity
+        becomes differs between instruction sets), for float16 have no finite
+        value beyond 65504.
         """
         cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
         cdef Py_ssize_t S = self.raw.shape[4], b, t, kv
@@ -568,13 +599,12 @@ cdef class ArenaAccessor:
                              f"{(<object>slots).shape}, storage {self.arena.dtype}")
         if not 0 <= isa <= BEST_ISA:
             raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
-        if KVARENA_BOUNDSCHECK:
-            if not 0 <= layer < self.raw.shape[0]:
-                raise IndexError(f"store: layer {layer} out of [0, {self.raw.shape[0]})")
-            for b in range(B):
-                for t in range(T):
-                    if not 0 <= slots[b, t] < S:
-                        raise IndexError(f"store: slot {slots[b, t]} out of [0, {S})")
+        self._check_layer("store", layer)
+        for b in range(B):
+            for t in range(T):
+                if not 0 <= slots[b, t] < S:
+                    raise ValueError(f"store: slots[{b}, {t}] must be in [0, {S}); got "
+                                     f"{slots[b, t]}")
         xs[0], xs[1], xs[2] = H * T * D, T * D, D
         rows[0], rows[1] = &key[0, 0, 0, 0], &value[0, 0, 0, 0]
         with nogil:
@@ -589,16 +619,20 @@ cdef class ArenaAccessor:
 
         Every layer, keys and values, every head; the ranges may overlap.
 
-        Caller checked: src, dst, count have length B; count[b] >= 0 and
-        src[b] + count[b] <= S and dst[b] + count[b] <= S for all b.
+        Checked (ValueError, nothing moved): src, dst, count have length B;
+        count[b] >= 0, src[b] >= 0, dst[b] >= 0, src[b] + count[b] <= S and
+        dst[b] + count[b] <= S for all b.
         """
         cdef Py_ssize_t layer, kv, b, h, S = self.raw.shape[4]
         cdef Py_ssize_t row_bytes = self.raw.shape[5]
-        if KVARENA_BOUNDSCHECK:
-            for b in range(self.raw.shape[2]):
-                if count[b] < 0 or src[b] < 0 or dst[b] < 0 \
-                        or src[b] + count[b] > S or dst[b] + count[b] > S:
-                    raise IndexError(f"move: row {b} range out of bounds")
+        if not src.shape[0] == dst.shape[0] == count.shape[0] == self.B:
+            raise ValueError(f"move: src, dst and count must have {self.B} entries; got "
+                             f"{src.shape[0]}, {dst.shape[0]}, {count.shape[0]}")
+        for b in range(self.B):
+            if count[b] < 0 or src[b] < 0 or dst[b] < 0 \
+                    or src[b] > S - count[b] or dst[b] > S - count[b]:    # sums may overflow
+                raise ValueError(f"move: row {b}'s ranges [{src[b]}, {src[b]} + {count[b]}) "
+                                 f"and [{dst[b]}, {dst[b]} + {count[b]}) must lie in [0, {S}]")
         with nogil:
             for layer in range(self.raw.shape[0]):
                 for kv in range(2):
@@ -625,6 +659,22 @@ cdef void _extent(cnp.ndarray x, const char **lo, const char **hi):
         else:
             hi[0] += span
     hi[0] += cnp.PyArray_ITEMSIZE(x)
+
+
+cdef inline bint _is_queries(cnp.ndarray x):
+    # 4-d float32 or float64, native order, aligned: what the kernel reads as
+    # queries and writes as outputs, with strides in whole elements
+    return cnp.PyArray_NDIM(x) == 4 and cnp.PyArray_ISNOTSWAPPED(x) \
+        and cnp.PyArray_ISALIGNED(x) \
+        and cnp.PyArray_TYPE(x) in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
+
+
+cdef str _described(x):
+    # an argument as the messages above show it
+    if not isinstance(x, np.ndarray):
+        return repr(x) if x is None else type(x).__name__
+    layout = "C-contiguous" if x.flags.c_contiguous else "strided"
+    return f"{x.dtype.str} {x.shape} {layout}{'' if x.flags.aligned else ' unaligned'}"
 
 
 cdef bint _overlap(cnp.ndarray x, cnp.ndarray y):
@@ -736,22 +786,3 @@ cdef int _scan(cnp.ndarray x, double limit):
     else:
         memcpy(&largest, &most, 8)
     return 2 if largest > limit else 0
-
-
-cdef _check_extent(kv_layer c, kv_query qq, q, out, base, Py_ssize_t layer, Py_ssize_t L):
-    # the debug build's re-check of everything the kernel will touch
-    cdef Py_ssize_t b
-    if not 0 <= layer < L:
-        raise IndexError(f"attend: layer {layer} out of [0, {L})")
-    if base.dtype != np.intp or not base.flags.c_contiguous or base.shape != (c.B,):
-        raise IndexError(f"attend: base must be C-contiguous intp of shape ({c.B},)")
-    if qq.Hq % c.H or q.shape[0] != c.B or q.shape[3] != c.D \
-            or out.shape != q.shape:
-        raise IndexError(f"attend: q {q.shape} / out {out.shape} do not fit the arena")
-    for b in range(c.B):
-        if base[b] < 0 or base[b] + qq.T > c.S:
-            raise IndexError(f"attend: row {b} positions [0, {base[b] + qq.T}) "
-                             f"out of [0, {c.S})")
-    for a in (q, out):
-        if any(s % a.dtype.itemsize for s in a.strides) or a.dtype.itemsize not in (4, 8):
-            raise IndexError("attend: q or out has an unaligned stride or a bad dtype")

@@ -959,9 +959,9 @@ def test_truncating_a_mapped_file_is_a_sigbus_as_documented(tmp_path):
 # -- the accessor's own options ---------------------------------------------------
 
 def test_accessor_options_are_checked_in_every_build(tmp_path):
-    # kvarena._arena trusts shapes and indices, but not the options that steer
-    # the kernel into other memory (a ring head, rotary tables, int8 scales,
-    # the instruction set): before these checks each of them crashed the process
+    # the options that steer the kernel into other memory (a ring head, rotary
+    # tables, int8 scales, the instruction set): before these checks each of
+    # them crashed the process
     run('''
         from kvarena import _arena
         arena = np.zeros((1, 2, 2, 2, 8, 4), np.float32)
@@ -988,7 +988,7 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         ring[1] = 6
         refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 6", acc.attend, 0, base,
                 q, out, 0)
-        refused(ValueError, "scales must be float32", _arena.ArenaAccessor,
+        refused(ValueError, "scales must be C-contiguous float32", _arena.ArenaAccessor,
                 np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1)
         int8 = _arena.ArenaAccessor(np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1,
                                     np.zeros((1, 2, 2, 2, 8), np.float32))
@@ -1010,4 +1010,87 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         frozen.flags.writeable = False
         refused(ValueError, "seq_lens must be", acc.track, frozen, ring, written)
         refused(RuntimeError, "call track", acc.lengths_unchanged)
+    ''', tmp_path)
+
+
+def test_accessor_indices_and_shapes_are_checked_in_every_build(tmp_path):
+    # what the accessor is called with straight from Python (cache._accessor):
+    # each of these read or wrote outside the arena in the release build
+    # (some crashed the process, some corrupted memory silently) and raised
+    # IndexError only in the bounds-checked one. Now a ValueError naming the
+    # argument, in every build, with the arena as it was
+    run('''
+        from kvarena import _arena
+        cache = filled(B=2, S=8, L=2, H=2, D=4, n=3)
+        acc, arena = cache._accessor, cache._arena
+        base, q = np.array([3, 3], np.intp), np.zeros((2, 4, 1, 4), np.float32)
+        out = np.empty_like(q)
+
+        def attend(layer=0, base=base, q=q, out=out):
+            return refused(ValueError, pattern, acc.attend, layer, base, q, out, 0, cache=cache)
+
+        for layer in (2, 99, -1):
+            pattern = rf"attend: layer must be in \\[0, 2\\); got {layer}"
+            attend(layer)
+            pattern = rf"attend_plain: layer must be in \\[0, 2\\); got {layer}"
+            refused(ValueError, pattern, acc.attend_plain, layer, q, q[:, :2], q[:, :2], None, 0,
+                    False, cache=cache)
+        pattern = r"base\\[1\\] must be in \\[0, 7\\] \\(S - T, T = 1\\); got 8"
+        attend(base=np.array([3, 8], np.intp))
+        pattern = r"base\\[0\\] must be in \\[0, 6\\] \\(S - T, T = 2\\); got 7"
+        attend(base=np.array([7, 0], np.intp), q=np.zeros((2, 2, 2, 4), np.float32),
+               out=np.zeros((2, 2, 2, 4), np.float32))
+        pattern = r"got -1"
+        attend(base=np.array([0, -1], np.intp))
+        pattern = r"base must be C-contiguous, aligned intp \\(2,\\); got "
+        for bad in (np.array([3, 3], np.int32), np.array([3], np.intp),
+                    np.array([3, 0, 3], np.intp)[::2], np.array([3, 3], ">i8")):
+            attend(base=bad)
+        pattern = r"q must be 4-d \\(2, G \\* 2, T, 4\\), G >= 1, and out of its shape"
+        for bad in (np.zeros((1, 4, 1, 4), np.float32), np.zeros((2, 3, 1, 4), np.float32),
+                    np.zeros((2, 0, 1, 4), np.float32), np.zeros((2, 4, 1, 5), np.float32),
+                    np.zeros((2, 4, 1, 4), np.float16), np.zeros((2, 4, 1, 4), ">f4"),
+                    np.zeros(4 * 32 + 1, np.uint8)[1:].view(np.float32).reshape(2, 4, 1, 4)):
+            attend(q=bad, out=np.zeros(bad.shape, np.float32))
+        attend(out=np.zeros((2, 4, 2, 4), np.float32))
+        attend(out=np.zeros((2, 4, 1, 4), np.float16))
+        pattern = "out must be writable and overlap neither q nor the arena"
+        frozen = np.zeros_like(q)
+        frozen.flags.writeable = False
+        attend(out=frozen)
+        attend(out=q)
+        attend(out=arena.reshape(-1)[:q.size].reshape(q.shape))
+
+        slots = np.full((2, 1), 4, np.intp)
+        key = np.ones((2, 2, 1, 4), np.float32)
+        half = KVCache(2, 8, 2, 2, 4, dtype=np.float16)
+        for layer in (2, -1):
+            refused(ValueError, rf"store: layer must be in \\[0, 2\\); got {layer}",
+                    half._accessor.store, layer, slots, key, key, 0, cache=half)
+        for slot in (8, -1, 1 << 40):
+            bad = slots.copy()
+            bad[1, 0] = slot
+            refused(ValueError, rf"store: slots\\[1, 0\\] must be in \\[0, 8\\); got {slot}",
+                    half._accessor.store, 0, bad, key, key, 0, cache=half)
+
+        def move(src, dst, count, pattern):
+            refused(ValueError, pattern, acc.move, *(np.array(a, np.intp) for a in
+                                                   (src, dst, count)), cache=cache)
+        move([0], [0], [1], r"move: src, dst and count must have 2 entries; got 1, 1, 1")
+        move([0, 0], [0, 0, 0], [1, 1], r"got 2, 3, 2")
+        for src, dst, count in (([0, 6], [0, 0], [1, 3]), ([0, 0], [0, 6], [1, 3]),
+                                ([0, 0], [0, 0], [1, -1]), ([0, -1], [0, 0], [1, 1]),
+                                ([0, 0], [0, -1], [1, 1]), ([0, 1 << 62], [0, 1 << 62], [1, 1 << 62])):
+            move(src, dst, count, r"move: row 1's ranges .* must lie in \\[0, 8\\]")
+
+        for bad, threads in ((arena[:, :, :, :, ::2], 1), (arena[0], 1), (arena, 0),
+                             (arena.astype(">f4"), 1), (arena.astype(np.int16), 1),
+                             (arena.tolist(), 1)):
+            refused(ValueError, "arena must be a C-contiguous, aligned", _arena.ArenaAccessor,
+                    bad, threads)
+        int8 = np.zeros((1, 2, 2, 2, 8, 4), np.int8)
+        for scales in (np.zeros((1, 2, 2, 2, 16), np.float32)[..., ::2],
+                       np.zeros((1, 2, 2, 2, 8), np.float64)):
+            refused(ValueError, "scales must be C-contiguous float32", _arena.ArenaAccessor,
+                    int8, 1, scales)
     ''', tmp_path)

@@ -6,9 +6,8 @@
     through any view the cache hands out;
 (c) two threads on two caches give the bits a sequential run gives, and
     one and two kernel threads give the same bits;
-(d) no public function modifies its array arguments;
-(e) a bounds-checked build (KVARENA_CYTHON_DEBUG=1) turns a bad layer index
-    given straight to the accessor into IndexError.
+(d) no public function modifies its array arguments.
+(The accessor's own checks of indices and shapes: test_adversarial.py.)
 """
 
 import gc
@@ -20,7 +19,6 @@ import numpy as np
 import psutil
 import pytest
 
-import kvarena._arena
 from kvarena import KVCache, attend_reference, enable_kv_cache
 from kvarena.models import GPT, CachedMultiHeadAttention
 
@@ -252,41 +250,3 @@ def test_gpt_generate_and_forward_leave_tokens_untouched(cached):
     frozen = Frozen(tokens)
     model.forward(tokens)
     frozen.check()
-
-
-# -- (e) bounds-checked build ------------------------------------------------
-
-@pytest.mark.skipif(not kvarena._arena.BOUNDSCHECK,
-                    reason="needs the bounds-checked build (make test-debug)")
-@pytest.mark.parametrize("layer", [2, 50, -1])
-def test_accessor_out_of_range_layer_raises_in_debug_build(layer):
-    # the accessor trusts its caller; with bounds checks compiled in, a bad
-    # layer must surface as IndexError, not as a silent read or a warning
-    cache = KVCache(1, 4, 2, 1, 2)
-    block = np.ones((1, 1, 1, 2), np.float32)
-    before = cache._arena.tobytes()
-    with pytest.raises(IndexError):
-        cache._accessor.attend(layer, cache._seq_lens, block, np.empty_like(block), 0)
-    assert cache._arena.tobytes() == before
-
-
-@pytest.mark.skipif(not kvarena._arena.BOUNDSCHECK,
-                    reason="needs the bounds-checked build (make test-debug)")
-@pytest.mark.parametrize("base, T", [([3], 2), ([4], 1), ([-1], 1)])
-def test_accessor_checks_the_whole_extent_in_debug_build(base, T):
-    # positions [0, base + T) must lie inside the arena, not only the first one
-    cache = KVCache(1, 4, 1, 1, 2)
-    block = np.ones((1, 1, T, 2), np.float32)
-    with pytest.raises(IndexError, match="out of"):
-        cache._accessor.attend(0, np.array(base, np.intp), block, np.empty_like(block), 0)
-
-
-@pytest.mark.skipif(not kvarena._arena.BOUNDSCHECK,
-                    reason="needs the bounds-checked build (make test-debug)")
-@pytest.mark.parametrize("src, dst, count", [([2], [0], [3]), ([0], [2], [3]), ([0], [0], [-1])])
-def test_accessor_move_checks_both_ends_in_debug_build(src, dst, count):
-    cache = KVCache(1, 4, 1, 1, 2)
-    before = cache._arena.tobytes()
-    with pytest.raises(IndexError, match="out of bounds"):
-        cache._accessor.move(*(np.array(a, np.intp) for a in (src, dst, count)))
-    assert cache._arena.tobytes() == before
