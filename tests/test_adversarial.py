@@ -1080,7 +1080,8 @@ def test_accessor_indices_and_shapes_are_checked_in_every_build(tmp_path):
         move([0, 0], [0, 0, 0], [1, 1], r"got 2, 3, 2")
         for src, dst, count in (([0, 6], [0, 0], [1, 3]), ([0, 0], [0, 6], [1, 3]),
                                 ([0, 0], [0, 0], [1, -1]), ([0, -1], [0, 0], [1, 1]),
-                                ([0, 0], [0, -1], [1, 1]), ([0, 1 << 62], [0, 1 << 62], [1, 1 << 62])):
+                                ([0, 0], [0, -1], [1, 1]),
+                                ([0, 1 << 62], [0, 1 << 62], [1, 1 << 62])):    # sums overflow
             move(src, dst, count, r"move: row 1's ranges .* must lie in \\[0, 8\\]")
 
         for bad, threads in ((arena[:, :, :, :, ::2], 1), (arena[0], 1), (arena, 0),
