@@ -589,7 +589,7 @@ class KVCache:
             raise RuntimeError(f"seq_lens = {self._seq_lens.tolist()} were changed outside "
                                f"the cache's methods and are no longer in [0, max_seq_len = "
                                f"{self.max_seq_len}]; the cache refuses to write")
-        # the kernel trusts the ring heads too
+        # the ring heads likewise
         if int(self._ring.view(np.uintp).max(initial=0)) >= (self.window or 1):
             raise RuntimeError(f"ring heads {self._ring.tolist()} were changed outside the "
                                f"cache's methods and are no longer in [0, window = "

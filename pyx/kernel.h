@@ -21,7 +21,8 @@
  * baseline; kv_best_isa() picks the widest the CPU has at run time, so an
  * extension built on one machine runs on an older one.
  *
- * Everything here trusts its caller (kvarena.cache checks every input).
+ * Everything here trusts its caller: kvarena._arena checks every index and
+ * shape it passes in, kvarena.cache what the values mean.
  */
 #ifndef KVARENA_KERNEL_H
 #define KVARENA_KERNEL_H
