@@ -1,7 +1,8 @@
 """Build the kvarena._arena extension from pyx/_arena.pyx.
 
 Cython directives are set here once for the whole extension. Bounds checks
-are off: kvarena/cache.py validates every input before the kernel sees it.
+are off: the accessor's entry points check every index and shape themselves
+(pyx/_arena.pyx), and kvarena/cache.py every input before that.
 KVARENA_CYTHON_DEBUG=1 at build time turns bounds and initialisation
 checks back on, so the test suite can run once against a checked build.
 """

@@ -3,10 +3,13 @@
 Every entry point checks, in every build, what would send the kernel or a
 copy outside the memory it was given: indices, lengths, shapes, dtypes,
 alignment, overlaps (O(B x T) a call; called from Python, nothing here may
-crash the process). What the values mean (lengths as a cache keeps them,
-finite keys) is ``kvarena.cache.KVCache``'s to check, before it calls in.
-The debug build (KVARENA_CYTHON_DEBUG=1) also bounds-checks every typed
-memoryview index.
+crash the process). Index arrays (positions, slots, ring heads, ranges) are
+copied before they are checked, and the copies used: the arrays they come
+from may share memory with what the call writes, or be changed by another
+thread while the kernel runs without the GIL. What the values mean (lengths
+as a cache keeps them, finite keys) is ``kvarena.cache.KVCache``'s to check,
+before it calls in. The debug build (KVARENA_CYTHON_DEBUG=1) also
+bounds-checks every typed memoryview index.
 
 Legend, used in every shape below:
     L  layers          B  batch rows      H  key/value heads
@@ -122,10 +125,11 @@ cdef Py_ssize_t EXPLORE_MOST = 256
 cdef class ArenaAccessor:
     """Typed view of one arena.
 
-    ``arena``: C-contiguous, aligned, writable, 6-d (L, 2, B, H, S, D), of a
-    native-order float16/float32/float64 or int8 dtype; for int8, ``scales``
-    is float32 (L, 2, B, H, S), C-contiguous, one per stored row;
-    ``num_threads >= 1`` (all checked).
+    ``arena``: writable, C-contiguous, aligned, 6-d (L, 2, B, H, S, D) with
+    no size 0, of a native-order float16/float32/float64 or int8 dtype; for
+    int8, ``scales`` is float32 (L, 2, B, H, S), writable, C-contiguous,
+    aligned, one per stored row; ``num_threads >= 1`` (all checked:
+    ValueError).
     """
 
     cdef readonly object arena, scales
@@ -175,11 +179,13 @@ cdef class ArenaAccessor:
 
     def __cinit__(self, arena, int num_threads, scales=None):
         if not (isinstance(arena, np.ndarray) and arena.ndim == 6 and arena.shape[1] == 2
-                and arena.flags.c_contiguous and arena.flags.aligned
-                and arena.dtype in _STORAGE_CODES) or num_threads < 1:
-            raise ValueError(f"arena must be a C-contiguous, aligned (L, 2, B, H, S, D) array "
-                             f"of native float16, float32, float64 or int8, and num_threads "
-                             f">= 1; got {_described(arena)} and {num_threads}")
+                and min(arena.shape) >= 1 and _is_writable_carray(arena)
+                and arena.dtype in _STORAGE_CODES):
+            raise ValueError(f"arena must be a writable, C-contiguous, aligned (L, 2, B, H, S, "
+                             f"D) array, no size 0, of native float16, float32, float64 or "
+                             f"int8; got {_described(arena)}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1; got {num_threads}")
         self.arena = arena
         self.scales = scales
         self.num_threads = num_threads
@@ -191,10 +197,10 @@ cdef class ArenaAccessor:
         self.itemsize = arena.dtype.itemsize
         if (scales is not None) != (self.storage == KV_I8) or scales is not None and not (
                 isinstance(scales, np.ndarray) and scales.dtype == np.float32
-                and scales.flags.c_contiguous and scales.shape == arena.shape[:5]):
-            raise ValueError(f"scales must be C-contiguous float32 {arena.shape[:5]} for an "
-                             f"int8 arena, and None otherwise; got {_described(scales)} "
-                             f"for {arena.dtype}")
+                and _is_writable_carray(scales) and scales.shape == arena.shape[:5]):
+            raise ValueError(f"scales must be writable, C-contiguous, aligned float32 "
+                             f"{arena.shape[:5]} for an int8 arena, and None otherwise; got "
+                             f"{_described(scales)} for {arena.dtype}")
         if scales is not None:
             self.scale = scales
             _extent(scales, &self.scales_lo, &self.scales_hi)
@@ -299,12 +305,11 @@ cdef class ArenaAccessor:
 
         Checked (ValueError, nothing touched): 0 <= layer < L; base is
         C-contiguous intp (B,) with 0 <= base[b] <= S - T; q is (B, Hq, T,
-        D) with Hq a positive multiple of H, out has q's shape and is
-        writable, overlapping neither q nor the arena; both are float32 or
-        float64, native order, aligned (so their strides are whole elements).
+        D) with T >= 1 and Hq a positive multiple of H, out has q's shape
+        and is writable, overlapping neither itself, q, the arena nor the
+        scales; both are float32 or float64, native order, aligned (so their
+        strides are whole elements).
         """
-        cdef Py_ssize_t b, T
-        cdef const Py_ssize_t *starts
         self._check_layer("attend", layer)
         if not (cnp.PyArray_NDIM(base) == 1 and cnp.PyArray_DIMS(base)[0] == self.B
                 and cnp.PyArray_TYPE(base) == cnp.NPY_INTP and cnp.PyArray_ISCARRAY_RO(base)
@@ -313,19 +318,23 @@ cdef class ArenaAccessor:
                              f"got {_described(base)}")
         if not (_is_queries(q) and _is_queries(out) and cnp.PyArray_DIMS(q)[0] == self.B
                 and cnp.PyArray_DIMS(q)[1] > 0 and cnp.PyArray_DIMS(q)[1] % self.H == 0
-                and cnp.PyArray_DIMS(q)[3] == self.D and cnp.PyArray_SAMESHAPE(q, out)):
+                and cnp.PyArray_DIMS(q)[2] > 0 and cnp.PyArray_DIMS(q)[3] == self.D
+                and cnp.PyArray_SAMESHAPE(q, out)):
             raise ValueError(f"attend: q must be 4-d ({self.B}, G * {self.H}, T, {self.D}), G "
-                             f">= 1, and out of its shape; both float32 or float64, native "
-                             f"order, aligned; got q {_described(q)}, out {_described(out)}")
-        if not cnp.PyArray_ISWRITEABLE(out) or self._overlaps(out) or _overlap(out, q):
-            raise ValueError("attend: out must be writable and overlap neither q nor the arena")
-        T = cnp.PyArray_DIMS(q)[2]
-        starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
-        for b in range(self.B):
-            if not 0 <= starts[b] <= self.S - T:
-                raise ValueError(f"attend: base[{b}] must be in [0, {self.S - T}] (S - T, "
-                                 f"T = {T}); got {starts[b]}")
-        self._run(layer, base, q, out, isa)
+                             f">= 1, T >= 1, and out of its shape; both float32 or float64, "
+                             f"native order, aligned; got q {_described(q)}, out "
+                             f"{_described(out)}")
+        if not cnp.PyArray_ISWRITEABLE(out):
+            raise ValueError("attend: out must be writable")
+        if self._overlaps(out) or _overlap(out, q):
+            raise ValueError("attend: out must overlap neither q nor the arena and its scales")
+        # an out whose elements share bytes: besides a wrong result, a size
+        # far beyond the memory it spans (zero strides) would overflow the
+        # kernel's scratch sizes, which grow with G * T
+        if _span(out) < cnp.PyArray_NBYTES(out):
+            raise ValueError(f"attend: out must not overlap itself; got strides "
+                             f"{(<object>out).strides} for shape {(<object>out).shape}")
+        self._run(layer, <const Py_ssize_t *>cnp.PyArray_DATA(base), q, out, isa)
 
     def attend_plain(self, Py_ssize_t layer, q, k, v, out, int isa, bint check_finite):
         """The common call checked, written and attended in one step; or None.
@@ -405,7 +414,7 @@ cdef class ArenaAccessor:
             self.written[0] = start + T
         self._store(layer, 0, ka, start, isa)
         self._store(layer, 1, va, start, isa)
-        self._run(layer, self.seq_lens_array, qa, oa, isa)
+        self._run(layer, self.seq_lens, qa, oa, isa)
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):
@@ -444,8 +453,6 @@ cdef class ArenaAccessor:
         cdef const char *row
         cdef unsigned char *dst
         cdef Py_ssize_t *slots
-        if KVARENA_BOUNDSCHECK and not 0 <= start <= self.S - T:
-            raise IndexError(f"attend_plain: slots [{start}, {start + T}) out of [0, {self.S})")
         cdef Py_ssize_t xs[3]
         if self.storage == KV_I8 or (self.storage == KV_F16 and s[3] == 4
                                      and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32):
@@ -482,23 +489,46 @@ cdef class ArenaAccessor:
                             for d in range(D):
                                 memcpy(dst + d * size, row + d * s[3], size)
 
-    cdef _run(self, Py_ssize_t layer, cnp.ndarray base, cnp.ndarray q, cnp.ndarray out,
+    cdef _run(self, Py_ssize_t layer, const Py_ssize_t *base, cnp.ndarray q, cnp.ndarray out,
               int isa):
-        # the kernel on q, out (as attend checks them), with the position map
-        cdef kv_layer c
-        cdef kv_query qq
-        cdef Py_ssize_t i, b, work, tile
-        cdef int status
-        cdef const Py_ssize_t *starts = <const Py_ssize_t *>cnp.PyArray_DATA(base)
-        # checked in every build: O(B), and a wrong one would send the
-        # kernel outside the arena
+        # the kernel on q, out (as attend checks them) for rows whose new
+        # positions start at base[b], with the position map. base and the
+        # ring heads are copied into rows (on the stack for up to 32 rows),
+        # and the copies checked and read
+        cdef Py_ssize_t small[64]
+        cdef Py_ssize_t *rows
         if not 0 <= isa <= BEST_ISA:
             raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
+        if 2 * self.B <= 64:
+            self._run_rows(layer, base, small, q, out, isa)
+            return
+        rows = <Py_ssize_t *>PyMem_Malloc(2 * self.B * sizeof(Py_ssize_t))
+        if rows == NULL:
+            raise MemoryError()
+        try:
+            self._run_rows(layer, base, rows, q, out, isa)
+        finally:
+            PyMem_Free(rows)
+
+    cdef int _run_rows(self, Py_ssize_t layer, const Py_ssize_t *base, Py_ssize_t *rows,
+                       cnp.ndarray q, cnp.ndarray out, int isa) except -1:
+        # _run with rows (2 B entries) for the copies: rows[b] the start of
+        # row b's new positions, rows[B + b] its ring head (with a ring)
+        cdef kv_layer c
+        cdef kv_query qq
+        cdef Py_ssize_t i, b, work, tile, T = cnp.PyArray_DIMS(q)[2]
+        cdef int status
+        cdef const Py_ssize_t *starts = rows
+        memcpy(rows, base, self.B * sizeof(Py_ssize_t))
         if self.ring_head != NULL:
-            for b in range(self.B):
-                if not 0 <= self.ring_head[b] < self.S - self.n_sink:
-                    raise ValueError(f"ring_head[{b}] must be in [0, {self.S - self.n_sink}); "
-                                     f"got {self.ring_head[b]}")
+            memcpy(rows + self.B, self.ring_head, self.B * sizeof(Py_ssize_t))
+        for b in range(self.B):
+            if not 0 <= rows[b] <= self.S - T:
+                raise ValueError(f"attend: base[{b}] must be in [0, {self.S - T}] (S - T, "
+                                 f"T = {T}); got {rows[b]}")
+            if self.ring_head != NULL and not 0 <= rows[self.B + b] < self.S - self.n_sink:
+                raise ValueError(f"ring_head[{b}] must be in [0, {self.S - self.n_sink}); "
+                                 f"got {rows[self.B + b]}")
         c.dtype = self.storage
         c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
         c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
@@ -508,7 +538,7 @@ cdef class ArenaAccessor:
             c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
             c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
         c.n_sink = self.n_sink
-        c.ring_head = self.ring_head
+        c.ring_head = rows + self.B if self.ring_head != NULL else NULL
         c.rope_cos, c.rope_sin = self.rope_cos, self.rope_sin
         c.rope_interleaved = self.rope_interleaved
         qq.q = cnp.PyArray_DATA(q)
@@ -534,6 +564,7 @@ cdef class ArenaAccessor:
             status = self._attend_timed(&c, &qq, isa, work)
         if status != 0:
             raise MemoryError("kvarena: no memory for the attention kernel's scratch")
+        return 0
 
     cdef int _attend_timed(self, const kv_layer *c, const kv_query *q, int isa, Py_ssize_t work):
         # the thread count that has been faster per byte, or at the end of a
@@ -570,79 +601,91 @@ cdef class ArenaAccessor:
         """Smoothed seconds per byte of K and V measured on (1, num_threads) threads."""
         return self.seconds_per_byte[0], self.seconds_per_byte[1]
 
-    def store(self, Py_ssize_t layer, const Py_ssize_t[:, ::1] slots,
-              const float[:, :, :, ::1] key, const float[:, :, :, ::1] value, int isa):
+    def store(self, Py_ssize_t layer, cnp.ndarray slots not None, cnp.ndarray key not None,
+              cnp.ndarray value not None, int isa):
         """int8 and float16 arenas: store key and value (B, H, T, D) of
         ``layer``, row b's position t at slot slots[b, t], on instruction set
         ``isa`` (checked: 0 <= isa <= BEST_ISA): as halves rounded to
         nearest, ties to even (NumPy's cast; infinities kept, a NaN stored
         as a quiet NaN), or as int8 with one absmax / 127 scale per row.
 
-        Checked (ValueError, nothing stored): 0 <= layer < L; key and value
-        (B, H, T, D) float32, C-contiguous (their type), aligned; slots (B,
-        T) in [0, S). Caller checked: key and value overlap neither the arena
+        Checked (ValueError, nothing stored): an int8 or float16 arena; 0 <=
+        layer < L; key and value C-contiguous, aligned, native float32 (B,
+        H, T, D); slots intp (B, T), in [0, S) (copied, and the copy checked
+        and used). Caller checked: key and value overlap neither the arena
         nor the scales, and for int8 are finite (what a NaN or infinity
         becomes differs between instruction sets), for float16 have no finite
         value beyond 65504.
         """
-        cdef Py_ssize_t B = key.shape[0], H = key.shape[1], T = key.shape[2], D = key.shape[3]
-        cdef Py_ssize_t S = self.raw.shape[4], b, t, kv
+        cdef Py_ssize_t B = self.B, H = self.H, D = self.D, S = self.S, T, b, kv
         cdef Py_ssize_t xs[3]
+        cdef cnp.ndarray own
+        cdef const Py_ssize_t *at
         cdef const float *rows[2]
-        # shapes in every build (a mismatch would write outside the arena)
-        if self.storage not in (KV_I8, KV_F16) or B != self.B or H != self.H or D != self.D \
-                or value.shape[0] != B or value.shape[1] != H or value.shape[2] != T \
-                or value.shape[3] != D or slots.shape[0] != B or slots.shape[1] != T:
-            raise ValueError(f"store: an int8 or float16 arena and key, value ({self.B}, "
-                             f"{self.H}, T, {self.D}) with slots (B, T) are needed; got key "
-                             f"{(<object>key).shape}, value {(<object>value).shape}, slots "
-                             f"{(<object>slots).shape}, storage {self.arena.dtype}")
+        if self.storage not in (KV_I8, KV_F16):
+            raise ValueError(f"store: an int8 or float16 arena is needed; this one is "
+                             f"{self.arena.dtype}")
+        self._check_layer("store", layer)
+        T = cnp.PyArray_DIMS(key)[2] if cnp.PyArray_NDIM(key) == 4 else -1
+        for name, x in (("key", key), ("value", value)):
+            if not (cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY_RO(x)
+                    and cnp.PyArray_ISNOTSWAPPED(x) and (<object>x).shape == (B, H, T, D)):
+                raise ValueError(f"store: {name} must be C-contiguous, aligned, native float32 "
+                                 f"({B}, {H}, T, {D}), T as key's; got {_described(x)}")
+        if not (cnp.PyArray_TYPE(slots) == cnp.NPY_INTP and cnp.PyArray_ISNOTSWAPPED(slots)
+                and (<object>slots).shape == (B, T)):
+            raise ValueError(f"store: slots must be intp ({B}, {T}); got {_described(slots)}")
         if not 0 <= isa <= BEST_ISA:
             raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
-        self._check_layer("store", layer)
-        for b in range(B):
-            for t in range(T):
-                if not 0 <= slots[b, t] < S:
-                    raise ValueError(f"store: slots[{b}, {t}] must be in [0, {S}); got "
-                                     f"{slots[b, t]}")
+        own = np.array(slots, order="C")        # the copy the checks and the store read
+        at = <const Py_ssize_t *>cnp.PyArray_DATA(own)
+        for b in range(B * T):
+            if not 0 <= at[b] < S:
+                raise ValueError(f"store: slots[{b // T}, {b % T}] must be in [0, {S}); got "
+                                 f"{at[b]}")
         xs[0], xs[1], xs[2] = H * T * D, T * D, D
-        rows[0], rows[1] = &key[0, 0, 0, 0], &value[0, 0, 0, 0]
+        rows[0] = <const float *>cnp.PyArray_DATA(key)
+        rows[1] = <const float *>cnp.PyArray_DATA(value)
         with nogil:
             for kv in range(2):
                 kv_store(rows[kv], xs, self.storage, &self.raw[layer, kv, 0, 0, 0, 0],
                          &self.scale[layer, kv, 0, 0, 0] if self.storage == KV_I8 else NULL,
-                         &slots[0, 0], B, H, S, D, T, isa)
+                         at, B, H, S, D, T, isa)
 
-    def move(self, const Py_ssize_t[::1] src, const Py_ssize_t[::1] dst,
-             const Py_ssize_t[::1] count):
+    def move(self, src, dst, count):
         """In row b, move positions src[b] .. src[b] + count[b] - 1 to dst[b] onwards.
 
         Every layer, keys and values, every head; the ranges may overlap.
 
-        Checked (ValueError, nothing moved): src, dst, count have length B;
-        count[b] >= 0, src[b] >= 0, dst[b] >= 0, src[b] + count[b] <= S and
-        dst[b] + count[b] <= S for all b.
+        Checked (ValueError, nothing moved): src, dst, count are intp arrays
+        of B entries (copied, and the copies checked and used); count[b] >=
+        0, src[b] >= 0, dst[b] >= 0, src[b] + count[b] <= S and dst[b] +
+        count[b] <= S for all b.
         """
-        cdef Py_ssize_t layer, kv, b, h, S = self.raw.shape[4]
+        cdef Py_ssize_t layer, kv, b, h, S = self.S
         cdef Py_ssize_t row_bytes = self.raw.shape[5]
-        if not src.shape[0] == dst.shape[0] == count.shape[0] == self.B:
-            raise ValueError(f"move: src, dst and count must have {self.B} entries; got "
-                             f"{src.shape[0]}, {dst.shape[0]}, {count.shape[0]}")
+        cdef Py_ssize_t[::1] at, to, n
+        copies = []
+        for name, x in (("src", src), ("dst", dst), ("count", count)):
+            if not (isinstance(x, np.ndarray) and x.dtype == np.intp and x.shape == (self.B,)):
+                raise ValueError(f"move: {name} must be an intp array of {self.B} entries; got "
+                                 f"{_described(x)}")
+            copies.append(np.array(x))
+        at, to, n = copies
         for b in range(self.B):
-            if count[b] < 0 or src[b] < 0 or dst[b] < 0 \
-                    or src[b] > S - count[b] or dst[b] > S - count[b]:    # sums may overflow
-                raise ValueError(f"move: row {b}'s ranges [{src[b]}, {src[b]} + {count[b]}) "
-                                 f"and [{dst[b]}, {dst[b]} + {count[b]}) must lie in [0, {S}]")
+            if n[b] < 0 or at[b] < 0 or to[b] < 0 \
+                    or at[b] > S - n[b] or to[b] > S - n[b]:    # the sums may overflow
+                raise ValueError(f"move: row {b}'s ranges [{at[b]}, {at[b]} + {n[b]}) "
+                                 f"and [{to[b]}, {to[b]} + {n[b]}) must lie in [0, {S}]")
         with nogil:
-            for layer in range(self.raw.shape[0]):
+            for layer in range(self.L):
                 for kv in range(2):
-                    for b in range(self.raw.shape[2]):
-                        if count[b] == 0 or src[b] == dst[b]:
+                    for b in range(self.B):
+                        if n[b] == 0 or at[b] == to[b]:
                             continue
-                        for h in range(self.raw.shape[3]):
-                            memmove(&self.raw[layer, kv, b, h, dst[b], 0],
-                                    &self.raw[layer, kv, b, h, src[b], 0],
-                                    count[b] * row_bytes)
+                        for h in range(self.H):
+                            memmove(&self.raw[layer, kv, b, h, to[b], 0],
+                                    &self.raw[layer, kv, b, h, at[b], 0], n[b] * row_bytes)
 
 
 cdef void _extent(cnp.ndarray x, const char **lo, const char **hi):
@@ -659,6 +702,19 @@ cdef void _extent(cnp.ndarray x, const char **lo, const char **hi):
         else:
             hi[0] += span
     hi[0] += cnp.PyArray_ITEMSIZE(x)
+
+
+cdef Py_ssize_t _span(cnp.ndarray x):
+    # how many bytes x's elements span, first to last
+    cdef const char *lo
+    cdef const char *hi
+    _extent(x, &lo, &hi)
+    return hi - lo
+
+
+cdef bint _is_writable_carray(x):
+    # what the accessor keeps and writes in place: C-contiguous, aligned, writable
+    return x.flags.c_contiguous and x.flags.aligned and x.flags.writeable
 
 
 cdef inline bint _is_queries(cnp.ndarray x):

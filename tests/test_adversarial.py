@@ -988,14 +988,14 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         ring[1] = 6
         refused(ValueError, r"ring_head\\[1\\] must be in \\[0, 6\\); got 6", acc.attend, 0, base,
                 q, out, 0)
-        refused(ValueError, "scales must be C-contiguous float32", _arena.ArenaAccessor,
-                np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1)
+        refused(ValueError, "scales must be writable, C-contiguous, aligned float32",
+                _arena.ArenaAccessor, np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1)
         int8 = _arena.ArenaAccessor(np.zeros((1, 2, 2, 2, 8, 4), np.int8), 1,
                                     np.zeros((1, 2, 2, 2, 8), np.float32))
         wide = np.zeros((2, 3, 1, 4), np.float32)
-        refused(ValueError, "store: an int8 or float16 arena", int8.store, 0,
-                np.zeros((2, 1), np.intp), wide, wide, 0)
-        refused(ValueError, "store: an int8 or float16 arena", acc.store, 0,
+        refused(ValueError, r"store: key must be C-contiguous, aligned, native float32 "
+                r"\\(2, 2, T, 4\\)", int8.store, 0, np.zeros((2, 1), np.intp), wide, wide, 0)
+        refused(ValueError, "store: an int8 or float16 arena is needed", acc.store, 0,
                 np.zeros((2, 1), np.intp), q, q, 0)
         refused(ValueError, "isa must be in", int8.store, 0,
                 np.zeros((2, 1), np.intp), q, q, 99)
@@ -1020,6 +1020,7 @@ def test_accessor_indices_and_shapes_are_checked_in_every_build(tmp_path):
     # IndexError only in the bounds-checked one. Now a ValueError naming the
     # argument, in every build, with the arena as it was
     run('''
+        from numpy.lib.stride_tricks import as_strided
         from kvarena import _arena
         cache = filled(B=2, S=8, L=2, H=2, D=4, n=3)
         acc, arena = cache._accessor, cache._arena
@@ -1043,55 +1044,154 @@ def test_accessor_indices_and_shapes_are_checked_in_every_build(tmp_path):
         pattern = r"got -1"
         attend(base=np.array([0, -1], np.intp))
         pattern = r"base must be C-contiguous, aligned intp \\(2,\\); got "
-        for bad in (np.array([3, 3], np.int32), np.array([3], np.intp),
+        for bad in (np.array([3, 3], np.int32), np.array([3], np.intp), np.array([[3, 3]], np.intp),
                     np.array([3, 0, 3], np.intp)[::2], np.array([3, 3], ">i8")):
             attend(base=bad)
-        pattern = r"q must be 4-d \\(2, G \\* 2, T, 4\\), G >= 1, and out of its shape"
+        pattern = r"q must be 4-d \\(2, G \\* 2, T, 4\\), G >= 1, T >= 1, and out of its shape"
+        unaligned = np.zeros(4 * 32 + 1, np.uint8)[1:].view(np.float32).reshape(2, 4, 1, 4)
         for bad in (np.zeros((1, 4, 1, 4), np.float32), np.zeros((2, 3, 1, 4), np.float32),
                     np.zeros((2, 0, 1, 4), np.float32), np.zeros((2, 4, 1, 5), np.float32),
+                    np.zeros((2, 4, 0, 4), np.float32), np.zeros((2, 4, 4), np.float32),
                     np.zeros((2, 4, 1, 4), np.float16), np.zeros((2, 4, 1, 4), ">f4"),
-                    np.zeros(4 * 32 + 1, np.uint8)[1:].view(np.float32).reshape(2, 4, 1, 4)):
+                    unaligned):
             attend(q=bad, out=np.zeros(bad.shape, np.float32))
-        attend(out=np.zeros((2, 4, 2, 4), np.float32))
-        attend(out=np.zeros((2, 4, 1, 4), np.float16))
-        pattern = "out must be writable and overlap neither q nor the arena"
+        for bad in (np.zeros((2, 4, 2, 4), np.float32), np.zeros((2, 4, 1, 4), np.float16),
+                    np.zeros((2, 4, 1, 4), ">f4"), unaligned):
+            attend(out=bad)
+        pattern = "out must be writable"
         frozen = np.zeros_like(q)
         frozen.flags.writeable = False
         attend(out=frozen)
+        pattern = "out must overlap neither q nor the arena and its scales"
         attend(out=q)
         attend(out=arena.reshape(-1)[:q.size].reshape(q.shape))
+        # zero strides: a query count no memory holds (the kernel's scratch
+        # sizes, which grow with it, overflowed: a heap overflow)
+        pattern = r"out must not overlap itself; got strides \\(0, 0, 0, 0\\)"
+        huge = (2, 1 << 56, 1, 4)
+        attend(q=as_strided(q, huge, (0, 0, 0, 0)),
+               out=as_strided(np.zeros(1, np.float32), huge, (0, 0, 0, 0), writeable=True))
 
         slots = np.full((2, 1), 4, np.intp)
         key = np.ones((2, 2, 1, 4), np.float32)
         half = KVCache(2, 8, 2, 2, 4, dtype=np.float16)
+        store = half._accessor.store
         for layer in (2, -1):
             refused(ValueError, rf"store: layer must be in \\[0, 2\\); got {layer}",
-                    half._accessor.store, layer, slots, key, key, 0, cache=half)
+                    store, layer, slots, key, key, 0, cache=half)
         for slot in (8, -1, 1 << 40):
             bad = slots.copy()
             bad[1, 0] = slot
             refused(ValueError, rf"store: slots\\[1, 0\\] must be in \\[0, 8\\); got {slot}",
-                    half._accessor.store, 0, bad, key, key, 0, cache=half)
+                    store, 0, bad, key, key, 0, cache=half)
+        for bad in (slots.astype(np.int32), slots[:1], slots.astype(">i8")):
+            refused(ValueError, r"store: slots must be intp \\(2, 1\\); got", store, 0, bad,
+                    key, key, 0, cache=half)
+        for bad in (key.astype(np.float64), np.ones((2, 2, 1, 8), np.float32)[..., ::2],
+                    key.astype(">f4"), np.ones((2, 1, 1, 4), np.float32)):
+            refused(ValueError, "store: value must be C-contiguous, aligned, native float32",
+                    store, 0, slots, key, bad, 0, cache=half)
+        refused(TypeError, "slots", store, 0, None, key, key, 0, cache=half)
 
         def move(src, dst, count, pattern):
             refused(ValueError, pattern, acc.move, *(np.array(a, np.intp) for a in
                                                    (src, dst, count)), cache=cache)
-        move([0], [0], [1], r"move: src, dst and count must have 2 entries; got 1, 1, 1")
-        move([0, 0], [0, 0, 0], [1, 1], r"got 2, 3, 2")
+        move([0], [0], [1], r"move: src must be an intp array of 2 entries; got <i8 \\(1,\\)")
+        move([0, 0], [0, 0, 0], [1, 1], r"move: dst must be an intp array of 2 entries")
+        refused(ValueError, r"move: count must be an intp array of 2 entries; got list",
+                acc.move, np.zeros(2, np.intp), np.zeros(2, np.intp), [1, 1], cache=cache)
+        refused(ValueError, r"move: src must be", acc.move, np.zeros(2, np.int32),
+                np.zeros(2, np.intp), np.zeros(2, np.intp), cache=cache)
         for src, dst, count in (([0, 6], [0, 0], [1, 3]), ([0, 0], [0, 6], [1, 3]),
                                 ([0, 0], [0, 0], [1, -1]), ([0, -1], [0, 0], [1, 1]),
                                 ([0, 0], [0, -1], [1, 1]),
                                 ([0, 1 << 62], [0, 1 << 62], [1, 1 << 62])):    # sums overflow
             move(src, dst, count, r"move: row 1's ranges .* must lie in \\[0, 8\\]")
 
-        for bad, threads in ((arena[:, :, :, :, ::2], 1), (arena[0], 1), (arena, 0),
-                             (arena.astype(">f4"), 1), (arena.astype(np.int16), 1),
-                             (arena.tolist(), 1)):
-            refused(ValueError, "arena must be a C-contiguous, aligned", _arena.ArenaAccessor,
-                    bad, threads)
+        unaligned = np.zeros(arena.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(arena.shape)
+        frozen = arena.copy()
+        frozen.flags.writeable = False
+        for bad in (arena[:, :, :, :, ::2], arena[0], arena.astype(">f4"),
+                    arena.astype(np.int16), arena.tolist(), unaligned, frozen,
+                    np.zeros((1, 1, 2, 2, 8, 4), np.float32), np.zeros((1, 3, 2, 2, 8, 4)),
+                    *(np.zeros(shape, np.float32) for shape in
+                      [(0, 2, 2, 2, 8, 4), (1, 2, 0, 2, 8, 4), (1, 2, 2, 0, 8, 4),
+                       (1, 2, 2, 2, 0, 4), (1, 2, 2, 2, 8, 0)])):
+            refused(ValueError, "arena must be a writable, C-contiguous, aligned",
+                    _arena.ArenaAccessor, bad, 1)
+        refused(ValueError, "num_threads must be >= 1; got 0", _arena.ArenaAccessor, arena, 0)
         int8 = np.zeros((1, 2, 2, 2, 8, 4), np.int8)
+        frozen = np.zeros((1, 2, 2, 2, 8), np.float32)
+        frozen.flags.writeable = False
         for scales in (np.zeros((1, 2, 2, 2, 16), np.float32)[..., ::2],
-                       np.zeros((1, 2, 2, 2, 8), np.float64)):
-            refused(ValueError, "scales must be C-contiguous float32", _arena.ArenaAccessor,
-                    int8, 1, scales)
+                       np.zeros((1, 2, 2, 2, 8), np.float64), np.zeros((1, 1, 1, 1, 1), np.float32),
+                       np.zeros((1, 2, 2, 2, 8), np.float32).tolist(), frozen,
+                       np.zeros(4 * 64 + 1, np.uint8)[1:].view(np.float32).reshape(1, 2, 2, 2, 8)):
+            refused(ValueError, "scales must be writable, C-contiguous, aligned float32",
+                    _arena.ArenaAccessor, int8, 1, scales)
+    ''', tmp_path)
+
+
+def test_accessor_index_arrays_are_copied_before_use(tmp_path):
+    # an index array that shares memory with what the same call writes (out,
+    # the arena) changed under the kernel or the copy loop once checked: a
+    # position of 10**18 read after the check, and a crash. The accessor now
+    # checks and reads its own copies: each call below does what it does
+    # with an unshared copy of the same indices
+    run('''
+        from kvarena import _arena
+
+        def rope(acc, S, D):
+            angle = np.arange(S)[:, None] * 0.1 * (1 + np.arange(D // 2))
+            acc.positions(rope_cos=np.cos(angle).astype(np.float32),
+                          rope_sin=np.sin(angle).astype(np.float32))
+
+        # base, and the ring heads, inside out: row 0's output overwrites row 1's entry
+        for ring in (False, True):
+            got, want = (_arena.ArenaAccessor(np.ones((1, 2, 2, 1, 8, 4), np.float32), 1)
+                         for _ in range(2))
+            q = np.ones((2, 1, 1, 4), np.float32)
+            out, separate = np.zeros_like(q), np.zeros_like(q)
+            inside = out.reshape(-1)[:4].view(np.intp)
+            inside[:] = 0
+            for acc, heads in ((got, inside), (want, np.zeros(2, np.intp))):
+                rope(acc, 8, 4)
+                if ring:
+                    acc.positions(heads, 0)
+            got.attend(0, np.zeros(2, np.intp) if ring else inside, q, out, 0)
+            want.attend(0, np.zeros(2, np.intp), q, separate, 0)
+            assert np.array_equal(out, separate), (ring, out, separate)
+
+        # store's slots and move's counts inside the arena they write
+        arena = np.zeros((1, 2, 2, 1, 8, 4), np.float16)
+        slots = arena.reshape(-1)[:8].view(np.intp).reshape(2, 1)
+        slots[:] = 0
+        key = np.full((2, 1, 1, 4), 3.0, np.float32)
+        _arena.ArenaAccessor(arena, 1).store(0, slots, key, key, 0)
+        want = np.zeros_like(arena)
+        _arena.ArenaAccessor(want, 1).store(0, np.zeros((2, 1), np.intp), key, key, 0)
+        assert np.array_equal(arena, want)
+
+        arena = np.zeros((2, 2, 2, 1, 8, 4), np.float32)
+        arena[0, 0, 0, 0, 4:8] = 1
+        want = arena.copy()
+        count = arena.reshape(-1)[:4].view(np.intp)
+        count[:] = [4, 0]
+        want.reshape(-1)[:4].view(np.intp)[:] = [4, 0]
+        _arena.ArenaAccessor(arena, 1).move(np.array([4, 0], np.intp), np.zeros(2, np.intp),
+                                            count)
+        _arena.ArenaAccessor(want, 1).move(np.array([4, 0], np.intp), np.zeros(2, np.intp),
+                                           np.array([4, 0], np.intp))
+        assert np.array_equal(arena, want)
+
+        # attend_plain's tracked lengths inside the arena: its store turns
+        # them into 10**18 before the kernel reads them, which it refuses
+        arena = np.zeros((1, 2, 2, 1, 8, 4), np.float32)
+        acc = _arena.ArenaAccessor(arena, 1)
+        lengths = arena[0, 0, 0, 0, 0].view(np.intp)
+        lengths[:] = 0
+        acc.track(lengths, np.zeros(2, np.intp), np.zeros(1, np.intp))
+        k = np.ones((2, 1, 1, 4), np.float32)
+        refused(ValueError, r"base\\[0\\] must be in \\[0, 7\\]", acc.attend_plain, 0, k, k,
+                k, None, 0, False)
     ''', tmp_path)

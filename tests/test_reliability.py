@@ -1,4 +1,4 @@
-"""Reliability contracts: no leaks, reset hides old data, threads, untouched inputs, bounds checks.
+"""Reliability contracts: no leaks, reset hides old data, threads, untouched inputs.
 
 (a) 10^5 update/get/attend calls and 1,000 caches created and dropped leave
     the resident set flat and the inputs' reference counts unchanged;
