@@ -151,6 +151,8 @@ cdef class ArenaAccessor:
     # the first call wakes them (on this VM, 2 threads seemed 2x slower than
     # one at 1 x 12 x 256 when every sample was such a call; they are 1.5x faster)
     cdef int last_many
+    # the count the rates chose at the last call (-1: none yet)
+    cdef int chosen
     # the position map, set by positions(): the arrays, and pointers into them
     cdef object ring_array, cos_array, sin_array
     cdef const Py_ssize_t *ring_head
@@ -189,7 +191,7 @@ cdef class ArenaAccessor:
         self.arena = arena
         self.scales = scales
         self.num_threads = num_threads
-        self.last_many = -1
+        self.last_many = self.chosen = -1
         self.explore_every = self.until_explore = EXPLORE_EVERY
         self.raw = arena.view(np.uint8)
         self.storage = _STORAGE_CODES[arena.dtype]
@@ -574,6 +576,15 @@ cdef class ArenaAccessor:
         cdef int status
         cdef long long start
         cdef double rate
+        if many != self.chosen:
+            # the rates changed the choice: the machine changed (another
+            # process, a BLAS's spinning workers) and may change back, so
+            # the other count is tried again soon, whatever the period had
+            # grown to (up to 256 calls: 1.8 s of prefill calls at T = 512)
+            if self.chosen != -1:
+                self.explore_every = EXPLORE_EVERY
+                self.until_explore = min(self.until_explore, EXPLORE_EVERY)
+            self.chosen = many
         self.until_explore -= 1
         if self.until_explore < 2:
             many, exploring = not many, 1

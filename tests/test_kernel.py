@@ -404,3 +404,57 @@ def test_a_thread_count_that_keeps_losing_is_tried_less_often():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == 256, proc.stdout
+
+
+RECOVERING = """
+import os, sys
+import numpy as np
+from kvarena import KVCache
+cpus = sorted(os.sched_getaffinity(0))
+if len(cpus) < 2:
+    sys.exit("skip: one CPU")
+
+def pin(allowed):   # every thread of the process, the pool's workers included
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), allowed)
+
+cache = KVCache(1, 2049, 1, 12, 64, num_threads=2)   # 12 MiB of K and V: wakes the workers
+rng = np.random.default_rng(0)
+cache.update(0, *rng.standard_normal((2, 1, 12, 2048, 64)).astype(np.float32))
+cache.advance(2048)
+q, k, v = rng.standard_normal((3, 1, 12, 1, 64)).astype(np.float32)
+accessor = cache._accessor
+for _ in range(1000):   # two CPUs: 2 threads win, and the tries of 1 thread spread out
+    cache.attend(0, q, k, v)
+    if accessor.explore_every >= 64:
+        break
+else:
+    sys.exit("skip: 2 threads did not keep winning on this machine")
+pin({cpus[0]})
+for _ in range(1000):   # one CPU: the rates turn to 1 thread
+    cache.attend(0, q, k, v)
+    one, many = accessor.thread_rates()
+    if one < many:
+        break
+else:
+    sys.exit("skip: 2 threads on one CPU did not become slower than 1")
+cache.attend(0, q, k, v)   # the first call the rates give to 1 thread
+print(accessor.explore_every)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "sched_setaffinity"),
+                    reason="needs Linux's per-thread CPU affinity")
+def test_a_thread_count_the_rates_leave_is_tried_again_soon():
+    # running on 2 threads, the tries of 1 thread lose and come every 64th
+    # to 256th call; when the machine changes (here: every thread pinned
+    # to one CPU) the rates move the cache to 1 thread, and the machine may
+    # change back: 2 threads are tried again within 16 calls. Keeping the
+    # long period, a 2-thread cache ran prefill calls on 1 thread for up
+    # to 256 calls (1.8 s at T = 512) after a moment's load had passed
+    proc = subprocess.run([sys.executable, "-c", RECOVERING], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode and proc.stderr.startswith("skip: "):
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == 16, proc.stdout
