@@ -111,8 +111,10 @@ cdef Py_ssize_t WAKE_MIN_BYTES = 8 << 20
 # an accessor with num_threads > 1 runs the last two calls of every period
 # on the thread count it does not choose, to see whether that became the
 # faster; the period doubles, from EXPLORE_EVERY up to EXPLORE_MOST calls,
-# each time it had not (the chosen count is measured on every call: if it
-# becomes slower than the other was, the next call runs that). Exploring
+# each time it had not, and starts again at EXPLORE_EVERY when the timings
+# switch the count (the chosen count is timed on every call but the first
+# after a switch: if it becomes slower than the other was, the next call
+# runs that). Exploring
 # every 16th call once cost a 2-thread cache 5-6% of a small model's
 # generation: each woke the sleeping workers (~20 us on this VM) between
 # layers 100 us apart. Such calls no longer wake them (WAKE_MIN_BYTES), so
@@ -577,10 +579,12 @@ cdef class ArenaAccessor:
         cdef long long start
         cdef double rate
         if many != self.chosen:
-            # the rates changed the choice: the machine changed (another
-            # process, a BLAS's spinning workers) and may change back, so
-            # the other count is tried again soon, whatever the period had
-            # grown to (up to 256 calls: 1.8 s of prefill calls at T = 512)
+            # the rates changed the choice: the machine (another process, a
+            # BLAS's spinning workers) or one call changed, and may change
+            # back, so the other count is tried again within 16 calls,
+            # whatever the period had grown to (up to 256 calls: 1.8 s of
+            # prefill calls at T = 512); if the change lasts, those tries
+            # lose and spread out again
             if self.chosen != -1:
                 self.explore_every = EXPLORE_EVERY
                 self.until_explore = min(self.until_explore, EXPLORE_EVERY)

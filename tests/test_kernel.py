@@ -412,7 +412,8 @@ import numpy as np
 from kvarena import KVCache
 cpus = sorted(os.sched_getaffinity(0))
 if len(cpus) < 2:
-    sys.exit("skip: one CPU")
+    print("skip: one CPU")
+    sys.exit()
 
 def pin(allowed):   # every thread of the process, the pool's workers included
     for tid in os.listdir("/proc/self/task"):
@@ -429,7 +430,8 @@ for _ in range(1000):   # two CPUs: 2 threads win, and the tries of 1 thread spr
     if accessor.explore_every >= 64:
         break
 else:
-    sys.exit("skip: 2 threads did not keep winning on this machine")
+    print("skip: 2 threads did not keep winning on this machine")
+    sys.exit()
 pin({cpus[0]})
 for _ in range(1000):   # one CPU: the rates turn to 1 thread
     cache.attend(0, q, k, v)
@@ -437,9 +439,15 @@ for _ in range(1000):   # one CPU: the rates turn to 1 thread
     if one < many:
         break
 else:
-    sys.exit("skip: 2 threads on one CPU did not become slower than 1")
-cache.attend(0, q, k, v)   # the first call the rates give to 1 thread
-print(accessor.explore_every)
+    print("skip: 2 threads on one CPU did not become slower than 1")
+    sys.exit()
+# from the first call the rates give to 1 thread: calls until 2 threads are
+# timed again (the second call of a try)
+for calls in range(1, 300):
+    cache.attend(0, q, k, v)
+    if accessor.thread_rates()[1] != many:
+        break
+print(calls, accessor.explore_every)
 """
 
 
@@ -454,7 +462,8 @@ def test_a_thread_count_the_rates_leave_is_tried_again_soon():
     # to 256 calls (1.8 s at T = 512) after a moment's load had passed
     proc = subprocess.run([sys.executable, "-c", RECOVERING], capture_output=True, text=True,
                           timeout=120)
-    if proc.returncode and proc.stderr.startswith("skip: "):
-        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == 16, proc.stdout
+    if proc.stdout.startswith("skip: "):
+        pytest.skip(proc.stdout.strip())
+    calls, period = map(int, proc.stdout.split())
+    assert calls <= 16 and period <= 32, proc.stdout
