@@ -147,7 +147,7 @@ cdef class ArenaAccessor:
     cdef double seconds_per_byte[2]
     # calls in the current exploring period, and how many of them are left
     cdef readonly Py_ssize_t explore_every
-    cdef Py_ssize_t until_explore
+    cdef readonly Py_ssize_t until_explore
     # the count the last call ran on (-1: none yet). A call on the other one
     # is not timed: the workers of a count not run lately are asleep, and
     # the first call wakes them (on this VM, 2 threads seemed 2x slower than

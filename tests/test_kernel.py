@@ -427,7 +427,8 @@ q, k, v = rng.standard_normal((3, 1, 12, 1, 64)).astype(np.float32)
 accessor = cache._accessor
 for _ in range(1000):   # two CPUs: 2 threads win, and the tries of 1 thread spread out
     cache.attend(0, q, k, v)
-    if accessor.explore_every >= 64:
+    one, many = accessor.thread_rates()
+    if accessor.explore_every >= 64 and many < one:
         break
 else:
     print("skip: 2 threads did not keep winning on this machine")
@@ -441,13 +442,8 @@ for _ in range(1000):   # one CPU: the rates turn to 1 thread
 else:
     print("skip: 2 threads on one CPU did not become slower than 1")
     sys.exit()
-# from the first call the rates give to 1 thread: calls until 2 threads are
-# timed again (the second call of a try)
-for calls in range(1, 300):
-    cache.attend(0, q, k, v)
-    if accessor.thread_rates()[1] != many:
-        break
-print(calls, accessor.explore_every)
+cache.attend(0, q, k, v)   # the first call the rates give to 1 thread
+print(accessor.until_explore, accessor.explore_every)
 """
 
 
@@ -457,7 +453,8 @@ def test_a_thread_count_the_rates_leave_is_tried_again_soon():
     # running on 2 threads, the tries of 1 thread lose and come every 64th
     # to 256th call; when the machine changes (here: every thread pinned
     # to one CPU) the rates move the cache to 1 thread, and the machine may
-    # change back: 2 threads are tried again within 16 calls. Keeping the
+    # change back: 2 threads are tried again within 16 calls (32 if that
+    # call also ended a try, which then lost and doubled). Keeping the
     # long period, a 2-thread cache ran prefill calls on 1 thread for up
     # to 256 calls (1.8 s at T = 512) after a moment's load had passed
     proc = subprocess.run([sys.executable, "-c", RECOVERING], capture_output=True, text=True,
@@ -465,5 +462,5 @@ def test_a_thread_count_the_rates_leave_is_tried_again_soon():
     assert proc.returncode == 0, proc.stderr
     if proc.stdout.startswith("skip: "):
         pytest.skip(proc.stdout.strip())
-    calls, period = map(int, proc.stdout.split())
-    assert calls <= 16 and period <= 32, proc.stdout
+    calls_to_next_try, period = map(int, proc.stdout.split())
+    assert calls_to_next_try <= 32 and period <= 32, proc.stdout
