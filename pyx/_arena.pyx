@@ -316,8 +316,7 @@ cdef class ArenaAccessor:
         """
         self._check_layer("attend", layer)
         if not (cnp.PyArray_NDIM(base) == 1 and cnp.PyArray_DIMS(base)[0] == self.B
-                and cnp.PyArray_TYPE(base) == cnp.NPY_INTP and cnp.PyArray_ISCARRAY_RO(base)
-                and cnp.PyArray_ISNOTSWAPPED(base)):
+                and cnp.PyArray_TYPE(base) == cnp.NPY_INTP and cnp.PyArray_ISCARRAY_RO(base)):
             raise ValueError(f"attend: base must be C-contiguous, aligned intp ({self.B},); "
                              f"got {_described(base)}")
         if not (_is_queries(q) and _is_queries(out) and cnp.PyArray_DIMS(q)[0] == self.B
@@ -501,8 +500,7 @@ cdef class ArenaAccessor:
         # and the copies checked and read
         cdef Py_ssize_t small[64]
         cdef Py_ssize_t *rows
-        if not 0 <= isa <= BEST_ISA:
-            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
+        _check_isa(isa)
         if 2 * self.B <= 64:
             self._run_rows(layer, base, small, q, out, isa)
             return
@@ -644,14 +642,13 @@ cdef class ArenaAccessor:
         T = cnp.PyArray_DIMS(key)[2] if cnp.PyArray_NDIM(key) == 4 else -1
         for name, x in (("key", key), ("value", value)):
             if not (cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY_RO(x)
-                    and cnp.PyArray_ISNOTSWAPPED(x) and (<object>x).shape == (B, H, T, D)):
+                    and (<object>x).shape == (B, H, T, D)):
                 raise ValueError(f"store: {name} must be C-contiguous, aligned, native float32 "
                                  f"({B}, {H}, T, {D}), T as key's; got {_described(x)}")
         if not (cnp.PyArray_TYPE(slots) == cnp.NPY_INTP and cnp.PyArray_ISNOTSWAPPED(slots)
                 and (<object>slots).shape == (B, T)):
             raise ValueError(f"store: slots must be intp ({B}, {T}); got {_described(slots)}")
-        if not 0 <= isa <= BEST_ISA:
-            raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
+        _check_isa(isa)
         own = np.array(slots, order="C")        # the copy the checks and the store read
         at = <const Py_ssize_t *>cnp.PyArray_DATA(own)
         for b in range(B * T):
@@ -717,6 +714,12 @@ cdef void _extent(cnp.ndarray x, const char **lo, const char **hi):
         else:
             hi[0] += span
     hi[0] += cnp.PyArray_ITEMSIZE(x)
+
+
+cdef _check_isa(int isa):
+    # the kernel's variants are indexed by it
+    if not 0 <= isa <= BEST_ISA:
+        raise ValueError(f"isa must be in [0, {BEST_ISA}] (kernel_info()['isas']); got {isa}")
 
 
 cdef Py_ssize_t _span(cnp.ndarray x):
