@@ -52,11 +52,16 @@ static void *kv_scratch(size_t bytes)
 }
 
 #define KV_MAX_WORKERS 63
-/* polls before a worker sleeps: ~25 us on Zen 4, where a pause took 25 ns;
- * 9.7 us measured on the Xeon VM CI runs on. Longer (or none) made no
- * difference there: between a model's layers, ~100 us apart, the workers
- * sleep anyway (KVCache times that, see _arena.pyx's EXPLORE_EVERY) */
-#define KV_SPIN 1000
+/* how long a worker polls for the next job before it sleeps, by the clock:
+ * 1,000 pauses were 25 us on Zen 4 but 10 us on a Xeon, where the Python
+ * between two back-to-back calls of 1 x 12 x 1024 decode (6 MiB) took
+ * 10.9 us on average: the worker slept before half the jobs, was woken
+ * late (63 us) or not at all, and 2 threads took 174 us a call against
+ * 224 on one (the C loop, whose OpenMP workers spin: 106). Polling 25 us
+ * there: 92 us, the worker joining within 1.2 us. Between a model's
+ * layers, ~100 us apart, the workers sleep anyway (KVCache times that,
+ * see _arena.pyx's EXPLORE_EVERY) */
+#define KV_SPIN_NANOSECONDS 25000
 
 typedef struct {
     kv_task fn;
@@ -85,7 +90,7 @@ static struct {
 
 /* jobs closer together than this (from the end of one to the start of the
  * next, on any number of threads) keep a worker that took one spinning
- * until the next (KV_SPIN), so waking a sleeping one pays off in the jobs
+ * until the next (KV_SPIN_NANOSECONDS), so waking a sleeping one pays off in the jobs
  * that follow */
 #define KV_DENSE_NANOSECONDS 10000
 
@@ -120,7 +125,8 @@ static void *kv_worker(void *arg)
     unsigned long seen = atomic_load(&kv_pool.generation);
     for (;;) {
         /* wait for a new job: spin a little, then sleep */
-        for (int spin = 0; spin < KV_SPIN && atomic_load(&kv_pool.generation) == seen; spin++)
+        const long long until = kv_nanoseconds() + KV_SPIN_NANOSECONDS;
+        while (atomic_load(&kv_pool.generation) == seen && kv_nanoseconds() < until)
             kv_pause();
         pthread_mutex_lock(&kv_pool.mu);
         while (atomic_load(&kv_pool.generation) == seen)
@@ -223,13 +229,10 @@ static int kv_parallel(ptrdiff_t n_items, int num_threads, int large, kv_task fn
         /* the workers finish the items they claimed: spin as a worker waits
            for a job (sched_yield, a system call, cost 0.6 us per call on
            this VM), then yield, in case a worker shares this core */
-        for (int spin = 0; atomic_load(&job.inside) > 0;)
-            if (spin < KV_SPIN) {
-                kv_pause();
-                spin++;
-            } else {
-                sched_yield();
-            }
+        const long long until = kv_nanoseconds() + KV_SPIN_NANOSECONDS;
+        while (atomic_load(&job.inside) > 0)
+            if (kv_nanoseconds() < until) kv_pause();
+            else sched_yield();
         pthread_mutex_unlock(&kv_pool.submit);
     } else {
         kv_drain(&job);
