@@ -209,14 +209,22 @@ static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, 
                       kv_run(c, b, pos, n), c->D * kv_elem_bytes[c->dtype], 0, every};
 }
 
-/* ask for row r of the next block: its K and V lines, and every 16th row
- * the line of scales from it */
+/* ask for row r of the next block: its K and V lines, the K lines twice,
+ * and every 16th row the line of scales from it. Asking twice for the keys
+ * (read first, while the values' requests are still out) took 0.94-0.95x
+ * the time out of cache on a Xeon (grouped 8 x 32/8 x 16384, 1 and 2
+ * threads; G1 8 x 12 x 16384: 0.94-0.98; in-process A/B, 5 interleaved
+ * rounds): some requests made once are evidently dropped. A second request
+ * with the L2-only hint gave the same (0.93-0.96), asking twice for the
+ * values too nothing more, the L2-only hint alone nothing (0.97-1.00), and
+ * 64- or 128-row blocks 0.90-0.94 out of cache but 1.08-1.09x in L3 */
 static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
     if (!a || r >= a->n) return;
     for (ptrdiff_t off = 0; off < a->row_bytes; off += 64) {
         __builtin_prefetch(a->k + r * a->row_bytes + off);
         __builtin_prefetch(a->v + r * a->row_bytes + off);
+        __builtin_prefetch(a->k + r * a->row_bytes + off);
     }
     if (a->ks && r % 16 == 0) {
         __builtin_prefetch(a->ks + r);
