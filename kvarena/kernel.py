@@ -12,8 +12,8 @@ picks the widest the CPU has; every storage dtype has a compiled path:
 ``kernel_info()`` says what runs here; ``forced_isa()`` pins a narrower
 instruction set, so that the tests exercise every path on one machine, and
 ``forced_prefetch()`` turns asking for the next block's rows ahead on or
-off (on by default where it was measured to help: Intel cores; see
-pyx/kernel.h's kv_ahead).
+off (on by default where it was measured to help: Intel cores, in calls
+that read more than the L2s hold; see pyx/kernel.h's kv_ahead).
 """
 
 import contextlib
@@ -47,7 +47,8 @@ def kernel_info():
         every one it can run, narrowest first; ``threads``: how the kernel
         spreads work (its own pool; see ``KVCache(num_threads=...)``);
         ``prefetch``: whether the kernel asks for each next block of K
-        and V rows while it computes one (software prefetch);
+        and V rows while it computes one (software prefetch), in calls
+        that read at least ``prefetch_from_bytes`` of K and V;
         ``boundscheck``: whether this is the bounds-checked debug build.
     """
     return {
@@ -55,7 +56,8 @@ def kernel_info():
         "best_isa": _ISA_NAMES[_arena.BEST_ISA],
         "isas": _ISA_NAMES[:_arena.BEST_ISA + 1],
         "threads": "kvarena pool (pthreads, passive wait)",
-        "prefetch": _arena.prefetch(),
+        "prefetch": _arena.prefetch_from() >= 0,
+        "prefetch_from_bytes": _arena.prefetch_from(),
         "boundscheck": bool(_arena.BOUNDSCHECK),
     }
 
@@ -85,15 +87,15 @@ def forced_isa(name):
 
 @contextlib.contextmanager
 def forced_prefetch(on):
-    """Ask (``on`` true) or do not ask for the next block ahead inside the block.
+    """Ask (``on`` true) in every call, or in none, for the next block ahead inside the block.
 
     For tests and benchmarks: every cache in the process is affected. A
     call that asks reads blocks of 32 rows (else up to 256), so the last
     bits of its results can differ; both are held to the reference.
     """
-    saved = _arena.prefetch()
-    _arena.set_prefetch(bool(on))
+    saved = _arena.prefetch_from()
+    _arena.set_prefetch_from(0 if on else -1)
     try:
         yield
     finally:
-        _arena.set_prefetch(saved)
+        _arena.set_prefetch_from(saved)

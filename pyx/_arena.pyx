@@ -62,7 +62,8 @@ cdef extern from "kernel.h" nogil:
                   int run_threads, int large)
     int kv_best_isa()
     long long kv_nanoseconds()
-    int kv_prefetch
+    Py_ssize_t kv_ask_from
+    Py_ssize_t KV_ASK_FROM_BYTES
     int kv_prefetch_helps()
     void kv_store(const float *x, const Py_ssize_t *xs, int dtype, void *data, float *scale,
                   const Py_ssize_t *slots, Py_ssize_t B, Py_ssize_t H, Py_ssize_t S,
@@ -79,20 +80,25 @@ BEST_ISA = kv_best_isa()
 
 #: Whether the kernel asks for the next block's rows ahead on this CPU by default.
 PREFETCH_HELPS = bool(kv_prefetch_helps())
+#: How many bytes of K and V a call reads, by default, before it asks.
+ASK_FROM_BYTES = KV_ASK_FROM_BYTES
 
 
-def set_prefetch(bint on):
-    """Make every later kernel call ask for the next block ahead (True) or not."""
-    global kv_prefetch
-    kv_prefetch = on
+def set_prefetch_from(Py_ssize_t nbytes):
+    """Make later kernel calls that read at least ``nbytes`` of K and V ask
+    for each next block ahead; -1: no call."""
+    global kv_ask_from
+    if nbytes < -1:
+        raise ValueError(f"nbytes must be -1 or at least 0; got {nbytes}")
+    kv_ask_from = nbytes
 
 
-def prefetch():
-    """Whether kernel calls ask for the next block ahead."""
-    return bool(kv_prefetch)
+def prefetch_from():
+    """The bytes of K and V from which kernel calls ask ahead; -1: none do."""
+    return kv_ask_from
 
 
-set_prefetch(PREFETCH_HELPS)
+set_prefetch_from(ASK_FROM_BYTES if PREFETCH_HELPS else -1)
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
                   np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}

@@ -46,7 +46,7 @@ enum { KV_ISA_BASELINE = 0, KV_ISA_AVX2 = 1, KV_ISA_AVX512 = 2 };  /* instructio
  * In L2, 256 rows took 0.82-0.89x the time of 32. So a block holds
  * KV_BLK_BYTES of keys, within [KV_BLK_ASKED, KV_BLK] rows (a huge head_dim
  * keeps 32-row tiles, as before). A call that asks for each next block
- * itself (kv_prefetch, Intel cores) keeps blocks of 32 rows, the distance
+ * itself (kv_ask_from, Intel cores) keeps blocks of 32 rows, the distance
  * measured there */
 #define KV_BLK_BYTES (64 << 10)
 #define KV_BLK 256
@@ -95,7 +95,7 @@ typedef struct {
     const kv_query *q;
     ptrdiff_t G, Tq, n_qtiles, n_chunks, chunk_len;
     void *partial;               /* n_chunks > 1: (B, Hq, T, n_chunks, 2 + D) */
-    int ask;                     /* ask for each next block ahead (kv_prefetch) */
+    int ask;                     /* ask for each next block ahead (kv_ask_from) */
     ptrdiff_t blk;               /* rows per block: KV_BLK_ASKED if ask, else KV_BLK_BYTES of
                                     keys within [KV_BLK_ASKED, KV_BLK] rows */
 } kv_job;
@@ -175,7 +175,7 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
  * 1024). Asking for keys only took 0.84-0.97x the time of asking for
  * both, one line per row 1.2-1.3x, asking 2, 4 or 8 blocks ahead
  * 1.1-1.4x the time of not asking. So a call asks one block ahead on
- * Intel cores only (kv_prefetch) */
+ * Intel cores only (kv_ask_from) */
 typedef struct {
     const char *k, *v;           /* the next block's first stored K and V rows */
     const float *ks, *vs;        /* int8: their scales, else NULL */
@@ -184,9 +184,15 @@ typedef struct {
                                     first + every, ... (its share of them) */
 } kv_ahead;
 
-/* whether calls ask for the next block (kv_prefetch_helps() at import;
- * kvarena.kernel.forced_prefetch changes it for tests and the bench) */
-static int kv_prefetch = 0;
+/* calls that read at least this many bytes of K and V ask for each next
+ * block; -1: none. At import KV_ASK_FROM_BYTES where kv_prefetch_helps(),
+ * else -1; kvarena.kernel.forced_prefetch sets 0 (every call) or -1 for
+ * tests. Below it the rows come from the L2s: on the Xeon, 1 x 12 x S
+ * decode without asking (blocks of 256 rows) took, 1 thread and 2,
+ * 0.80 and 0.80x the time at 1.5 MiB, 0.97 and 0.83x at 3, 0.99 and
+ * 0.93x at 4.5, 1.01 and 0.98x at 6; asking, 0.87x at 768 MiB */
+#define KV_ASK_FROM_BYTES (8 << 20)
+static ptrdiff_t kv_ask_from = -1;
 
 static int kv_prefetch_helps(void)
 {
@@ -399,14 +405,15 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     /* no more threads than the pool has; 4 * threads must not overflow */
     const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
     const int dbl = c->dtype == KV_F64;
-    /* read once per call, so that every item cuts the same blocks */
-    const int ask = kv_prefetch;
-    const ptrdiff_t fit = KV_BLK_BYTES / (c->D * kv_elem_bytes[c->dtype]);
-    const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
-    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, blk};
     ptrdiff_t longest = 0;
     for (ptrdiff_t b = 0; b < c->B; b++)
         if (q->base[b] + q->T > longest) longest = q->base[b] + q->T;
+    /* decided once per call, so that every item cuts the same blocks */
+    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype];
+    const int ask = kv_ask_from >= 0 && 2 * c->B * c->H * longest * row_bytes >= kv_ask_from;
+    const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
+    const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
+    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, blk};
 
     /* query tile: up to 64 queries share each K/V block */
     job.Tq = kv_min(q->T, job.G >= 64 ? 1 : 64 / job.G);

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from kvarena import KVCache, attend_reference, kernel_info
+from kvarena import KVCache, _arena, attend_reference, kernel_info
 from kvarena.kernel import forced_isa, forced_prefetch
 
 ISAS = kernel_info()["isas"]
@@ -359,6 +359,36 @@ def test_prefetch_is_on_by_default_on_intel_cores_only():
     with forced_prefetch(not intel):           # flipped inside, restored after
         assert kernel_info()["prefetch"] is (not intel)
     assert kernel_info()["prefetch"] is intel
+
+
+def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
+    # asking reads blocks of 32 rows, not asking up to 256: the sums run in
+    # another order, so the output's last bits tell which way a call went
+    B, H, D, S = 1, 2, 64, 300
+    cache, q, k, v = grouped_case(rng, np.float32, B, H, 1, D, S + 1, [S], 1)
+    reads = 2 * B * H * (S + 1) * D * 4         # K and V bytes: S cached, 1 new
+
+    def run():          # attend writes the new position without advancing: repeatable
+        return cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                            v.transpose(0, 2, 1, 3))
+    with forced_prefetch(True):
+        asked = run()
+    with forced_prefetch(False):
+        plain = run()
+    assert not np.array_equal(asked, plain)
+    saved = _arena.prefetch_from()
+    try:
+        _arena.set_prefetch_from(reads)
+        assert np.array_equal(run(), asked)
+        _arena.set_prefetch_from(reads + 1)
+        assert np.array_equal(run(), plain)
+        with pytest.raises(ValueError, match=r"nbytes must be -1 or at least 0; got -2"):
+            _arena.set_prefetch_from(-2)
+        assert _arena.prefetch_from() == reads + 1
+    finally:
+        _arena.set_prefetch_from(saved)
+    want = _arena.ASK_FROM_BYTES if _arena.PREFETCH_HELPS else -1
+    assert kernel_info()["prefetch_from_bytes"] == want == saved
 
 
 def test_every_compiled_isa_is_exercised():
