@@ -13,7 +13,8 @@ picks the widest the CPU has; every storage dtype has a compiled path:
 instruction set, so that the tests exercise every path on one machine, and
 ``forced_prefetch()`` turns asking for the next block's rows ahead on or
 off (on by default where it was measured to help: Intel cores, in calls
-that read more than the L2s hold; see pyx/kernel.h's kv_ahead).
+that read at least ``kernel_info()["prefetch_from_bytes"]``, 8 MiB, of keys
+and values; see pyx/kernel.h's kv_ahead).
 """
 
 import contextlib

@@ -220,10 +220,11 @@ static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, 
  * (read first, while the values' requests are still out) took 0.94-0.95x
  * the time out of cache on a Xeon (grouped 8 x 32/8 x 16384, 1 and 2
  * threads; G1 8 x 12 x 16384: 0.94-0.98; in-process A/B, 5 interleaved
- * rounds): some requests made once are evidently dropped. A second request
- * with the L2-only hint gave the same (0.93-0.96), asking twice for the
- * values too nothing more, the L2-only hint alone nothing (0.97-1.00), and
- * 64- or 128-row blocks 0.90-0.94 out of cache but 1.08-1.09x in L3 */
+ * rounds; alternated processes: 0.92-0.96): some requests made once are
+ * evidently dropped. A second request with the L2-only hint gave the same
+ * (0.93-0.96), asking twice for the values too nothing more, the L2-only
+ * hint alone nothing (0.97-1.00), and 64- or 128-row blocks asked for
+ * twice 0-4% more out of cache but 1.06-1.10x the time in L3 */
 static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
     if (!a || r >= a->n) return;
@@ -405,12 +406,14 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     /* no more threads than the pool has; 4 * threads must not overflow */
     const ptrdiff_t threads = plan_threads < KV_MAX_WORKERS + 1 ? plan_threads : KV_MAX_WORKERS + 1;
     const int dbl = c->dtype == KV_F64;
-    ptrdiff_t longest = 0;
-    for (ptrdiff_t b = 0; b < c->B; b++)
+    ptrdiff_t longest = 0, positions = 0;         /* the longest row, all rows' */
+    for (ptrdiff_t b = 0; b < c->B; b++) {
         if (q->base[b] + q->T > longest) longest = q->base[b] + q->T;
+        positions += q->base[b] + q->T;
+    }
     /* decided once per call, so that every item cuts the same blocks */
-    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype];
-    const int ask = kv_ask_from >= 0 && 2 * c->B * c->H * longest * row_bytes >= kv_ask_from;
+    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype], ask_from = kv_ask_from;
+    const int ask = ask_from >= 0 && 2 * c->H * positions * row_bytes >= ask_from;
     const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
     const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
     kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, blk};

@@ -90,8 +90,8 @@ static struct {
 
 /* jobs closer together than this (from the end of one to the start of the
  * next, on any number of threads) keep a worker that took one spinning
- * until the next (KV_SPIN_NANOSECONDS), so waking a sleeping one pays off in the jobs
- * that follow */
+ * until the next (KV_SPIN_NANOSECONDS), so waking a sleeping one pays off
+ * in the jobs that follow */
 #define KV_DENSE_NANOSECONDS 10000
 
 /* the monotonic clock in nanoseconds (also what KVCache times calls with) */

@@ -364,9 +364,9 @@ def test_prefetch_is_on_by_default_on_intel_cores_only():
 def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
     # asking reads blocks of 32 rows, not asking up to 256: the sums run in
     # another order, so the output's last bits tell which way a call went
-    B, H, D, S = 1, 2, 64, 300
-    cache, q, k, v = grouped_case(rng, np.float32, B, H, 1, D, S + 1, [S], 1)
-    reads = 2 * B * H * (S + 1) * D * 4         # K and V bytes: S cached, 1 new
+    B, H, G, D, S = 2, 3, 2, 64, 300
+    cache, q, k, v = grouped_case(rng, np.float32, B, H, G, D, S + 1, [S, S // 2], 1)
+    reads = 2 * H * ((S + 1) + (S // 2 + 1)) * D * 4    # K and V: each row's cached and new
 
     def run():          # attend writes the new position without advancing: repeatable
         return cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
