@@ -223,8 +223,9 @@ static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, 
  * rounds; alternated processes: 0.92-0.96): some requests made once are
  * evidently dropped. A second request with the L2-only hint gave the same
  * (0.93-0.96), asking twice for the values too nothing more, the L2-only
- * hint alone nothing (0.97-1.00), and 64- or 128-row blocks asked for
- * twice 0-4% more out of cache but 1.06-1.10x the time in L3 */
+ * hint alone nothing (0.97-1.00), 64- or 128-row blocks asked for twice
+ * 0-4% more out of cache but 1.06-1.10x the time in L3, and asking for
+ * the values during the values' pass instead 1.04-1.09x */
 static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
     if (!a || r >= a->n) return;
