@@ -11,10 +11,13 @@ picks the widest the CPU has; every storage dtype has a compiled path:
 
 ``kernel_info()`` says what runs here; ``forced_isa()`` pins a narrower
 instruction set, so that the tests exercise every path on one machine, and
-``forced_prefetch()`` turns asking for the next block's rows ahead on or
-off (on by default where it was measured to help: Intel cores, in calls
-that read at least ``kernel_info()["prefetch_from_bytes"]``, 8 MiB, of keys
-and values; see pyx/kernel.h's kv_ahead).
+``forced_reads()`` how the rows are read. By default, where it was measured
+to help (Intel cores), calls that read at least
+``kernel_info()["prefetch_from_bytes"]`` (8 MiB) of keys and values ask for
+each next block ahead (pyx/kernel.h's kv_ahead), and those that read at
+least ``kernel_info()["stream_from_bytes"]`` (128 MiB), with at most two
+queries per K/V row, stream (kv_stream_from); the others, and every call
+elsewhere, read plainly.
 """
 
 import contextlib
@@ -50,6 +53,10 @@ def kernel_info():
         ``prefetch``: whether the kernel asks for each next block of K
         and V rows while it computes one (software prefetch), in calls
         that read at least ``prefetch_from_bytes`` of K and V;
+        ``stream_from_bytes``: calls that read at least this many, with
+        at most two queries per K/V row, instead stream: they leave the
+        rows to the CPU's own prefetchers, read with 256-bit loads (the
+        AVX2 body on an AVX-512 CPU), keys and values in step (-1: none);
         ``boundscheck``: whether this is the bounds-checked debug build.
     """
     return {
@@ -59,6 +66,7 @@ def kernel_info():
         "threads": "kvarena pool (pthreads, passive wait)",
         "prefetch": _arena.prefetch_from() >= 0,
         "prefetch_from_bytes": _arena.prefetch_from(),
+        "stream_from_bytes": _arena.stream_from(),
         "boundscheck": bool(_arena.BOUNDSCHECK),
     }
 
@@ -86,17 +94,34 @@ def forced_isa(name):
         _isa = saved
 
 
-@contextlib.contextmanager
-def forced_prefetch(on):
-    """Ask (``on`` true) in every call, or in none, for the next block ahead inside the block.
+#: How a call reads its rows, for forced_reads: as planned by its size (kernel.h's kv_attend)
+READS = ("plain", "ask", "stream")
 
-    For tests and benchmarks: every cache in the process is affected. A
-    call that asks reads blocks of 32 rows (else up to 256), so the last
-    bits of its results can differ; both are held to the reference.
+
+@contextlib.contextmanager
+def forced_reads(how):
+    """Read the rows of every call inside the ``with`` block as ``how`` says.
+
+    ``"plain"``: blocks of up to 256 rows, the CPU's prefetchers left to
+    themselves; ``"ask"``: blocks of 32 rows, each next one asked for ahead
+    (software prefetch); ``"stream"``: calls with at most two queries per
+    K/V row stream (the AVX2 body at most, keys and values in step), the
+    others read plainly. For tests and benchmarks: every cache in the
+    process is affected. The ways sum in other orders, so the last bits of
+    their results can differ; each is held to the reference.
+
+    Raises
+    ------
+    ValueError
+        ``how`` is not one of ``READS``.
     """
-    saved = _arena.prefetch_from()
-    _arena.set_prefetch_from(0 if on else -1)
+    if how not in READS:
+        raise ValueError(f"how must be one of {READS}; got {how!r}")
+    saved = _arena.prefetch_from(), _arena.stream_from()
+    _arena.set_prefetch_from(0 if how == "ask" else -1)
+    _arena.set_stream_from(0 if how == "stream" else -1)
     try:
         yield
     finally:
-        _arena.set_prefetch_from(saved)
+        _arena.set_prefetch_from(saved[0])
+        _arena.set_stream_from(saved[1])

@@ -64,6 +64,8 @@ cdef extern from "kernel.h" nogil:
     long long kv_nanoseconds()
     Py_ssize_t kv_ask_from
     Py_ssize_t KV_ASK_FROM_BYTES
+    Py_ssize_t kv_stream_from
+    Py_ssize_t KV_STREAM_FROM_BYTES
     int kv_prefetch_helps()
     void kv_store(const float *x, const Py_ssize_t *xs, int dtype, void *data, float *scale,
                   const Py_ssize_t *slots, Py_ssize_t B, Py_ssize_t H, Py_ssize_t S,
@@ -82,6 +84,8 @@ BEST_ISA = kv_best_isa()
 PREFETCH_HELPS = bool(kv_prefetch_helps())
 #: How many bytes of K and V a call reads, by default, before it asks.
 ASK_FROM_BYTES = KV_ASK_FROM_BYTES
+#: How many bytes of K and V a call reads, by default, before it streams.
+STREAM_FROM_BYTES = KV_STREAM_FROM_BYTES
 
 
 def set_prefetch_from(Py_ssize_t nbytes):
@@ -98,7 +102,23 @@ def prefetch_from():
     return kv_ask_from
 
 
+def set_stream_from(Py_ssize_t nbytes):
+    """Make later kernel calls that read at least ``nbytes`` of K and V,
+    with at most two queries per K/V row, stream (kernel.h's
+    kv_stream_from; they do not ask); -1: no call."""
+    global kv_stream_from
+    if nbytes < -1:
+        raise ValueError(f"nbytes must be -1 or at least 0; got {nbytes}")
+    kv_stream_from = nbytes
+
+
+def stream_from():
+    """The bytes of K and V from which kernel calls stream; -1: none do."""
+    return kv_stream_from
+
+
 set_prefetch_from(ASK_FROM_BYTES if PREFETCH_HELPS else -1)
+set_stream_from(STREAM_FROM_BYTES if PREFETCH_HELPS else -1)
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
                   np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}

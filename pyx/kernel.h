@@ -13,9 +13,12 @@
  *   group loop    the G query heads of one K/V head (and a tile of query
  *                 positions) share every K/V block that is read
  * Keys and values are read once per query tile, in one pass, with an online
- * softmax; a long row is split into chunks whose partial (max, sum,
- * accumulator) are merged afterwards (flash-decoding), so one row can use
- * every thread.
+ * softmax, the keys of each block scored while the values of the block
+ * before are weighed; a long row is split into chunks whose partial (max,
+ * sum, accumulator) are merged afterwards (flash-decoding), so one row can
+ * use every thread. How the rows are read (plainly, asking ahead, or
+ * streaming: see kv_ask_from and kv_stream_from) depends on how many bytes
+ * a call reads.
  *
  * The body (kernel_impl.h) is compiled for AVX-512, AVX2+FMA and the x86-64
  * baseline; kv_best_isa() picks the widest the CPU has at run time, so an
@@ -98,6 +101,9 @@ typedef struct {
     int ask;                     /* ask for each next block ahead (kv_ask_from) */
     ptrdiff_t blk;               /* rows per block: KV_BLK_ASKED if ask, else KV_BLK_BYTES of
                                     keys within [KV_BLK_ASKED, KV_BLK] rows */
+    ptrdiff_t step;              /* the keys of a block are scored while the values of the
+                                    block before are weighed, `step` rows of each in turn:
+                                    KV_STEP in a call that asks or streams, else blk */
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
@@ -157,10 +163,13 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
     return c->scale[kv] ? c->scale[kv] + at : NULL;
 }
 
-/* the stored rows of the next block, asked for while this one is computed:
- * the CPU's own streamer stops at every 4 KiB page and runs only a little
- * ahead of the loads, so without this, memory idles while a block is in
- * the registers. The requests are spread over the rows of the dot products,
+/* stored rows asked for a block ahead of their use: while the keys of one
+ * block are scored, the keys of the block after it and its values (which
+ * are weighed after those keys are scored). The CPU's own streamer stops
+ * at every 4 KiB page and runs only a little ahead of the loads, so
+ * without this, memory idles while a block is in the registers. The
+ * requests are spread over the rows of the dot products (asking from a
+ * function not inlined there made a call 1.2-1.7x slower: it is inlined),
  * and the G query heads of a K/V head ask for a share each: a burst of them
  * crowds out the loads that are waiting (float32 grouped-query 1.21x
  * slower, int8 0.79x as fast as spread). Measured side by side in one
@@ -177,22 +186,56 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
  * 1.1-1.4x the time of not asking. So a call asks one block ahead on
  * Intel cores only (kv_ask_from) */
 typedef struct {
-    const char *k, *v;           /* the next block's first stored K and V rows */
+    const char *k, *v;           /* the first stored K and V rows asked for */
     const float *ks, *vs;        /* int8: their scales, else NULL */
-    ptrdiff_t n, row_bytes;      /* rows in consecutive slots from k and v */
+    ptrdiff_t nk, nv, row_bytes; /* rows in consecutive slots from k, from v */
     ptrdiff_t first, every;      /* the rows one score pass asks for: first,
                                     first + every, ... (its share of them) */
 } kv_ahead;
 
 /* calls that read at least this many bytes of K and V ask for each next
  * block; -1: none. At import KV_ASK_FROM_BYTES where kv_prefetch_helps(),
- * else -1; kvarena.kernel.forced_prefetch sets 0 (every call) or -1 for
+ * else -1; kvarena.kernel.forced_reads sets 0 (every call) or -1 for
  * tests. Below it the rows come from the L2s: on the Xeon, 1 x 12 x S
  * decode without asking (blocks of 256 rows) took, 1 thread and 2,
  * 0.80 and 0.80x the time at 1.5 MiB, 0.97 and 0.83x at 3, 0.99 and
  * 0.93x at 4.5, 1.01 and 0.98x at 6; asking, 0.87x at 768 MiB */
 #define KV_ASK_FROM_BYTES (8 << 20)
 static ptrdiff_t kv_ask_from = -1;
+
+/* calls that read at least this many bytes of K and V, with at most two
+ * queries per K/V row (decode of up to two query heads per K/V head),
+ * stream; -1: none. At import KV_STREAM_FROM_BYTES where
+ * kv_prefetch_helps(), else -1 (not measured elsewhere);
+ * kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that
+ * streams leaves the rows to the core's own prefetchers, which follow a
+ * stream from memory better than asking does when the loads are 256 bits
+ * wide and the keys and values advance together: it runs the AVX2 body on
+ * an AVX-512 CPU, does not ask, and scores KV_STEP keys of the next block
+ * between as many values of this one. On the Xeon, decode, 1 and 2
+ * threads (one process each, alternated): 8 x 12 x 16384 float32 (768
+ * MiB) 46 and 23 ms against 50 and 26 asking (read floor 42-43 and 22, the
+ * C loop 47 and 24.5); float16 (384 MiB) 21.4 and 12 against 25.7 and 13.2;
+ * float64 8 x 12 x 8192 48 and 25 against 53 and 27.4; 192 MiB 0.88-1.0x.
+ * The same without the interleave (blocks of keys, then of values):
+ * 48 and 25; asking too: 50-56 and 26-34; 512-bit loads, not asking:
+ * 58-61 and 30-31. But rows the L3 holds come faster asked for: 96 MiB
+ * (1 x 12 x 16384) 3.5 ms asking, 5.5 streaming; so the bound sits between
+ * 96 and 192 MiB, where this VM's L3 (480 MiB as reported) stopped holding
+ * a call's rows. Four queries sharing a row compute enough to want the
+ * wider vectors: grouped 8 x 32/8 x 16384 (512 MiB) took 1.5-1.8x the time
+ * streaming */
+#define KV_STREAM_FROM_BYTES (128 << 20)
+/* rows of keys scored, then of values weighed, in turn in a call that asks
+ * or streams (kv_job's step). Streaming 8 x 12 x 16384 (1 and 2 threads,
+ * alternated processes): 4 rows 46 and 22.9 ms, 2 rows 46-57 and 24-30
+ * (the calls cost), 8 rows 48 and 24.2, 16 49 and 24.4, a block of each
+ * (256) 48 and 25. Asking, against a block (32 rows) of each in turn: 48-49
+ * and 25-25.5 ms against 51-52.5 and 26-27; 1 x 12 x 16384 (96 MiB, L3)
+ * 3.5 and 1.8 against 3.6-3.8 and 1.8-1.9. A call that reads plainly, in
+ * the L2s, takes a block of each (4 rows cost there: 1 x 12 x 256 1.1x) */
+#define KV_STEP 4
+static ptrdiff_t kv_stream_from = -1;
 
 static int kv_prefetch_helps(void)
 {
@@ -204,15 +247,33 @@ static int kv_prefetch_helps(void)
 #endif
 }
 
-/* the rows at logical positions pos .. pos + n - 1 of (row b, head h), as
- * far as they lie in consecutive slots, shared among `every` passes */
-static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t pos,
-                                   ptrdiff_t n, ptrdiff_t every)
+/* the keys at logical positions kpos .. kpos + nk - 1 of (row b, head h)
+ * and the values at vpos .. vpos + nv - 1, as far as they lie in
+ * consecutive slots, shared among `every` passes */
+static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t kpos,
+                                   ptrdiff_t nk, ptrdiff_t vpos, ptrdiff_t nv, ptrdiff_t every)
 {
-    const ptrdiff_t at = (b * c->H + h) * c->S + kv_slot(c, b, pos);
-    return (kv_ahead){kv_stored_row(c, 0, at), kv_stored_row(c, 1, at),
-                      kv_stored_scale(c, 0, at), kv_stored_scale(c, 1, at),
-                      kv_run(c, b, pos, n), c->D * kv_elem_bytes[c->dtype], 0, every};
+    const ptrdiff_t bh = (b * c->H + h) * c->S;
+    const ptrdiff_t kat = bh + kv_slot(c, b, kpos), vat = bh + kv_slot(c, b, vpos);
+    return (kv_ahead){kv_stored_row(c, 0, kat), kv_stored_row(c, 1, vat),
+                      kv_stored_scale(c, 0, kat), kv_stored_scale(c, 1, vat),
+                      nk ? kv_run(c, b, kpos, nk) : 0, nv ? kv_run(c, b, vpos, nv) : 0,
+                      c->D * kv_elem_bytes[c->dtype], 0, every};
+}
+
+/* the rows of a from row r on */
+static inline kv_ahead kv_ahead_from(const kv_ahead *a, ptrdiff_t r)
+{
+    kv_ahead rest = *a;
+    rest.k += r * a->row_bytes;
+    rest.v += r * a->row_bytes;
+    rest.nk -= r;
+    rest.nv -= r;
+    if (rest.ks) {
+        rest.ks += r;
+        rest.vs += r;
+    }
+    return rest;
 }
 
 /* ask for row r of the next block: its K and V lines, the K lines twice,
@@ -226,17 +287,18 @@ static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, 
  * hint alone nothing (0.97-1.00), 64- or 128-row blocks asked for twice
  * 0-4% more out of cache but 1.06-1.10x the time in L3, and asking for
  * the values during the values' pass instead 1.04-1.09x */
-static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
+static inline __attribute__((always_inline)) void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
-    if (!a || r >= a->n) return;
+    if (!a || (r >= a->nk && r >= a->nv)) return;
+    const int keys = r < a->nk, values = r < a->nv;
     for (ptrdiff_t off = 0; off < a->row_bytes; off += 64) {
-        __builtin_prefetch(a->k + r * a->row_bytes + off);
-        __builtin_prefetch(a->v + r * a->row_bytes + off);
-        __builtin_prefetch(a->k + r * a->row_bytes + off);
+        if (keys) __builtin_prefetch(a->k + r * a->row_bytes + off);
+        if (values) __builtin_prefetch(a->v + r * a->row_bytes + off);
+        if (keys) __builtin_prefetch(a->k + r * a->row_bytes + off);
     }
     if (a->ks && r % 16 == 0) {
-        __builtin_prefetch(a->ks + r);
-        __builtin_prefetch(a->vs + r);
+        if (r < a->nk) __builtin_prefetch(a->ks + r);
+        if (r < a->nv) __builtin_prefetch(a->vs + r);
     }
 }
 
@@ -413,14 +475,16 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
         positions += q->base[b] + q->T;
     }
     /* decided once per call, so that every item cuts the same blocks */
-    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype], ask_from = kv_ask_from;
-    const int ask = ask_from >= 0 && 2 * c->H * positions * row_bytes >= ask_from;
+    const ptrdiff_t G = q->Hq / c->H, Tq = kv_min(q->T, G >= 64 ? 1 : 64 / G);
+    const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype];
+    const ptrdiff_t reads = 2 * c->H * positions * row_bytes;     /* K and V, once each */
+    const ptrdiff_t ask_from = kv_ask_from, stream_from = kv_stream_from;
+    const int stream = stream_from >= 0 && reads >= stream_from && G * Tq <= 2;
+    const int ask = !stream && ask_from >= 0 && reads >= ask_from;
     const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
     const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
-    kv_job job = {c, q, q->Hq / c->H, 1, 1, 1, 1, NULL, ask, blk};
-
-    /* query tile: up to 64 queries share each K/V block */
-    job.Tq = kv_min(q->T, job.G >= 64 ? 1 : 64 / job.G);
+    kv_job job = {c, q, G, Tq, 1, 1, 1, NULL, ask, blk, ask || stream ? KV_STEP : blk};
+    if (stream && isa > KV_ISA_AVX2) isa = KV_ISA_AVX2;
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than
      * 256; in a call too small to wake workers (sparse calls run on the

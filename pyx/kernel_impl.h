@@ -232,52 +232,57 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
 
 /* the k queries q[i] as the dot products are to read them (query[i]).
  * With D = 4W as a constant (score and score4 compile it so: 64 floats on
- * AVX-512) each is 4 vectors, copied into `held`, which the compiler keeps
- * in registers for a whole pass over the rows (on AVX-512, with 32 of
- * them; AVX2 and the baseline have 16 and spill some, measured no slower);
- * read from q, a query is loaded again for every row (a store to the
- * scores could change q, as far as the compiler knows). For four queries
- * that is 20 vector loads per row instead of 4, more than Zen 4's load
- * ports take in the time of the 16 multiply-adds */
-KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) held[][4],
+ * AVX-512), or 8W for a lone query (score: 64 floats on AVX2), each is 4
+ * or 8 vectors, copied into `held`, which the compiler keeps in registers
+ * for a whole pass over the rows (on AVX-512, with 32 of them; AVX2 and
+ * the baseline have 16 and spill some, measured no slower); read from q,
+ * a query is loaded again for every row (a store to the scores could
+ * change q, as far as the compiler knows). For four queries that is 20
+ * vector loads per row instead of 4, more than Zen 4's load ports take in
+ * the time of the 16 multiply-adds */
+KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) held[][8],
                            const KV_REAL *query[])
 {
     for (int i = 0; i < k; i++) {
         query[i] = q[i];
-        if (D == 4 * KV_W) {
-            for (int j = 0; j < 4; j++) held[i][j] = *(const KV_FN(vec) *)(q[i] + j * KV_W);
+        if (D == 4 * KV_W || (k == 1 && D == 8 * KV_W)) {
+            for (int j = 0; j < D / KV_W; j++) held[i][j] = *(const KV_FN(vec) *)(q[i] + j * KV_W);
             query[i] = (const KV_REAL *)held[i];
         }
     }
 }
 
+/* acc += sum over r < n of p[r] * row r of `rows` in the nv (8 or 4; a
+ * constant once inlined) native vectors of lanes from d: one chain of
+ * multiply-adds per vector, in registers for the whole pass */
+KV_INLINE void KV_FN(accumulate_lanes)(KV_REAL *acc, const KV_REAL *p, const void *rows,
+                                       ptrdiff_t n, ptrdiff_t D, int kind, ptrdiff_t d, int nv)
+{
+    typedef KV_FN(vec) vec;
+    vec e[8] = {{0}};
+    for (ptrdiff_t r = 0; r < n; r++)
+        for (int j = 0; j < nv; j++) e[j] += p[r] * KV_FN(load)(rows, r * D + d + j * KV_W, kind);
+    for (int j = 0; j < nv; j++) *(vec *)(acc + d + j * KV_W) += e[j];
+}
+
 /* acc += sum over r < n of p[r] * row r of `rows`, in lanes `from` .. D - 1.
- * Up to four native vectors of acc stay in registers for a whole pass over
- * the rows, read in order. Four vectors are four independent chains of
- * multiply-adds, enough to keep the units busy; fewer would wait on their
- * own adds, so each then keeps two sums (even and odd rows). Every lane
- * gets the same sums in the same order whichever loop, here or in
- * accumulate4, takes it */
+ * Up to eight native vectors of acc stay in registers for a whole pass
+ * over the rows, read in order: a row of D = 64 floats is read in one pass
+ * on AVX2 too (in two, the first half of every row and then the second,
+ * streaming from memory took 1.25x the time; see kv_attend). Four vectors
+ * or more are as many independent chains, enough to keep the units busy;
+ * fewer would wait on their own adds, so each then keeps two sums (even
+ * and odd rows). Every lane gets the same sums in the same order whichever
+ * loop, here or in accumulate4, takes it */
 KV_INLINE void KV_FN(accumulate)(KV_REAL *acc, const KV_REAL *p, const void *rows,
                                  ptrdiff_t n, ptrdiff_t D, int kind, ptrdiff_t from)
 {
     typedef KV_FN(vec) vec;
     const ptrdiff_t W = KV_W;
-#define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
     ptrdiff_t d = from;
-    for (; d + 4 * W <= D; d += 4 * W) {
-        vec e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
-        for (ptrdiff_t r = 0; r < n; r++) {
-            e0 += p[r] * KV_LD(r, 0);
-            e1 += p[r] * KV_LD(r, W);
-            e2 += p[r] * KV_LD(r, 2 * W);
-            e3 += p[r] * KV_LD(r, 3 * W);
-        }
-        *(vec *)(acc + d) += e0;
-        *(vec *)(acc + d + W) += e1;
-        *(vec *)(acc + d + 2 * W) += e2;
-        *(vec *)(acc + d + 3 * W) += e3;
-    }
+    for (; d + 8 * W <= D; d += 8 * W) KV_FN(accumulate_lanes)(acc, p, rows, n, D, kind, d, 8);
+    for (; d + 4 * W <= D; d += 4 * W) KV_FN(accumulate_lanes)(acc, p, rows, n, D, kind, d, 4);
+#define KV_LD(r, off) KV_FN(load)(rows, (r) * D + d + (off), kind)
     for (; d + W <= D; d += W) {    /* fewer than four vectors left */
         vec e = {0}, o = {0};
         ptrdiff_t r = 0;
@@ -395,7 +400,7 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
-    KV_FN(vec) held[1][4];
+    KV_FN(vec) held[1][8];
     const KV_REAL *query;
     KV_FN(hold)(&q, 1, D, held, &query);
     for (ptrdiff_t r = 0; r < n; r++) {
@@ -426,7 +431,7 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
     KV_FN(four) top = {best[0], best[1], best[2], best[3]};
-    KV_FN(vec) held[4][4];
+    KV_FN(vec) held[4][8];
     const KV_REAL *query[4];
     KV_FN(hold)(q, 4, D, held, query);
     for (ptrdiff_t r = 0; r < n; r++) {
@@ -502,12 +507,24 @@ KV_INLINE KV_REAL KV_FN(score_d)(const KV_REAL *q, const KV_FN(run) *run, ptrdif
     }
 }
 
-/* score_d, with D = 4W compiled as a constant (see hold) */
+/* score_d, with D = 4W and 8W compiled as constants (see hold) */
+KV_INLINE KV_REAL KV_FN(score_D)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n,
+                                 ptrdiff_t D, KV_REAL scale, KV_REAL *w, KV_REAL best,
+                                 const kv_ahead *ahead)
+{
+    if (D == 4 * KV_W) return KV_FN(score_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
+    if (D == 8 * KV_W) return KV_FN(score_d)(q, run, n, 8 * KV_W, scale, w, best, ahead);
+    return KV_FN(score_d)(q, run, n, D, scale, w, best, ahead);
+}
+
+/* score_D, compiled apart for passes that ask and passes that do not: the
+ * asking code in a loop that never asked made a call that streams take
+ * 1.1x the time (8 x 12 x 16384, AVX2: 52-54 ms against 47.5, one thread) */
 static KV_REAL KV_FN(score)(const KV_REAL *q, const KV_FN(run) *run, ptrdiff_t n, ptrdiff_t D,
                             KV_REAL scale, KV_REAL *w, KV_REAL best, const kv_ahead *ahead)
 {
-    if (D == 4 * KV_W) return KV_FN(score_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
-    return KV_FN(score_d)(q, run, n, D, scale, w, best, ahead);
+    if (ahead) return KV_FN(score_D)(q, run, n, D, scale, w, best, ahead);
+    return KV_FN(score_D)(q, run, n, D, scale, w, best, NULL);
 }
 
 /* score for four queries, over a run whose keys are not rotated in the dot
@@ -529,13 +546,16 @@ KV_INLINE void KV_FN(score4_d)(const KV_REAL *const q[4], const KV_FN(run) *run,
     }
 }
 
-/* score4_d, with D = 4W compiled as a constant (see hold) */
+/* score4_d, with D = 4W compiled as a constant (see hold), asking and not
+ * compiled apart (see score) */
 static void KV_FN(score4)(const KV_REAL *const q[4], const KV_FN(run) *run, ptrdiff_t n,
                           ptrdiff_t D, KV_REAL scale, KV_REAL *const w[4], KV_REAL best[4],
                           const kv_ahead *ahead)
 {
-    if (D == 4 * KV_W) KV_FN(score4_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
-    else KV_FN(score4_d)(q, run, n, D, scale, w, best, ahead);
+    if (D == 4 * KV_W && ahead) KV_FN(score4_d)(q, run, n, 4 * KV_W, scale, w, best, ahead);
+    else if (D == 4 * KV_W) KV_FN(score4_d)(q, run, n, 4 * KV_W, scale, w, best, NULL);
+    else if (ahead) KV_FN(score4_d)(q, run, n, D, scale, w, best, ahead);
+    else KV_FN(score4_d)(q, run, n, D, scale, w, best, NULL);
 }
 
 static void KV_FN(convert)(const KV_FN(run) *run, KV_REAL *dst, ptrdiff_t D)
@@ -770,6 +790,89 @@ static void KV_FN(half_row)(const float *x, uint16_t *h, ptrdiff_t D)
 }
 #endif
 
+/* the rows of `run` from row r0 on */
+KV_INLINE KV_FN(run) KV_FN(rows_from)(const KV_FN(run) *run, ptrdiff_t r0, ptrdiff_t D)
+{
+    KV_FN(run) rest = *run;
+    rest.rows = (const char *)run->rows + r0 * D * kv_elem_bytes[run->kind];
+    rest.n -= r0;
+    if (rest.scale) rest.scale += r0;
+    if (rest.cos) {
+        rest.cos += r0 * (D / 2);
+        rest.sin += r0 * (D / 2);
+    }
+    return rest;
+}
+
+/* 1. the scores q . k * scale of the Q queries qv (query i at position
+ * first + i / G) with rows [r0, r1) of the block of n keys at position j0,
+ * into w (query i's at w + i * blk), the largest of each query's so far in
+ * best[i]. Three or four queries that see the same rows share a pass,
+ * which loads each key row once for them; else one pass per query (also
+ * when keys rotate in the dot product). Two in one pass with two dropped
+ * took 1.05x the time of a pass each (1 x 16/8 x 256, in L2). The passes
+ * ask for their shares of rows [r0, r1) of `next` (NULL: none) */
+KV_INLINE void KV_FN(score_rows)(const kv_job *job, const KV_REAL *qv, ptrdiff_t Q,
+                                 ptrdiff_t first, KV_REAL scale, const KV_FN(run) *keys,
+                                 ptrdiff_t j0, ptrdiff_t n, ptrdiff_t r0, ptrdiff_t r1,
+                                 KV_REAL *w, KV_REAL *best, KV_REAL *dropped, kv_ahead *next)
+{
+    const ptrdiff_t D = job->c->D, G = job->G, blk = job->blk;
+    const int grouped = keys->cos == NULL;
+    const KV_FN(run) rows = KV_FN(rows_from)(keys, r0, D);
+    kv_ahead ahead;             /* the rows of `next` that line up with these */
+    if (next) {
+        ahead = kv_ahead_from(next, r0);
+        next = &ahead;
+    }
+    for (ptrdiff_t i = 0, pass = 0; i < Q; pass++) {
+        /* queries i .. i + k - 1, seeing the same rows */
+        const ptrdiff_t k = kv_pass_size(i, Q, G, first, j0, n, grouped);
+        const ptrdiff_t seen = kv_min(kv_seen(first + i / G, j0, n), r1) - r0;
+        if (next) next->first = pass;
+        if (seen > 0 && k == 1) {
+            best[i] = KV_FN(score)(qv + i * D, &rows, seen, D, scale, w + i * blk + r0, best[i],
+                                   next);
+        } else if (seen > 0) {      /* fewer than four: the last one again, its scores dropped */
+            const KV_REAL *qs[4];
+            KV_REAL *ws[4], most[4];
+            for (ptrdiff_t g = 0; g < 4; g++) {
+                const ptrdiff_t at = i + kv_min(g, k - 1);
+                qs[g] = qv + at * D;
+                ws[g] = g < k ? w + at * blk + r0 : dropped;
+                most[g] = best[at];
+            }
+            KV_FN(score4)(qs, &rows, seen, D, scale, ws, most, next);
+            for (ptrdiff_t g = 0; g < k; g++) best[i + g] = most[g];
+        }
+        i += k;
+    }
+}
+
+/* 3. acc += rows [r0, r1) of the block of n values at position j0 weighted
+ * by the queries' softmax weights w (as score_rows lays them out), each
+ * row read once for all Q queries and loaded once for each four of them
+ * that see the same rows */
+KV_INLINE void KV_FN(weigh_rows)(const kv_job *job, ptrdiff_t Q, ptrdiff_t first,
+                                 const KV_FN(run) *values, ptrdiff_t j0, ptrdiff_t n,
+                                 ptrdiff_t r0, ptrdiff_t r1, const KV_REAL *w, KV_REAL *acc)
+{
+    const ptrdiff_t D = job->c->D, G = job->G, blk = job->blk;
+    const KV_FN(run) rows = KV_FN(rows_from)(values, r0, D);
+    for (ptrdiff_t i = 0, k; i < Q; i += k) {
+        k = kv_pass_size(i, Q, G, first, j0, n, 1) == 4 ? 4 : 1;
+        const ptrdiff_t seen = kv_min(kv_seen(first + i / G, j0, n), r1) - r0;
+        if (seen <= 0) continue;
+        KV_REAL *accs[4];
+        const KV_REAL *ps[4];
+        for (ptrdiff_t g = 0; g < 4; g++) {
+            accs[g] = acc + (i + kv_min(g, k - 1)) * D;
+            ps[g] = w + (i + kv_min(g, k - 1)) * blk + r0;
+        }
+        KV_FN(weigh)(accs, ps, &rows, seen, D, (int)k);
+    }
+}
+
 /* one work item: query heads h*G .. h*G + G - 1 of row b, query positions
  * t0 .. t0 + nt - 1, over logical positions [lo, hi) of the row */
 static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
@@ -793,10 +896,10 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     const ptrdiff_t per_query = kv_round64(Q * sizeof(KV_REAL)) / sizeof(KV_REAL);
     const ptrdiff_t scores = kv_round64(Q * blk * sizeof(KV_REAL)) / sizeof(KV_REAL);
     KV_REAL *mem = (KV_REAL *)kv_scratch(sizeof(KV_REAL) *
-                                         (2 * tile + 2 * rows + 2 * per_query + scores));
+                                         (2 * tile + 2 * rows + 4 * per_query + 2 * scores));
     if (!mem) return -1;
     KV_REAL *ktile = mem, *vtile = ktile + tile, *qv = vtile + tile, *acc = qv + rows;
-    KV_REAL *m = acc + rows, *l = m + per_query, *w = l + per_query;
+    KV_REAL *m = acc + rows, *l = m + per_query, *w = l + 3 * per_query;
 
     /* query i = t * G + g is head h * G + g at position t0 + t */
     for (ptrdiff_t t = 0; t < nt; t++)
@@ -821,75 +924,60 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     float kscale[KV_BLK], vscale[KV_BLK];
     KV_REAL dropped[KV_BLK];
 
-    /* iterate over the positions [lo, hi): cached ones, then causal in the block */
-    for (ptrdiff_t j0 = lo; j0 < hi; j0 += blk) {
-        const ptrdiff_t n = kv_min(blk, hi - j0);
-        const KV_FN(run) keys = KV_FN(block)(c, 0, b, h, j0, n, convert_keys, ktile, kscale);
-        /* score passes: three or four queries that see the same rows share
-         * one, which loads each key row once for them; else one per query
-         * (also when keys rotate in the dot product). Two in one pass with
-         * two dropped took 1.05x the time of a pass each (1 x 16/8 x 256, in L2) */
-        const int grouped = keys.cos == NULL;
-        const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
-        /* the next block's rows: each score pass asks for a share */
-        const int ask = job->ask && j0 + blk < hi;
-        kv_ahead next = {0};
-        if (ask) {
-            ptrdiff_t passes = 0;
-            for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j0, n, grouped))
-                passes++;
-            next = kv_ahead_of(c, b, h, j0 + blk, kv_min(blk, hi - j0 - blk), passes);
-        }
-
-        /* 1. scores q . k / sqrt(D), then the online softmax: rescale what
-         *    was accumulated when the running maximum grows */
-        for (ptrdiff_t i = 0, pass = 0; i < Q; pass++) {
-            /* queries i .. i + k - 1, seeing the same rows */
-            const ptrdiff_t k = kv_pass_size(i, Q, G, first, j0, n, grouped);
-            const ptrdiff_t seen = kv_seen(first + i / G, j0, n);
-            KV_REAL best[4];
-            next.first = pass;
-            if (k == 1) {
-                best[0] = KV_FN(score)(qv + i * D, &keys, seen, D, scale, w + i * blk, m[i],
-                                       ask ? &next : NULL);
-            } else {        /* fewer than four: the last one again, its scores dropped */
-                const KV_REAL *qs[4];
-                KV_REAL *ws[4];
-                for (ptrdiff_t g = 0; g < 4; g++) {
-                    const ptrdiff_t at = i + kv_min(g, k - 1);
-                    qs[g] = qv + at * D;
-                    ws[g] = g < k ? w + at * blk : dropped;
-                    best[g] = m[at];
-                }
-                KV_FN(score4)(qs, &keys, seen, D, scale, ws, best, ask ? &next : NULL);
-            }
-            for (ptrdiff_t g = 0; g < k; g++, i++) {
-                /* 2. softmax weights, max-subtracted for stability */
-                const KV_REAL total = KV_FN(softmax_weights)(w + i * blk, seen, best[g]);
-                if (best[g] > m[i]) {
-                    const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best[g]);
-                    l[i] *= shrink;
+    /* the positions [lo, hi), a block of blk rows at a time, cached ones,
+     * then causal in the block: the keys of a block are scored while the
+     * values of the block before are weighed, job->step rows of each in
+     * turn (see kv_job); scores and largest scores of one block in wc and
+     * bc, of the next in wn and bn */
+    const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
+    KV_REAL *wc = w, *wn = w + scores, *bc = l + per_query, *bn = bc + per_query;
+    for (ptrdiff_t j0 = lo - blk; j0 < hi; j0 += blk) {
+        const ptrdiff_t n = j0 < lo ? 0 : kv_min(blk, hi - j0), j1 = j0 + blk;
+        const ptrdiff_t n1 = j1 < hi ? kv_min(blk, hi - j1) : 0;
+        /* 2. this block's softmax weights, max-subtracted for stability; the
+         *    online softmax: rescale what was accumulated when the running
+         *    maximum grows */
+        for (ptrdiff_t i = 0; n && i < Q; i++) {
+            const KV_REAL best = bc[i] > m[i] ? bc[i] : m[i];
+            const KV_REAL total =
+                KV_FN(softmax_weights)(wc + i * blk, kv_seen(first + i / G, j0, n), best);
+            if (best > m[i]) {
+                const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best);
+                l[i] *= shrink;
 #pragma omp simd
-                    for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
-                    m[i] = best[g];
-                }
-                l[i] += total;
+                for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
+                m[i] = best;
             }
+            l[i] += total;
         }
-
-        /* 3. weighted sum of the values, each row read once for all Q queries
-         *    and loaded once for each four of them that see the same rows */
-        const KV_FN(run) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
-        for (ptrdiff_t i = 0, k; i < Q; i += k) {
-            k = kv_pass_size(i, Q, G, first, j0, n, 1) == 4 ? 4 : 1;
-            KV_REAL *accs[4];
-            const KV_REAL *ps[4];
-            for (ptrdiff_t g = 0; g < 4; g++) {
-                accs[g] = acc + (i + kv_min(g, k - 1)) * D;
-                ps[g] = w + (i + kv_min(g, k - 1)) * blk;
-            }
-            KV_FN(weigh)(accs, ps, &values, kv_seen(first + i / G, j0, n), D, (int)k);
+        KV_FN(run) keys = {0}, values = {0};
+        if (n) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
+        if (n1) keys = KV_FN(block)(c, 0, b, h, j1, n1, convert_keys, ktile, kscale);
+        for (ptrdiff_t i = 0; i < Q; i++) bn[i] = -KV_BIG;
+        /* while the next block's keys are scored, ask for the keys of the
+         * block after it and for its values: as far ahead of their use as
+         * the block of each */
+        kv_ahead next = {0};
+        if (job->ask && n1) {
+            ptrdiff_t passes = 0;
+            const int grouped = keys.cos == NULL;
+            for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j1, n1, grouped))
+                passes++;
+            const ptrdiff_t j2 = j1 + blk;
+            next = kv_ahead_of(c, b, h, j2, j2 < hi ? kv_min(blk, hi - j2) : 0, j1, n1, passes);
         }
+        for (ptrdiff_t r0 = 0; r0 < kv_max(n, n1); r0 += job->step) {
+            const ptrdiff_t r1 = r0 + job->step;
+            if (r0 < n1)
+                KV_FN(score_rows)(job, qv, Q, first, scale, &keys, j1, n1, r0, kv_min(r1, n1), wn,
+                                  bn, dropped, job->ask ? &next : NULL);
+            if (r0 < n)
+                KV_FN(weigh_rows)(job, Q, first, &values, j0, n, r0, kv_min(r1, n), wc, acc);
+        }
+        KV_REAL *swap = wc;
+        wc = wn, wn = swap;
+        swap = bc;
+        bc = bn, bn = swap;
     }
 
     /* one chunk: normalise into out; several: keep (m, l, acc) for the merge */

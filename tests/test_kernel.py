@@ -1,7 +1,8 @@
 """The attention kernel against the float64 NumPy reference, on every compiled path.
 
 A path is a storage dtype x instruction set x thread count x (T = 1 or a
-block) x grouping x prefetch on or off, with queries read in place through
+block) x grouping x way of reading the rows (plainly, asking ahead,
+streaming), with queries read in place through
 strides. Each case draws fresh random data; sizes are odd on purpose (D =
 1, 7, 65, ...).
 """
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from kvarena import KVCache, _arena, attend_reference, kernel_info
-from kvarena.kernel import forced_isa, forced_prefetch
+from kvarena.kernel import READS, forced_isa, forced_reads
 
 ISAS = kernel_info()["isas"]
 STORAGE = [np.float16, np.float32, np.float64, np.int8]
@@ -76,22 +77,26 @@ CASES = [  # B, H, G, D, S, cached per row, T
     (2, 2, 4, 32, 71, [40, 13], 1),
     (1, 2, 5, 16, 45, [43], 2),
     (2, 1, 1, 8, 30, [29, 3], 1),
-    # past a block of 256 rows (without prefetch; with it, blocks are 32)
+    # past a block of 256 rows (read plainly or streaming; asking, blocks are 32)
     (2, 1, 2, 64, 600, [599, 256], 1),
     (1, 2, 1, 7, 530, [300], 5),
 ]
 
 
-PREFETCH = pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+# every way of reading the rows (kernel.py's forced_reads); the tests of
+# bits equal across two calls take only the ways both calls can take: a
+# call with more than two queries per K/V row never streams
+ALL_READS = pytest.mark.parametrize("reads", READS)
+BOTH_READS = pytest.mark.parametrize("reads", ["plain", "ask"])
 
 
-@PREFETCH
+@ALL_READS
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("B,H,G,D,S,cached,T", CASES)
-def test_every_path_matches_the_reference(B, H, G, D, S, cached, T, dtype, isa, prefetch, rng):
+def test_every_path_matches_the_reference(B, H, G, D, S, cached, T, dtype, isa, reads, rng):
     cache, q, k, v = grouped_case(rng, dtype, B, H, G, D, S, cached, T)
-    with forced_isa(isa), forced_prefetch(prefetch):
+    with forced_isa(isa), forced_reads(reads):
         check(cache, q, k, v, TOLERANCE[dtype])
 
 
@@ -104,15 +109,15 @@ THREADED = [  # B, H, G, D, S, cached, T: above the kernel's one-thread threshol
 ]
 
 
-@PREFETCH
+@ALL_READS
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("B,H,G,D,S,cached,T", THREADED)
 def test_threaded_paths_match_the_reference(B, H, G, D, S, cached, T, dtype, isa, threads,
-                                            prefetch, rng):
+                                            reads, rng):
     cache, q, k, v = grouped_case(rng, dtype, B, H, G, D, S, cached, T, num_threads=threads)
-    with forced_isa(isa), forced_prefetch(prefetch):
+    with forced_isa(isa), forced_reads(reads):
         check(cache, q, k, v, TOLERANCE[dtype])
 
 
@@ -180,19 +185,19 @@ def test_grouped_query_equals_keys_and_values_repeated(rng):
     assert grouped.arena.nbytes * G == repeated.arena.nbytes
 
 
-@PREFETCH
+@BOTH_READS
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("D", [7, 8, 16, 32, 48, 64, 65])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, prefetch, rng):
+def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, reads, rng):
     # four query heads of a K/V head share each key and value row's load (one
     # score pass, one weighted sum; G = 5: four together, the fifth alone):
     # each head's output is, bit for bit, what it gets from a cache holding
     # its K/V head repeated, where it reads the rows alone. D = 8 .. 64
     # include each instruction set's four vectors, where both passes hold
     # their queries in registers. 300 positions: past the first block
-    # (256 rows at most; 32 with prefetch)
+    # (256 rows at most; 32 asking)
     B, H, G, n = 2, 2, 5, 300
     keys, values = rng.standard_normal((2, B, H, n, D))
     q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
@@ -203,18 +208,18 @@ def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, prefetch, 
     repeated.update(0, *(np.repeat(a, G, axis=1) for a in (keys, values)))
     for cache in (grouped, repeated):
         cache.advance(n)
-    with forced_isa(isa), forced_prefetch(prefetch):
+    with forced_isa(isa), forced_reads(reads):
         got = grouped.attend(0, q, k, v)
         want = repeated.attend(0, q, *(np.repeat(a, G, axis=1) for a in (k, v)))
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
-@PREFETCH
+@BOTH_READS
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_sink", [None, 2])
 @pytest.mark.parametrize("D", [7, 24, 64])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, prefetch,
+def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, reads,
                                                             rng):
     # one query per K/V head reads float16 and int8 rows in place, in
     # registers; five share a converted copy of each block, four of them
@@ -231,7 +236,7 @@ def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, is
         cache.update(0, k, v)
         cache.advance(100)
     q, k, v = rng.standard_normal((B, H, 1, D)), *rng.standard_normal((2, B, H, 1, D))
-    with forced_isa(isa), forced_prefetch(prefetch):
+    with forced_isa(isa), forced_reads(reads):
         one = cache.attend(0, q, k, v)
         shared = cache.attend(0, np.repeat(q, G, axis=1), k, v)
     assert np.repeat(one, G, axis=1).tobytes() == shared.tobytes()
@@ -351,14 +356,24 @@ def test_forced_isa_rejects_what_the_cpu_lacks():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo")
-def test_prefetch_is_on_by_default_on_intel_cores_only():
+def test_asking_and_streaming_are_on_by_default_on_intel_cores_only():
     with open("/proc/cpuinfo") as f:
         intel = any(line.split(":")[-1].strip() == "GenuineIntel"
                     for line in f if line.startswith("vendor_id"))
-    assert kernel_info()["prefetch"] is intel
-    with forced_prefetch(not intel):           # flipped inside, restored after
-        assert kernel_info()["prefetch"] is (not intel)
-    assert kernel_info()["prefetch"] is intel
+    info = kernel_info()
+    assert info["prefetch"] is intel
+    assert info["prefetch_from_bytes"] == (_arena.ASK_FROM_BYTES if intel else -1)
+    assert info["stream_from_bytes"] == (_arena.STREAM_FROM_BYTES if intel else -1)
+    for how, asks, streams in [("plain", -1, -1), ("ask", 0, -1), ("stream", -1, 0)]:
+        with forced_reads(how):                 # set inside, restored after
+            inside = kernel_info()
+            assert (inside["prefetch_from_bytes"], inside["stream_from_bytes"]) == (asks, streams)
+        assert kernel_info() == info
+    with pytest.raises(ValueError, match=r"how must be one of \('plain', 'ask', 'stream'\); "
+                                         r"got 'fast'"):
+        with forced_reads("fast"):
+            pass
+    assert kernel_info() == info
 
 
 def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
@@ -371,9 +386,9 @@ def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
     def run():          # attend writes the new position without advancing: repeatable
         return cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
                             v.transpose(0, 2, 1, 3))
-    with forced_prefetch(True):
+    with forced_reads("ask"):
         asked = run()
-    with forced_prefetch(False):
+    with forced_reads("plain"):
         plain = run()
     assert not np.array_equal(asked, plain)
     saved = _arena.prefetch_from()
@@ -389,6 +404,40 @@ def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
         _arena.set_prefetch_from(saved)
     want = _arena.ASK_FROM_BYTES if _arena.PREFETCH_HELPS else -1
     assert kernel_info()["prefetch_from_bytes"] == want == saved
+
+
+def test_a_call_streams_from_the_set_number_of_bytes(rng):
+    # streaming sums the values a few rows at a time (and on an AVX-512 CPU
+    # runs the AVX2 body), reading plainly up to 256 at a time: the output's
+    # last bits tell which way a call went. Calls with more than two queries
+    # per K/V row never stream
+    B, H, D, S = 2, 3, 64, 300
+    cases = {G: grouped_case(rng, np.float32, B, H, G, D, S + 1, [S, S // 2], 1) for G in (2, 3)}
+    reads = 2 * H * ((S + 1) + (S // 2 + 1)) * D * 4    # K and V: each row's cached and new
+
+    def run(G):         # attend writes the new position without advancing: repeatable
+        cache, q, k, v = cases[G]
+        return cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                            v.transpose(0, 2, 1, 3))
+    with forced_reads("stream"):
+        streamed = {G: run(G) for G in cases}
+    with forced_reads("plain"):
+        plain = {G: run(G) for G in cases}
+    assert not np.array_equal(streamed[2], plain[2])
+    assert np.array_equal(streamed[3], plain[3])
+    saved = _arena.prefetch_from(), _arena.stream_from()
+    try:
+        _arena.set_prefetch_from(-1)
+        _arena.set_stream_from(reads)
+        assert np.array_equal(run(2), streamed[2])
+        _arena.set_stream_from(reads + 1)
+        assert np.array_equal(run(2), plain[2])
+        with pytest.raises(ValueError, match=r"nbytes must be -1 or at least 0; got -2"):
+            _arena.set_stream_from(-2)
+        assert _arena.stream_from() == reads + 1
+    finally:
+        _arena.set_prefetch_from(saved[0])
+        _arena.set_stream_from(saved[1])
 
 
 def test_every_compiled_isa_is_exercised():

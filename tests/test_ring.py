@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from kvarena import KVCache, footprint, plan
-from kvarena.kernel import forced_isa, forced_prefetch, kernel_info
+from kvarena.kernel import READS, forced_isa, forced_reads, kernel_info
 from kvarena.models import Llama
 from kvarena.models.llama import rope as model_rope
 from kvarena.storage import CacheFileError
@@ -137,14 +137,14 @@ def check_held(cache, rows):
 
 # -- 1. decoding and blocks across the wrap-around, both styles, every ISA --------------
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+@pytest.mark.parametrize("reads", READS)
 @pytest.mark.parametrize("isa", kernel_info()["isas"])
 @pytest.mark.parametrize("style", STYLES, ids=lambda s: str(s))
 @pytest.mark.parametrize("n_sink", [0, 3])
-def test_decoding_through_many_wraps_matches_the_model(rng, n_sink, style, isa, prefetch):
+def test_decoding_through_many_wraps_matches_the_model(rng, n_sink, style, isa, reads):
     cache, rows = make(style, n_sink), Rows(2, B, n_sink)
     window = S - n_sink
-    with forced_isa(isa), forced_prefetch(prefetch):
+    with forced_isa(isa), forced_reads(reads):
         # lengths 1 .. 4S: window full minus one, full, full plus one, then 3 more wraps
         for n in range(1, 4 * S + 1):
             step(cache, rows, rng, 1, style)
