@@ -103,7 +103,8 @@ typedef struct {
                                     keys within [KV_BLK_ASKED, KV_BLK] rows */
     ptrdiff_t step;              /* the keys of a block are scored while the values of the
                                     block before are weighed, `step` rows of each in turn:
-                                    KV_STEP in a call that asks or streams, else blk */
+                                    KV_STEP in a call that asks or streams with few
+                                    queries per row, else blk */
 } kv_job;
 
 static inline ptrdiff_t kv_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
@@ -227,13 +228,15 @@ static ptrdiff_t kv_ask_from = -1;
  * streaming */
 #define KV_STREAM_FROM_BYTES (128 << 20)
 /* rows of keys scored, then of values weighed, in turn in a call that asks
- * or streams (kv_job's step). Streaming 8 x 12 x 16384 (1 and 2 threads,
+ * or streams with at most two queries per K/V row (kv_job's step). Streaming 8 x 12 x 16384 (1 and 2 threads,
  * alternated processes): 4 rows 46 and 22.9 ms, 2 rows 46-57 and 24-30
  * (the calls cost), 8 rows 48 and 24.2, 16 49 and 24.4, a block of each
  * (256) 48 and 25. Asking, against a block (32 rows) of each in turn: 48-49
  * and 25-25.5 ms against 51-52.5 and 26-27; 1 x 12 x 16384 (96 MiB, L3)
- * 3.5 and 1.8 against 3.6-3.8 and 1.8-1.9. A call that reads plainly, in
- * the L2s, takes a block of each (4 rows cost there: 1 x 12 x 256 1.1x) */
+ * 3.5 and 1.8 against 3.6-3.8 and 1.8-1.9. Other calls take a block of
+ * each: in the L2s 4 rows cost 1.1x the time (1 x 12 x 256), and where
+ * more queries share a row, more passes cost each step: prefill of 2048
+ * positions 1.5x, 8 x 32/8 x 2048 (four per row) 1.15x, 16 per row 1.25x */
 #define KV_STEP 4
 static ptrdiff_t kv_stream_from = -1;
 
@@ -479,11 +482,12 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     const ptrdiff_t row_bytes = c->D * kv_elem_bytes[c->dtype];
     const ptrdiff_t reads = 2 * c->H * positions * row_bytes;     /* K and V, once each */
     const ptrdiff_t ask_from = kv_ask_from, stream_from = kv_stream_from;
-    const int stream = stream_from >= 0 && reads >= stream_from && G * Tq <= 2;
+    const int few = G * Tq <= 2;          /* queries per K/V row: a memory-bound call */
+    const int stream = stream_from >= 0 && reads >= stream_from && few;
     const int ask = !stream && ask_from >= 0 && reads >= ask_from;
     const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
     const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
-    kv_job job = {c, q, G, Tq, 1, 1, 1, NULL, ask, blk, ask || stream ? KV_STEP : blk};
+    kv_job job = {c, q, G, Tq, 1, 1, 1, NULL, ask, blk, (ask || stream) && few ? KV_STEP : blk};
     if (stream && isa > KV_ISA_AVX2) isa = KV_ISA_AVX2;
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than

@@ -83,11 +83,12 @@ CASES = [  # B, H, G, D, S, cached per row, T
 ]
 
 
-# every way of reading the rows (kernel.py's forced_reads); the tests of
-# bits equal across two calls take only the ways both calls can take: a
-# call with more than two queries per K/V row never streams
+# every way of reading the rows (kernel.py's forced_reads). The tests of
+# bits equal across a call with one query per K/V row and one with several
+# read plainly: asking or streaming, a call with at most two queries per
+# row weighs its values a few rows at a time, one with more a block at a
+# time (and never streams), which sums in another order
 ALL_READS = pytest.mark.parametrize("reads", READS)
-BOTH_READS = pytest.mark.parametrize("reads", ["plain", "ask"])
 
 
 @ALL_READS
@@ -185,19 +186,18 @@ def test_grouped_query_equals_keys_and_values_repeated(rng):
     assert grouped.arena.nbytes * G == repeated.arena.nbytes
 
 
-@BOTH_READS
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("D", [7, 8, 16, 32, 48, 64, 65])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, reads, rng):
+def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, rng):
     # four query heads of a K/V head share each key and value row's load (one
     # score pass, one weighted sum; G = 5: four together, the fifth alone):
     # each head's output is, bit for bit, what it gets from a cache holding
     # its K/V head repeated, where it reads the rows alone. D = 8 .. 64
     # include each instruction set's four vectors, where both passes hold
     # their queries in registers. 300 positions: past the first block
-    # (256 rows at most; 32 asking)
+    # (256 rows read plainly)
     B, H, G, n = 2, 2, 5, 300
     keys, values = rng.standard_normal((2, B, H, n, D))
     q = rng.standard_normal((B, G * H, T, D)).astype(np.float32)
@@ -208,19 +208,17 @@ def test_grouped_heads_get_the_bits_each_gets_alone(dtype, D, isa, T, reads, rng
     repeated.update(0, *(np.repeat(a, G, axis=1) for a in (keys, values)))
     for cache in (grouped, repeated):
         cache.advance(n)
-    with forced_isa(isa), forced_reads(reads):
+    with forced_isa(isa), forced_reads("plain"):
         got = grouped.attend(0, q, k, v)
         want = repeated.attend(0, q, *(np.repeat(a, G, axis=1) for a in (k, v)))
     assert got.tobytes() == want.tobytes(), np.abs(got - want).max()
 
 
-@BOTH_READS
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n_sink", [None, 2])
 @pytest.mark.parametrize("D", [7, 24, 64])
 @pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
-def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, reads,
-                                                            rng):
+def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, isa, rng):
     # one query per K/V head reads float16 and int8 rows in place, in
     # registers; five share a converted copy of each block, four of them
     # in one pass over the keys and the fifth alone. A query's result must
@@ -236,7 +234,7 @@ def test_rows_read_in_place_or_converted_give_the_same_bits(dtype, D, n_sink, is
         cache.update(0, k, v)
         cache.advance(100)
     q, k, v = rng.standard_normal((B, H, 1, D)), *rng.standard_normal((2, B, H, 1, D))
-    with forced_isa(isa), forced_reads(reads):
+    with forced_isa(isa), forced_reads("plain"):
         one = cache.attend(0, q, k, v)
         shared = cache.attend(0, np.repeat(q, G, axis=1), k, v)
     assert np.repeat(one, G, axis=1).tobytes() == shared.tobytes()
