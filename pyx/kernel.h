@@ -189,7 +189,7 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
 typedef struct {
     const char *k, *v;           /* the first stored K and V rows asked for */
     const float *ks, *vs;        /* int8: their scales, else NULL */
-    ptrdiff_t nk, nv, row_bytes; /* rows in consecutive slots from k, from v */
+    ptrdiff_t n, row_bytes;      /* rows in consecutive slots from both k and v */
     ptrdiff_t first, every;      /* the rows one score pass asks for: first,
                                     first + every, ... (its share of them) */
 } kv_ahead;
@@ -250,17 +250,17 @@ static int kv_prefetch_helps(void)
 #endif
 }
 
-/* the keys at logical positions kpos .. kpos + nk - 1 of (row b, head h)
- * and the values at vpos .. vpos + nv - 1, as far as they lie in
+/* the keys at logical positions kpos .. kpos + n - 1 of (row b, head h)
+ * and the values at vpos .. vpos + n - 1, as far as both lie in
  * consecutive slots, shared among `every` passes */
 static inline kv_ahead kv_ahead_of(const kv_layer *c, ptrdiff_t b, ptrdiff_t h, ptrdiff_t kpos,
-                                   ptrdiff_t nk, ptrdiff_t vpos, ptrdiff_t nv, ptrdiff_t every)
+                                   ptrdiff_t vpos, ptrdiff_t n, ptrdiff_t every)
 {
     const ptrdiff_t bh = (b * c->H + h) * c->S;
     const ptrdiff_t kat = bh + kv_slot(c, b, kpos), vat = bh + kv_slot(c, b, vpos);
     return (kv_ahead){kv_stored_row(c, 0, kat), kv_stored_row(c, 1, vat),
                       kv_stored_scale(c, 0, kat), kv_stored_scale(c, 1, vat),
-                      nk ? kv_run(c, b, kpos, nk) : 0, nv ? kv_run(c, b, vpos, nv) : 0,
+                      n ? kv_min(kv_run(c, b, kpos, n), kv_run(c, b, vpos, n)) : 0,
                       c->D * kv_elem_bytes[c->dtype], 0, every};
 }
 
@@ -270,8 +270,7 @@ static inline kv_ahead kv_ahead_from(const kv_ahead *a, ptrdiff_t r)
     kv_ahead rest = *a;
     rest.k += r * a->row_bytes;
     rest.v += r * a->row_bytes;
-    rest.nk -= r;
-    rest.nv -= r;
+    rest.n -= r;
     if (rest.ks) {
         rest.ks += r;
         rest.vs += r;
@@ -292,16 +291,15 @@ static inline kv_ahead kv_ahead_from(const kv_ahead *a, ptrdiff_t r)
  * the values during the values' pass instead 1.04-1.09x */
 static inline __attribute__((always_inline)) void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
-    if (!a || (r >= a->nk && r >= a->nv)) return;
-    const int keys = r < a->nk, values = r < a->nv;
+    if (!a || r >= a->n) return;
     for (ptrdiff_t off = 0; off < a->row_bytes; off += 64) {
-        if (keys) __builtin_prefetch(a->k + r * a->row_bytes + off);
-        if (values) __builtin_prefetch(a->v + r * a->row_bytes + off);
-        if (keys) __builtin_prefetch(a->k + r * a->row_bytes + off);
+        __builtin_prefetch(a->k + r * a->row_bytes + off);
+        __builtin_prefetch(a->v + r * a->row_bytes + off);
+        __builtin_prefetch(a->k + r * a->row_bytes + off);
     }
     if (a->ks && r % 16 == 0) {
-        if (r < a->nk) __builtin_prefetch(a->ks + r);
-        if (r < a->nv) __builtin_prefetch(a->vs + r);
+        __builtin_prefetch(a->ks + r);
+        __builtin_prefetch(a->vs + r);
     }
 }
 

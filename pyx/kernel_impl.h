@@ -873,6 +873,30 @@ KV_INLINE void KV_FN(weigh_rows)(const kv_job *job, ptrdiff_t Q, ptrdiff_t first
     }
 }
 
+/* 2. the softmax weights of the n rows at j0 in w, max-subtracted for
+ * stability (largest scores in best), and the online softmax: what was
+ * accumulated rescaled when a query's running maximum m[i] grows; l[i]
+ * sums the weights */
+KV_INLINE void KV_FN(weights)(const kv_job *job, ptrdiff_t first, ptrdiff_t Q, ptrdiff_t j0,
+                              ptrdiff_t n, KV_REAL *w, const KV_REAL *best, KV_REAL *m,
+                              KV_REAL *l, KV_REAL *acc)
+{
+    const ptrdiff_t D = job->c->D, G = job->G;
+    for (ptrdiff_t i = 0; i < Q; i++) {
+        const KV_REAL most = best[i] > m[i] ? best[i] : m[i];
+        const KV_REAL total =
+            KV_FN(softmax_weights)(w + i * job->blk, kv_seen(first + i / G, j0, n), most);
+        if (most > m[i]) {
+            const KV_REAL shrink = KV_FN(exp_neg)(m[i] - most);
+            l[i] *= shrink;
+#pragma omp simd
+            for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
+            m[i] = most;
+        }
+        l[i] += total;
+    }
+}
+
 /* one work item: query heads h*G .. h*G + G - 1 of row b, query positions
  * t0 .. t0 + nt - 1, over logical positions [lo, hi) of the row */
 static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
@@ -925,59 +949,52 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
     KV_REAL dropped[KV_BLK];
 
     /* the positions [lo, hi), a block of blk rows at a time, cached ones,
-     * then causal in the block: the keys of a block are scored while the
-     * values of the block before are weighed, job->step rows of each in
-     * turn (see kv_job); scores and largest scores of one block in wc and
-     * bc, of the next in wn and bn */
+     * then causal in the block. A block's keys are scored (into wn, the
+     * largest scores into bn), then its values weighed; in turns of
+     * job->step rows (see kv_job) the keys are scored a block ahead, while
+     * the values of the block before are weighed */
     const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
+    const ptrdiff_t ahead = job->step < blk;        /* blocks the keys are scored ahead */
     KV_REAL *wc = w, *wn = w + scores, *bc = l + per_query, *bn = bc + per_query;
-    for (ptrdiff_t j0 = lo - blk; j0 < hi; j0 += blk) {
-        const ptrdiff_t n = j0 < lo ? 0 : kv_min(blk, hi - j0), j1 = j0 + blk;
-        const ptrdiff_t n1 = j1 < hi ? kv_min(blk, hi - j1) : 0;
-        /* 2. this block's softmax weights, max-subtracted for stability; the
-         *    online softmax: rescale what was accumulated when the running
-         *    maximum grows */
-        for (ptrdiff_t i = 0; n && i < Q; i++) {
-            const KV_REAL best = bc[i] > m[i] ? bc[i] : m[i];
-            const KV_REAL total =
-                KV_FN(softmax_weights)(wc + i * blk, kv_seen(first + i / G, j0, n), best);
-            if (best > m[i]) {
-                const KV_REAL shrink = KV_FN(exp_neg)(m[i] - best);
-                l[i] *= shrink;
-#pragma omp simd
-                for (ptrdiff_t d = 0; d < D; d++) acc[i * D + d] *= shrink;
-                m[i] = best;
-            }
-            l[i] += total;
-        }
+    for (ptrdiff_t j0 = lo - ahead * blk; j0 < hi; j0 += blk) {
+        /* values weighed: the n rows at j0; keys scored: the ns rows at js */
+        const ptrdiff_t n = j0 < lo ? 0 : kv_min(blk, hi - j0), js = j0 + ahead * blk;
+        const ptrdiff_t ns = js < hi ? kv_min(blk, hi - js) : 0;
+        if (ahead && n) KV_FN(weights)(job, first, Q, j0, n, wc, bc, m, l, acc);
         KV_FN(run) keys = {0}, values = {0};
         if (n) values = KV_FN(block)(c, 1, b, h, j0, n, convert_values, vtile, vscale);
-        if (n1) keys = KV_FN(block)(c, 0, b, h, j1, n1, convert_keys, ktile, kscale);
+        if (ns) keys = KV_FN(block)(c, 0, b, h, js, ns, convert_keys, ktile, kscale);
         for (ptrdiff_t i = 0; i < Q; i++) bn[i] = -KV_BIG;
-        /* while the next block's keys are scored, ask for the keys of the
-         * block after it and for its values: as far ahead of their use as
-         * the block of each */
+        /* while these keys are scored, ask for the keys of the next block
+         * and for the values weighed after them: those of this block when
+         * the keys run ahead, else of the next (the last block's values,
+         * with no keys after them, are not asked for) */
         kv_ahead next = {0};
-        if (job->ask && n1) {
-            ptrdiff_t passes = 0;
+        if (job->ask && ns) {
             const int grouped = keys.cos == NULL;
-            for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, j1, n1, grouped))
+            ptrdiff_t passes = 0;
+            for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, js, ns, grouped))
                 passes++;
-            const ptrdiff_t j2 = j1 + blk;
-            next = kv_ahead_of(c, b, h, j2, j2 < hi ? kv_min(blk, hi - j2) : 0, j1, n1, passes);
+            const ptrdiff_t kpos = js + blk, vpos = ahead ? js : js + blk;
+            next = kv_ahead_of(c, b, h, kpos, vpos, kpos < hi ? kv_min(blk, hi - kpos) : 0,
+                               passes);
         }
-        for (ptrdiff_t r0 = 0; r0 < kv_max(n, n1); r0 += job->step) {
+        for (ptrdiff_t r0 = 0; r0 < kv_max(ns, ahead ? n : 0); r0 += job->step) {
             const ptrdiff_t r1 = r0 + job->step;
-            if (r0 < n1)
-                KV_FN(score_rows)(job, qv, Q, first, scale, &keys, j1, n1, r0, kv_min(r1, n1), wn,
+            if (r0 < ns)
+                KV_FN(score_rows)(job, qv, Q, first, scale, &keys, js, ns, r0, kv_min(r1, ns), wn,
                                   bn, dropped, job->ask ? &next : NULL);
-            if (r0 < n)
+            if (ahead && r0 < n)
                 KV_FN(weigh_rows)(job, Q, first, &values, j0, n, r0, kv_min(r1, n), wc, acc);
         }
         KV_REAL *swap = wc;
         wc = wn, wn = swap;
         swap = bc;
         bc = bn, bn = swap;
+        if (!ahead && n) {
+            KV_FN(weights)(job, first, Q, j0, n, wc, bc, m, l, acc);
+            KV_FN(weigh_rows)(job, Q, first, &values, j0, n, 0, n, wc, acc);
+        }
     }
 
     /* one chunk: normalise into out; several: keep (m, l, acc) for the merge */
