@@ -169,8 +169,8 @@ static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t 
  * are weighed after those keys are scored). The CPU's own streamer stops
  * at every 4 KiB page and runs only a little ahead of the loads, so
  * without this, memory idles while a block is in the registers. The
- * requests are spread over the rows of the dot products (asking from a
- * function not inlined there made a call 1.2-1.7x slower: it is inlined),
+ * requests are spread over the rows of the dot products (a kv_ask too
+ * large for the compiler to inline there made a call 1.3-1.7x slower),
  * and the G query heads of a K/V head ask for a share each: a burst of them
  * crowds out the loads that are waiting (float32 grouped-query 1.21x
  * slower, int8 0.79x as fast as spread). Measured side by side in one
@@ -289,7 +289,7 @@ static inline kv_ahead kv_ahead_from(const kv_ahead *a, ptrdiff_t r)
  * hint alone nothing (0.97-1.00), 64- or 128-row blocks asked for twice
  * 0-4% more out of cache but 1.06-1.10x the time in L3, and asking for
  * the values during the values' pass instead 1.04-1.09x */
-static inline __attribute__((always_inline)) void kv_ask(const kv_ahead *a, ptrdiff_t r)
+static inline void kv_ask(const kv_ahead *a, ptrdiff_t r)
 {
     if (!a || r >= a->n) return;
     for (ptrdiff_t off = 0; off < a->row_bytes; off += 64) {

@@ -239,15 +239,17 @@ KV_INLINE void KV_FN(dot4)(const KV_REAL *const q[4], const void *row, ptrdiff_t
  * a query is loaded again for every row (a store to the scores could
  * change q, as far as the compiler knows). For four queries that is 20
  * vector loads per row instead of 4, more than Zen 4's load ports take in
- * the time of the 16 multiply-adds */
-KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) held[][8],
-                           const KV_REAL *query[])
+ * the time of the 16 multiply-adds. `held` has room for `room` vectors a
+ * query */
+KV_INLINE void KV_FN(hold)(const KV_REAL *const q[], int k, ptrdiff_t D, KV_FN(vec) *held,
+                           int room, const KV_REAL *query[])
 {
     for (int i = 0; i < k; i++) {
         query[i] = q[i];
-        if (D == 4 * KV_W || (k == 1 && D == 8 * KV_W)) {
-            for (int j = 0; j < D / KV_W; j++) held[i][j] = *(const KV_FN(vec) *)(q[i] + j * KV_W);
-            query[i] = (const KV_REAL *)held[i];
+        if (D == 4 * KV_W || (room == 8 && D == 8 * KV_W)) {
+            for (int j = 0; j < D / KV_W; j++)
+                held[i * room + j] = *(const KV_FN(vec) *)(q[i] + j * KV_W);
+            query[i] = (const KV_REAL *)(held + i * room);
         }
     }
 }
@@ -400,9 +402,9 @@ KV_INLINE KV_REAL KV_FN(score_kind)(const KV_REAL *q, const KV_FN(run) *run, ptr
 {
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
-    KV_FN(vec) held[1][8];
+    KV_FN(vec) held[8];
     const KV_REAL *query;
-    KV_FN(hold)(&q, 1, D, held, &query);
+    KV_FN(hold)(&q, 1, D, held, 8, &query);
     for (ptrdiff_t r = 0; r < n; r++) {
         if (r == ask) {
             kv_ask(ahead, r);
@@ -431,9 +433,9 @@ KV_INLINE void KV_FN(score4_kind)(const KV_REAL *const q[4], const KV_FN(run) *r
     const ptrdiff_t stride = D * kv_elem_bytes[kind];
     ptrdiff_t ask = ahead ? ahead->first : n;
     KV_FN(four) top = {best[0], best[1], best[2], best[3]};
-    KV_FN(vec) held[4][8];
+    KV_FN(vec) held[4 * 4];
     const KV_REAL *query[4];
-    KV_FN(hold)(q, 4, D, held, query);
+    KV_FN(hold)(q, 4, D, held, 4, query);
     for (ptrdiff_t r = 0; r < n; r++) {
         if (r == ask) {
             kv_ask(ahead, r);
