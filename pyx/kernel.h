@@ -208,35 +208,36 @@ static ptrdiff_t kv_ask_from = -1;
  * queries per K/V row (decode of up to two query heads per K/V head),
  * stream; -1: none. At import KV_STREAM_FROM_BYTES where
  * kv_prefetch_helps(), else -1 (not measured elsewhere);
- * kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that
- * streams leaves the rows to the core's own prefetchers, which follow a
- * stream from memory better than asking does when the loads are 256 bits
- * wide and the keys and values advance together: it runs the AVX2 body on
- * an AVX-512 CPU, does not ask, and scores KV_STEP keys of the next block
- * between as many values of this one. On the Xeon, decode, 1 and 2
- * threads (one process each, alternated): 8 x 12 x 16384 float32 (768
- * MiB) 46 and 23 ms against 50 and 26 asking (read floor 42-43 and 22, the
- * C loop 47 and 24.5); float16 (384 MiB) 21.4 and 12 against 25.7 and 13.2;
- * float64 8 x 12 x 8192 48 and 25 against 53 and 27.4; 192 MiB 0.88-1.0x.
- * The same without the interleave (blocks of keys, then of values):
- * 48 and 25; asking too: 50-56 and 26-34; 512-bit loads, not asking:
- * 58-61 and 30-31. But rows the L3 holds come faster asked for: 96 MiB
- * (1 x 12 x 16384) 3.5 ms asking, 5.5 streaming; so the bound sits between
- * 96 and 192 MiB, where this VM's L3 (480 MiB as reported) stopped holding
- * a call's rows. Four queries sharing a row compute enough to want the
- * wider vectors: grouped 8 x 32/8 x 16384 (512 MiB) took 1.5-1.8x the time
- * streaming */
+ * kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that streams
+ * leaves the rows to the core's own prefetchers, which follow a stream
+ * from memory better than asking does when the loads are 256 bits wide
+ * and keys and values advance together: it runs the AVX2 body on an
+ * AVX-512 CPU, does not ask, and scores KV_STEP keys of the next block
+ * between as many values of this one. On the Xeon, decode 8 x 12 x 16384
+ * float32 (768 MiB), 1 and 2 threads, in one process: streaming 45.8 and
+ * 23.5 ms, asking 50.1 and 24.5, plainly 62 and 32. What it rests on: a
+ * C loop that only sums the rows took 42-45 ms with 256-bit loads and
+ * 47-49 with 512-bit ones; not asking, the AVX-512 body took 58-61 ms, the
+ * AVX2 body 59-61 while it read a row of 64 floats in two passes, 48 in
+ * one; in turns of 4 rows 45-47. Rows the L3 holds come faster asked for:
+ * 1 x 12 x 16384 (96 MiB) 3.5-3.7 ms asking, 5.5-6.5 streaming, while at
+ * 192 MiB streaming took 0.88-1.0x the time: this VM's L3 (480 MiB as
+ * reported) stops holding a call's rows in between. Four queries sharing
+ * a row compute enough to want the wider vectors: grouped 8 x 32/8 x
+ * 16384 (512 MiB) took 1.5-1.8x the time streaming */
 #define KV_STREAM_FROM_BYTES (128 << 20)
 /* rows of keys scored, then of values weighed, in turn in a call that asks
- * or streams with at most two queries per K/V row (kv_job's step). Streaming 8 x 12 x 16384 (1 and 2 threads,
+ * or streams with at most two queries per K/V row (kv_job's step).
+ * Streaming 8 x 12 x 16384 (1 and 2 threads; experimental builds,
  * alternated processes): 4 rows 46 and 22.9 ms, 2 rows 46-57 and 24-30
  * (the calls cost), 8 rows 48 and 24.2, 16 49 and 24.4, a block of each
  * (256) 48 and 25. Asking, against a block (32 rows) of each in turn: 48-49
  * and 25-25.5 ms against 51-52.5 and 26-27; 1 x 12 x 16384 (96 MiB, L3)
- * 3.5 and 1.8 against 3.6-3.8 and 1.8-1.9. Other calls take a block of
- * each: in the L2s 4 rows cost 1.1x the time (1 x 12 x 256), and where
- * more queries share a row, more passes cost each step: prefill of 2048
- * positions 1.5x, 8 x 32/8 x 2048 (four per row) 1.15x, 16 per row 1.25x */
+ * 3.5 and 1.8 against 3.6-3.8 and 1.8-1.9. Other calls read a block's
+ * keys, then its values: in the L2s turns of 4 rows cost 1.1x the time
+ * (1 x 12 x 256), and where more queries share a row, more passes cost
+ * each turn: prefill of 2048 positions 1.5x, 8 x 32/8 x 2048 (four per
+ * row) 1.15x, 16 per row 1.25x */
 #define KV_STEP 4
 static ptrdiff_t kv_stream_from = -1;
 
