@@ -59,14 +59,15 @@ def kernel_info():
         AVX2 body on an AVX-512 CPU), keys and values in step (-1: none);
         ``boundscheck``: whether this is the bounds-checked debug build.
     """
+    ask_from, stream_from = _arena.read_bounds()
     return {
         "isa": _ISA_NAMES[_isa],
         "best_isa": _ISA_NAMES[_arena.BEST_ISA],
         "isas": _ISA_NAMES[:_arena.BEST_ISA + 1],
         "threads": "kvarena pool (pthreads, passive wait)",
-        "prefetch": _arena.prefetch_from() >= 0,
-        "prefetch_from_bytes": _arena.prefetch_from(),
-        "stream_from_bytes": _arena.stream_from(),
+        "prefetch": ask_from >= 0,
+        "prefetch_from_bytes": ask_from,
+        "stream_from_bytes": stream_from,
         "boundscheck": bool(_arena.BOUNDSCHECK),
     }
 
@@ -117,11 +118,9 @@ def forced_reads(how):
     """
     if how not in READS:
         raise ValueError(f"how must be one of {READS}; got {how!r}")
-    saved = _arena.prefetch_from(), _arena.stream_from()
-    _arena.set_prefetch_from(0 if how == "ask" else -1)
-    _arena.set_stream_from(0 if how == "stream" else -1)
+    saved = _arena.read_bounds()
+    _arena.set_read_bounds(0 if how == "ask" else -1, 0 if how == "stream" else -1)
     try:
         yield
     finally:
-        _arena.set_prefetch_from(saved[0])
-        _arena.set_stream_from(saved[1])
+        _arena.set_read_bounds(*saved)

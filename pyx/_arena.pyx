@@ -88,37 +88,26 @@ ASK_FROM_BYTES = KV_ASK_FROM_BYTES
 STREAM_FROM_BYTES = KV_STREAM_FROM_BYTES
 
 
-def set_prefetch_from(Py_ssize_t nbytes):
-    """Make later kernel calls that read at least ``nbytes`` of K and V ask
-    for each next block ahead; -1: no call."""
-    global kv_ask_from
-    if nbytes < -1:
-        raise ValueError(f"nbytes must be -1 or at least 0; got {nbytes}")
-    kv_ask_from = nbytes
+def set_read_bounds(Py_ssize_t ask_from, Py_ssize_t stream_from):
+    """Make later kernel calls that read at least ``ask_from`` bytes of K
+    and V ask for each next block ahead, and those that read at least
+    ``stream_from``, with at most two queries per K/V row, stream instead
+    (kernel.h's kv_ask_from, kv_stream_from); -1: no call."""
+    global kv_ask_from, kv_stream_from
+    for name, value in (("ask_from", ask_from), ("stream_from", stream_from)):
+        if value < -1:
+            raise ValueError(f"{name} must be -1 or at least 0; got {value}")
+    kv_ask_from, kv_stream_from = ask_from, stream_from
 
 
-def prefetch_from():
-    """The bytes of K and V from which kernel calls ask ahead; -1: none do."""
-    return kv_ask_from
+def read_bounds():
+    """(ask_from, stream_from): the bytes of K and V from which kernel calls
+    ask ahead, and stream; -1: none do."""
+    return kv_ask_from, kv_stream_from
 
 
-def set_stream_from(Py_ssize_t nbytes):
-    """Make later kernel calls that read at least ``nbytes`` of K and V,
-    with at most two queries per K/V row, stream (kernel.h's
-    kv_stream_from; they do not ask); -1: no call."""
-    global kv_stream_from
-    if nbytes < -1:
-        raise ValueError(f"nbytes must be -1 or at least 0; got {nbytes}")
-    kv_stream_from = nbytes
-
-
-def stream_from():
-    """The bytes of K and V from which kernel calls stream; -1: none do."""
-    return kv_stream_from
-
-
-set_prefetch_from(ASK_FROM_BYTES if PREFETCH_HELPS else -1)
-set_stream_from(STREAM_FROM_BYTES if PREFETCH_HELPS else -1)
+set_read_bounds(ASK_FROM_BYTES if PREFETCH_HELPS else -1,
+                STREAM_FROM_BYTES if PREFETCH_HELPS else -1)
 
 _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
                   np.dtype(np.float64): KV_F64, np.dtype(np.int8): KV_I8}

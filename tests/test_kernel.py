@@ -389,19 +389,19 @@ def test_a_call_asks_ahead_from_the_set_number_of_bytes(rng):
     with forced_reads("plain"):
         plain = run()
     assert not np.array_equal(asked, plain)
-    saved = _arena.prefetch_from()
+    saved = _arena.read_bounds()
     try:
-        _arena.set_prefetch_from(reads)
+        _arena.set_read_bounds(reads, -1)
         assert np.array_equal(run(), asked)
-        _arena.set_prefetch_from(reads + 1)
+        _arena.set_read_bounds(reads + 1, -1)
         assert np.array_equal(run(), plain)
-        with pytest.raises(ValueError, match=r"nbytes must be -1 or at least 0; got -2"):
-            _arena.set_prefetch_from(-2)
-        assert _arena.prefetch_from() == reads + 1
+        with pytest.raises(ValueError, match=r"ask_from must be -1 or at least 0; got -2"):
+            _arena.set_read_bounds(-2, -1)
+        assert _arena.read_bounds() == (reads + 1, -1)
     finally:
-        _arena.set_prefetch_from(saved)
+        _arena.set_read_bounds(*saved)
     want = _arena.ASK_FROM_BYTES if _arena.PREFETCH_HELPS else -1
-    assert kernel_info()["prefetch_from_bytes"] == want == saved
+    assert kernel_info()["prefetch_from_bytes"] == want == saved[0]
 
 
 def test_a_call_streams_from_the_set_number_of_bytes(rng):
@@ -423,19 +423,17 @@ def test_a_call_streams_from_the_set_number_of_bytes(rng):
         plain = {G: run(G) for G in cases}
     assert not np.array_equal(streamed[2], plain[2])
     assert np.array_equal(streamed[3], plain[3])
-    saved = _arena.prefetch_from(), _arena.stream_from()
+    saved = _arena.read_bounds()
     try:
-        _arena.set_prefetch_from(-1)
-        _arena.set_stream_from(reads)
+        _arena.set_read_bounds(-1, reads)
         assert np.array_equal(run(2), streamed[2])
-        _arena.set_stream_from(reads + 1)
+        _arena.set_read_bounds(-1, reads + 1)
         assert np.array_equal(run(2), plain[2])
-        with pytest.raises(ValueError, match=r"nbytes must be -1 or at least 0; got -2"):
-            _arena.set_stream_from(-2)
-        assert _arena.stream_from() == reads + 1
+        with pytest.raises(ValueError, match=r"stream_from must be -1 or at least 0; got -2"):
+            _arena.set_read_bounds(-1, -2)
+        assert _arena.read_bounds() == (-1, reads + 1)
     finally:
-        _arena.set_prefetch_from(saved[0])
-        _arena.set_stream_from(saved[1])
+        _arena.set_read_bounds(*saved)
 
 
 def test_every_compiled_isa_is_exercised():
