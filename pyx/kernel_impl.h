@@ -969,17 +969,16 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
         for (ptrdiff_t i = 0; i < Q; i++) bn[i] = -KV_BIG;
         /* while these keys are scored, ask for the keys of the next block
          * and for the values weighed after them: those of this block when
-         * the keys run ahead, else of the next (the last block's values,
-         * with no keys after them, are not asked for) */
+         * the keys run ahead, else of the next; values only as far as keys
+         * follow them (the last block's are not asked for) */
         kv_ahead next = {0};
-        if (job->ask && ns) {
+        if (job->ask && ns && js + blk < hi) {
             const int grouped = keys.cos == NULL;
             ptrdiff_t passes = 0;
             for (ptrdiff_t i = 0; i < Q; i += kv_pass_size(i, Q, G, first, js, ns, grouped))
                 passes++;
             const ptrdiff_t kpos = js + blk, vpos = ahead ? js : js + blk;
-            next = kv_ahead_of(c, b, h, kpos, vpos, kpos < hi ? kv_min(blk, hi - kpos) : 0,
-                               passes);
+            next = kv_ahead_of(c, b, h, kpos, vpos, kv_min(blk, hi - kpos), passes);
         }
         for (ptrdiff_t r0 = 0; r0 < kv_max(ns, ahead ? n : 0); r0 += job->step) {
             const ptrdiff_t r1 = r0 + job->step;

@@ -80,6 +80,9 @@ CASES = [  # B, H, G, D, S, cached per row, T
     # past a block of 256 rows (read plainly or streaming; asking, blocks are 32)
     (2, 1, 2, 64, 600, [599, 256], 1),
     (1, 2, 1, 7, 530, [300], 5),
+    # two positions of one query head: turns of 4 rows (asking, streaming) that
+    # the later query sees whole and the earlier one in part
+    (2, 1, 1, 7, 300, [70, 33], 2),
 ]
 
 
@@ -107,6 +110,7 @@ THREADED = [  # B, H, G, D, S, cached, T: above the kernel's one-thread threshol
     (3, 4, 2, 64, 700, [699, 300, 512], 1),  # many (row, head) items
     (2, 4, 1, 32, 1100, [1000, 10], 70),     # prefill tiles
     (1, 2, 1, 128, 4097, [4096], 1),         # 8 MiB of float32: large, 2 items in chunks
+    (2, 1, 1, 64, 3001, [2999, 100], 1),     # rows of different lengths in chunks: some empty
 ]
 
 
