@@ -13,12 +13,12 @@
  *   group loop    the G query heads of one K/V head (and a tile of query
  *                 positions) share every K/V block that is read
  * Keys and values are read once per query tile, in one pass, with an online
- * softmax, the keys of each block scored while the values of the block
- * before are weighed; a long row is split into chunks whose partial (max,
- * sum, accumulator) are merged afterwards (flash-decoding), so one row can
- * use every thread. How the rows are read (plainly, asking ahead, or
- * streaming: see kv_ask_from and kv_stream_from) depends on how many bytes
- * a call reads.
+ * softmax: a block's keys, then its values, or, in memory-bound calls, the
+ * keys a block ahead in turns of a few rows (kv_job's step); a long row is
+ * split into chunks whose partial (max, sum, accumulator) are merged
+ * afterwards (flash-decoding), so one row can use every thread. How the
+ * rows are read (plainly, asking ahead, or streaming: see kv_ask_from and
+ * kv_stream_from) depends on how many bytes a call reads.
  *
  * The body (kernel_impl.h) is compiled for AVX-512, AVX2+FMA and the x86-64
  * baseline; kv_best_isa() picks the widest the CPU has at run time, so an
