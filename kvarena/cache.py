@@ -181,7 +181,7 @@ class KVCache:
         results do not depend on it. They may differ in the last bits
         between ``num_threads`` settings, or batches of different sizes,
         once a call splits long rows into chunks (flash-decoding): when it
-        reads 8 MiB of keys and values or more and has fewer than four
+        reads 4 MiB of keys and values or more and has fewer than four
         work items (a row's K/V head and up to 64 queries) per thread, or
         when it has fewer items than threads.
     check_finite : bool, default False

@@ -117,12 +117,14 @@ _STORAGE_CODES = {np.dtype(np.float16): KV_F16, np.dtype(np.float32): KV_F32,
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 18
 # from this many bytes (K and V read, once per tile of queries) a call
 # wakes sleeping workers even when calls are sparse (pool.h's
-# kv_parallel): ~150 us on one thread, where waking one
-# cost the caller 15-100 us. Calls 300 us apart, 1 x 8 x S (alternated
-# 1- and 2-thread caches), 2 threads against 1 when every call woke them:
-# 0.94, 1.00, 1.15, 0.96, 0.82 at 2, 4, 8, 16, 32 MiB; with this bound
-# 1.00, 1.03, 0.98, 1.01, 0.55
-cdef Py_ssize_t WAKE_MIN_BYTES = 8 << 20
+# kv_parallel). 1 x 8 x S decode on the Xeon VM, calls 100-1000 us apart,
+# every call waking the workers, 1 thread / 2 threads (us): 2 MiB 67-93 /
+# 68-96, 4 MiB 185-205 / 144-181, 6 MiB 270-309 / 190-214, 8 MiB 335-347 /
+# 228-294. An earlier host, where waking cost the caller 15-100 us, had
+# set 8 MiB (alternated 1- and 2-thread caches 300 us apart, 2 threads
+# against 1: 0.94, 1.00, 1.15, 0.96, 0.82 at 2, 4, 8, 16, 32 MiB). Where
+# waking does not pay, the cache's timing turns to one thread
+cdef Py_ssize_t WAKE_MIN_BYTES = 4 << 20
 # an accessor with num_threads > 1 runs the last two calls of every period
 # on the thread count it does not choose, to see whether that became the
 # faster; the period doubles, from EXPLORE_EVERY up to EXPLORE_MOST calls,

@@ -57,11 +57,15 @@ static void *kv_scratch(size_t bytes)
  * between two back-to-back calls of 1 x 12 x 1024 decode (6 MiB) took
  * 10.9 us on average: the worker slept before half the jobs, was woken
  * late (63 us) or not at all, and 2 threads took 174 us a call against
- * 224 on one (the C loop, whose OpenMP workers spin: 106). Polling 25 us
- * there: 92 us, the worker joining within 1.2 us. Between a model's
- * layers, ~100 us apart, the workers sleep anyway (KVCache times that,
- * see _arena.pyx's EXPLORE_EVERY) */
-#define KV_SPIN_NANOSECONDS 25000
+ * 224 on one (the C loop, whose OpenMP workers spin: 106); polling 25 us
+ * there: 92 us. That pause is not Python's alone: a call that reads more
+ * than the L2 evicts the interpreter, which then runs cold; with the host
+ * slower (run AY), the pause between the same calls was 30 us and the
+ * worker slept before every one (2 threads 206 us, one 237). Polling 50 us
+ * covers both. Between a model's layers, ~100 us apart and more, the
+ * workers sleep anyway (KVCache times that, see _arena.pyx's
+ * EXPLORE_EVERY) */
+#define KV_SPIN_NANOSECONDS 50000
 
 typedef struct {
     kv_task fn;
@@ -90,9 +94,10 @@ static struct {
 
 /* jobs closer together than this (from the end of one to the start of the
  * next, on any number of threads) keep a worker that took one spinning
- * until the next (KV_SPIN_NANOSECONDS), so waking a sleeping one pays off
- * in the jobs that follow */
-#define KV_DENSE_NANOSECONDS 10000
+ * until the next (KV_SPIN_NANOSECONDS, less the time it waited for the
+ * caller's last item), so waking a sleeping one pays off in the jobs that
+ * follow */
+#define KV_DENSE_NANOSECONDS 40000
 
 /* the monotonic clock in nanoseconds (also what KVCache times calls with) */
 static long long kv_nanoseconds(void)

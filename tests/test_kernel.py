@@ -143,7 +143,7 @@ def test_one_and_two_threads_agree(rng):
 
 @pytest.mark.parametrize("B,H,S", [(1, 4, 300), (2, 3, 1000), (1, 2, 4000)])
 def test_small_calls_get_the_same_bits_on_one_and_two_threads(B, H, S, rng):
-    # under 8 MiB of keys and values a call wakes no sleeping worker, so it
+    # under 4 MiB of keys and values a call wakes no sleeping worker, so it
     # is not cut into chunks while there is a (row, head) pair per thread:
     # the same sums in the same order as on one thread (a chunk each, merged,
     # made a small model's calls 1.05-1.08x slower on a 2-thread cache)
