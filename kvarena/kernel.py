@@ -16,8 +16,8 @@ to help (Intel cores), calls that read at least
 ``kernel_info()["prefetch_from_bytes"]`` (8 MiB) of keys and values ask for
 each next block ahead (pyx/kernel.h's kv_ahead), and those that read at
 least ``kernel_info()["stream_from_bytes"]`` (128 MiB), with at most two
-queries per K/V row, stream (kv_stream_from); the others, and every call
-elsewhere, read plainly.
+queries per K/V row and float32 or float64 storage, stream
+(kv_stream_from); the others, and every call elsewhere, read plainly.
 """
 
 import contextlib
@@ -54,7 +54,8 @@ def kernel_info():
         and V rows while it computes one (software prefetch), in calls
         that read at least ``prefetch_from_bytes`` of K and V;
         ``stream_from_bytes``: calls that read at least this many, with
-        at most two queries per K/V row, instead stream: they leave the
+        at most two queries per K/V row and float32 or float64 storage
+        (rows not converted as read), instead stream: they leave the
         rows to the CPU's own prefetchers, read with 256-bit loads (the
         AVX2 body on an AVX-512 CPU), keys and values in step (-1: none);
         ``boundscheck``: whether this is the bounds-checked debug build.
@@ -105,9 +106,9 @@ def forced_reads(how):
 
     ``"plain"``: blocks of up to 256 rows, the CPU's prefetchers left to
     themselves; ``"ask"``: blocks of 32 rows, each next one asked for ahead
-    (software prefetch); ``"stream"``: calls with at most two queries per
-    K/V row stream (the AVX2 body at most, keys and values in step), the
-    others read plainly. For tests and benchmarks: every cache in the
+    (software prefetch); ``"stream"``: float32 and float64 calls with at
+    most two queries per K/V row stream (the AVX2 body at most, keys and
+    values in step), the others read plainly. For tests and benchmarks: every cache in the
     process is affected. The ways sum in other orders, so the last bits of
     their results can differ; each is held to the reference.
 

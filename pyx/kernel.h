@@ -224,7 +224,12 @@ static ptrdiff_t kv_ask_from = -1;
  * 192 MiB streaming took 0.88-1.0x the time: this VM's L3 (480 MiB as
  * reported) stops holding a call's rows in between. Four queries sharing
  * a row compute enough to want the wider vectors: grouped 8 x 32/8 x
- * 16384 (512 MiB) took 1.5-1.8x the time streaming */
+ * 16384 (512 MiB) took 1.5-1.8x the time streaming. So do rows converted
+ * as they are read, so only float32 and float64 calls stream: 8 x 12 x
+ * 16384, 2 threads, one process, asking against streaming: float16 (384
+ * MiB) 14.8-15.3 against 16.2-16.4 ms, int8 11.8-12.4 against 16.1-16.5
+ * (the AVX2 body asking 13.3), float32 27.8 and 27.6, float64 (1.5 GiB)
+ * 78 against 56 (the read floor 55) */
 #define KV_STREAM_FROM_BYTES (128 << 20)
 /* rows of keys scored, then of values weighed, in turn in a call that asks
  * or streams with at most two queries per K/V row (kv_job's step).
@@ -482,7 +487,8 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     const ptrdiff_t reads = 2 * c->H * positions * row_bytes;     /* K and V, once each */
     const ptrdiff_t ask_from = kv_ask_from, stream_from = kv_stream_from;
     const int few = G * Tq <= 2;          /* queries per K/V row: a memory-bound call */
-    const int stream = stream_from >= 0 && reads >= stream_from && few;
+    const int as_stored = c->dtype == KV_F32 || c->dtype == KV_F64;   /* rows not converted */
+    const int stream = stream_from >= 0 && reads >= stream_from && few && as_stored;
     const int ask = !stream && ask_from >= 0 && reads >= ask_from;
     const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
     const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));

@@ -412,27 +412,31 @@ def test_a_call_streams_from_the_set_number_of_bytes(rng):
     # streaming sums the values a few rows at a time (and on an AVX-512 CPU
     # runs the AVX2 body), reading plainly up to 256 at a time: the output's
     # last bits tell which way a call went. Calls with more than two queries
-    # per K/V row never stream
+    # per K/V row never stream, nor do float16 and int8 ones (rows converted
+    # as read)
     B, H, D, S = 2, 3, 64, 300
-    cases = {G: grouped_case(rng, np.float32, B, H, G, D, S + 1, [S, S // 2], 1) for G in (2, 3)}
-    reads = 2 * H * ((S + 1) + (S // 2 + 1)) * D * 4    # K and V: each row's cached and new
+    cases = {(G, dtype): grouped_case(rng, dtype, B, H, G, D, S + 1, [S, S // 2], 1)
+             for G, dtype in [(2, np.float32), (3, np.float32), (2, np.float64),
+                              (2, np.float16), (2, np.int8)]}
+    reads = 2 * H * ((S + 1) + (S // 2 + 1)) * D * 4    # float32 K and V: each row's cached and new
 
-    def run(G):         # attend writes the new position without advancing: repeatable
-        cache, q, k, v = cases[G]
+    def run(case):      # attend writes the new position without advancing: repeatable
+        cache, q, k, v = cases[case]
         return cache.attend(1, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
                             v.transpose(0, 2, 1, 3))
     with forced_reads("stream"):
-        streamed = {G: run(G) for G in cases}
+        streamed = {case: run(case) for case in cases}
     with forced_reads("plain"):
-        plain = {G: run(G) for G in cases}
-    assert not np.array_equal(streamed[2], plain[2])
-    assert np.array_equal(streamed[3], plain[3])
+        plain = {case: run(case) for case in cases}
+    for case in cases:
+        streams = case in [(2, np.float32), (2, np.float64)]
+        assert np.array_equal(streamed[case], plain[case]) != streams, case
     saved = _arena.read_bounds()
     try:
         _arena.set_read_bounds(-1, reads)
-        assert np.array_equal(run(2), streamed[2])
+        assert np.array_equal(run((2, np.float32)), streamed[2, np.float32])
         _arena.set_read_bounds(-1, reads + 1)
-        assert np.array_equal(run(2), plain[2])
+        assert np.array_equal(run((2, np.float32)), plain[2, np.float32])
         with pytest.raises(ValueError, match=r"stream_from must be -1 or at least 0; got -2"):
             _arena.set_read_bounds(-1, -2)
         assert _arena.read_bounds() == (-1, reads + 1)
