@@ -16,8 +16,9 @@ to help (Intel cores), calls that read at least
 ``kernel_info()["prefetch_from_bytes"]`` (8 MiB) of keys and values ask for
 each next block ahead (pyx/kernel.h's kv_ahead), and those that read at
 least ``kernel_info()["stream_from_bytes"]`` (128 MiB), with at most two
-queries per K/V row and float32 or float64 storage, stream
-(kv_stream_from); the others, and every call elsewhere, read plainly.
+queries per K/V row and float32 or float64 storage, stream instead
+(kv_stream_from); calls below ``prefetch_from_bytes``, and every call
+elsewhere, read plainly.
 """
 
 import contextlib
@@ -108,9 +109,10 @@ def forced_reads(how):
     themselves; ``"ask"``: blocks of 32 rows, each next one asked for ahead
     (software prefetch); ``"stream"``: float32 and float64 calls with at
     most two queries per K/V row stream (the AVX2 body at most, keys and
-    values in step), the others read plainly. For tests and benchmarks: every cache in the
-    process is affected. The ways sum in other orders, so the last bits of
-    their results can differ; each is held to the reference.
+    values in step), the others read plainly. For tests and benchmarks:
+    every cache in the process is affected. The ways sum in other orders,
+    so the last bits of their results can differ; each is held to the
+    reference.
 
     Raises
     ------

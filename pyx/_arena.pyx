@@ -91,8 +91,9 @@ STREAM_FROM_BYTES = KV_STREAM_FROM_BYTES
 def set_read_bounds(Py_ssize_t ask_from, Py_ssize_t stream_from):
     """Make later kernel calls that read at least ``ask_from`` bytes of K
     and V ask for each next block ahead, and those that read at least
-    ``stream_from``, with at most two queries per K/V row, stream instead
-    (kernel.h's kv_ask_from, kv_stream_from); -1: no call."""
+    ``stream_from``, with at most two queries per K/V row and float32 or
+    float64 storage, stream instead (kernel.h's kv_ask_from,
+    kv_stream_from); -1: no call."""
     global kv_ask_from, kv_stream_from
     for name, value in (("ask_from", ask_from), ("stream_from", stream_from)):
         if value < -1:

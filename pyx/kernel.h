@@ -18,7 +18,8 @@
  * split into chunks whose partial (max, sum, accumulator) are merged
  * afterwards (flash-decoding), so one row can use every thread. How the
  * rows are read (plainly, asking ahead, or streaming: see kv_ask_from and
- * kv_stream_from) depends on how many bytes a call reads.
+ * kv_stream_from) depends on how many bytes a call reads (streaming also on
+ * its storage type and its queries per K/V row).
  *
  * The body (kernel_impl.h) is compiled for AVX-512, AVX2+FMA and the x86-64
  * baseline; kv_best_isa() picks the widest the CPU has at run time, so an
@@ -205,8 +206,8 @@ typedef struct {
 static ptrdiff_t kv_ask_from = -1;
 
 /* calls that read at least this many bytes of K and V, with at most two
- * queries per K/V row (decode of up to two query heads per K/V head),
- * stream; -1: none. At import KV_STREAM_FROM_BYTES where
+ * queries per K/V row (decode of up to two query heads per K/V head) and
+ * float32 or float64 storage, stream; -1: none. At import KV_STREAM_FROM_BYTES where
  * kv_prefetch_helps(), else -1 (not measured elsewhere);
  * kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that streams
  * leaves the rows to the core's own prefetchers, which follow a stream

@@ -7,8 +7,8 @@
  *     shared counter, so a worker the OS has not scheduled yet claims
  *     nothing and is never waited for: a call on n threads cannot take
  *     much longer than on one;
- *   - a worker with nothing to do spins for a few microseconds (the next
- *     layer's call comes soon) and then sleeps on a condition variable;
+ *   - a worker with nothing to do spins for KV_SPIN_NANOSECONDS (50 us:
+ *     back-to-back calls come soon) and then sleeps on a condition variable;
  *   - a sleeping worker is woken only when that can pay (see kv_parallel):
  *     a model's calls are ~100 us apart, the workers asleep at every one;
  *   - one job at a time: a second caller (another thread, another cache)
@@ -233,7 +233,9 @@ static int kv_parallel(ptrdiff_t n_items, int num_threads, int large, kv_task fn
         pthread_mutex_unlock(&kv_pool.mu);
         /* the workers finish the items they claimed: spin as a worker waits
            for a job (sched_yield, a system call, cost 0.6 us per call on
-           this VM), then yield, in case a worker shares this core */
+           this VM), then yield, in case a worker shares this core (there
+           the 50 us cost such calls 25 us more than before 7864725; the
+           cache's timing then runs one thread) */
         const long long until = kv_nanoseconds() + KV_SPIN_NANOSECONDS;
         while (atomic_load(&job.inside) > 0)
             if (kv_nanoseconds() < until) kv_pause();

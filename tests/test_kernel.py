@@ -2,7 +2,7 @@
 
 A path is a storage dtype x instruction set x thread count x (T = 1 or a
 block) x grouping x way of reading the rows (plainly, asking ahead,
-streaming), with queries read in place through
+streaming: float32 and float64 calls only), with queries read in place through
 strides. Each case draws fresh random data; sizes are odd on purpose (D =
 1, 7, 65, ...).
 """
@@ -428,11 +428,17 @@ def test_a_call_streams_from_the_set_number_of_bytes(rng):
         streamed = {case: run(case) for case in cases}
     with forced_reads("plain"):
         plain = {case: run(case) for case in cases}
+    with forced_reads("ask"):
+        asked = {case: run(case) for case in cases}
+    streaming = [(2, np.float32), (2, np.float64)]
     for case in cases:
-        streams = case in [(2, np.float32), (2, np.float64)]
-        assert np.array_equal(streamed[case], plain[case]) != streams, case
+        assert np.array_equal(streamed[case], plain[case]) != (case in streaming), case
+        assert not np.array_equal(asked[case], plain[case]), case
     saved = _arena.read_bounds()
     try:
+        _arena.set_read_bounds(0, 0)         # both bounds passed: the others ask
+        for case in cases:
+            assert np.array_equal(run(case), (streamed if case in streaming else asked)[case]), case
         _arena.set_read_bounds(-1, reads)
         assert np.array_equal(run((2, np.float32)), streamed[2, np.float32])
         _arena.set_read_bounds(-1, reads + 1)
