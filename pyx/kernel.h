@@ -207,9 +207,9 @@ static ptrdiff_t kv_ask_from = -1;
 
 /* calls that read at least this many bytes of K and V, with at most two
  * queries per K/V row (decode of up to two query heads per K/V head) and
- * float32 or float64 storage, stream; -1: none. At import KV_STREAM_FROM_BYTES where
- * kv_prefetch_helps(), else -1 (not measured elsewhere);
- * kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that streams
+ * float32 or float64 storage, stream; -1: none. At import
+ * KV_STREAM_FROM_BYTES where kv_prefetch_helps(), else -1 (not measured
+ * elsewhere); kvarena.kernel.forced_reads sets 0 or -1 for tests. A call that streams
  * leaves the rows to the core's own prefetchers, which follow a stream
  * from memory better than asking does when the loads are 256 bits wide
  * and keys and values advance together: it runs the AVX2 body on an
