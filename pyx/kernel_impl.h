@@ -925,7 +925,10 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
                                          (2 * tile + 2 * rows + 4 * per_query + 2 * scores));
     if (!mem) return -1;
     KV_REAL *ktile = mem, *vtile = ktile + tile, *qv = vtile + tile, *acc = qv + rows;
-    KV_REAL *m = acc + rows, *l = m + per_query, *w = l + 3 * per_query;
+    KV_REAL *m = acc + rows, *l = m + per_query;
+    /* the largest scores and the scores of the block weighed (bc, wc) and of the
+     * block scored (bn, wn); the same block when keys do not run ahead */
+    KV_REAL *bc = l + per_query, *bn = bc + per_query, *wc = bn + per_query, *wn = wc + scores;
 
     /* query i = t * G + g is head h * G + g at position t0 + t */
     for (ptrdiff_t t = 0; t < nt; t++)
@@ -957,7 +960,6 @@ static int KV_FN(attend_item)(const kv_job *job, ptrdiff_t item)
      * the values of the block before are weighed */
     const ptrdiff_t first = q->base[b] + t0;        /* query i's position: first + i / G */
     const ptrdiff_t ahead = job->step < blk;        /* blocks the keys are scored ahead */
-    KV_REAL *wc = w, *wn = w + scores, *bc = l + per_query, *bn = bc + per_query;
     for (ptrdiff_t j0 = lo - ahead * blk; j0 < hi; j0 += blk) {
         /* values weighed: the n rows at j0; keys scored: the ns rows at js */
         const ptrdiff_t n = j0 < lo ? 0 : kv_min(blk, hi - j0), js = j0 + ahead * blk;
