@@ -42,8 +42,8 @@ cdef extern from "kernel.h" nogil:
         KV_F16, KV_F32, KV_F64, KV_I8
     ctypedef struct kv_layer:
         int dtype
-        const void *data[2]
-        const float *scale[2]
+        void *data[2]
+        float *scale[2]
         Py_ssize_t B, H, S, D
         Py_ssize_t n_sink
         const Py_ssize_t *ring_head
@@ -58,6 +58,11 @@ cdef extern from "kernel.h" nogil:
         int q_f64, out_f64
         Py_ssize_t Hq, T
         const Py_ssize_t *base
+        const kv_new *write
+    ctypedef struct kv_new:
+        const void *rows[2]
+        Py_ssize_t stride[2][4]
+        int as_stored[2]
     int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                   int run_threads, int large)
     int kv_best_isa()
@@ -67,9 +72,8 @@ cdef extern from "kernel.h" nogil:
     Py_ssize_t kv_stream_from
     Py_ssize_t KV_STREAM_FROM_BYTES
     int kv_prefetch_helps()
-    void kv_store(const float *x, const Py_ssize_t *xs, int dtype, void *data, float *scale,
-                  const Py_ssize_t *slots, Py_ssize_t B, Py_ssize_t H, Py_ssize_t S,
-                  Py_ssize_t D, Py_ssize_t T, int isa)
+    void kv_store(const kv_layer *c, int kv, const float *x, const Py_ssize_t *xs,
+                  const Py_ssize_t *slots, Py_ssize_t T, int isa)
 
 #: True when this extension was built with KVARENA_CYTHON_DEBUG=1.
 BOUNDSCHECK = bool(KVARENA_BOUNDSCHECK)
@@ -355,7 +359,7 @@ cdef class ArenaAccessor:
         if _span(out) < cnp.PyArray_NBYTES(out):
             raise ValueError(f"attend: out must not overlap itself; got strides "
                              f"{(<object>out).strides} for shape {(<object>out).shape}")
-        self._run(layer, <const Py_ssize_t *>cnp.PyArray_DATA(base), q, out, isa)
+        self._run(layer, <const Py_ssize_t *>cnp.PyArray_DATA(base), q, out, isa, NULL)
 
     def attend_plain(self, Py_ssize_t layer, q, k, v, out, int isa, bint check_finite):
         """The common call checked, written and attended in one step; or None.
@@ -386,7 +390,8 @@ cdef class ArenaAccessor:
         cdef cnp.ndarray qa, ka, va, oa
         cdef Py_ssize_t b, T
         cdef Py_ssize_t start
-        cdef int narrow
+        cdef int narrow, kv, d
+        cdef kv_new write
         self._check_layer("attend_plain", layer)
         self._need_tracked()
         if not self._as_seen():
@@ -433,14 +438,24 @@ cdef class ArenaAccessor:
         # store or the kernel then raises (a scratch allocation failing)
         if start + T > self.written[0]:
             self.written[0] = start + T
-        self._store(layer, 0, ka, start, isa)
-        self._store(layer, 1, va, start, isa)
-        self._run(layer, self.seq_lens, qa, oa, isa)
+        # k and v as the kernel stores them (each (row, head)'s rows right
+        # before it reads them, on every thread), or cast by NumPy now
+        write.rows[0] = write.rows[1] = NULL
+        for kv, x in enumerate((ka, va)):
+            if self._kernel_stores(x):
+                write.rows[kv] = cnp.PyArray_DATA(x)
+                write.as_stored[kv] = cnp.PyArray_TYPE(x) == self.storage_num
+                for d in range(4):
+                    write.stride[kv][d] = cnp.PyArray_STRIDES(x)[d] // cnp.PyArray_ITEMSIZE(x)
+            else:
+                cnp.PyArray_CopyInto(self.arena[layer, kv, :, :, start:start + T], x)
+        self._run(layer, self.seq_lens, qa, oa, isa, &write)
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):
-        # keys or values (B, H, T >= 1, D) that _store writes as they are: a
-        # copy, or a cast by NumPy from another float type
+        # keys or values (B, H, T >= 1, D) that attend_plain stores as they
+        # are: copied or converted by the kernel, or cast by NumPy from
+        # another float type
         if cnp.PyArray_NDIM(x) != 4 or cnp.PyArray_DIMS(x)[0] != self.B \
                 or cnp.PyArray_DIMS(x)[1] != self.H or cnp.PyArray_DIMS(x)[2] < 1 \
                 or cnp.PyArray_DIMS(x)[3] != self.D or not cnp.PyArray_ISNOTSWAPPED(x) \
@@ -465,53 +480,29 @@ cdef class ArenaAccessor:
         return (lo < self.arena_hi and self.arena_lo < hi) or \
             (self.scales_lo != NULL and lo < self.scales_hi and self.scales_lo < hi)
 
-    cdef _store(self, Py_ssize_t layer, int kv, cnp.ndarray x, Py_ssize_t start, int isa):
-        # x (B, H, T, D), plain (_plain_block), at slots start .. start + T - 1 of every row
-        cdef Py_ssize_t B = self.B, H = self.H, T = cnp.PyArray_DIMS(x)[2], D = self.D
-        cdef Py_ssize_t b, h, t, d, size = self.itemsize
-        cdef const cnp.npy_intp *s = cnp.PyArray_STRIDES(x)
-        cdef const char *src = <const char *>cnp.PyArray_DATA(x)
-        cdef const char *row
-        cdef unsigned char *dst
-        cdef Py_ssize_t *slots
-        cdef Py_ssize_t xs[3]
-        if self.storage == KV_I8 or (self.storage == KV_F16 and s[3] == 4
-                                     and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32):
-            # converted by the kernel's row store: int8 (float32 C-contiguous,
-            # _plain_block), or float32 rows into halves (NumPy's cast took
-            # 2.8 ns an element, the row store ~0.1)
-            for d in range(3):
-                xs[d] = s[d] // 4
-            slots = <Py_ssize_t *>PyMem_Malloc(B * T * sizeof(Py_ssize_t))
-            if slots == NULL:
-                raise MemoryError()
-            for b in range(B):
-                for t in range(T):
-                    slots[b * T + t] = start + t
-            with nogil:
-                kv_store(<const float *>src, xs, self.storage, &self.raw[layer, kv, 0, 0, 0, 0],
-                         &self.scale[layer, kv, 0, 0, 0] if self.storage == KV_I8 else NULL,
-                         slots, B, H, self.S, D, T, isa)
-            PyMem_Free(slots)
-            return
-        if cnp.PyArray_TYPE(x) != self.storage_num:
-            # another float type: cast by NumPy, as the general path's assignment does
-            cnp.PyArray_CopyInto(self.arena[layer, kv, :, :, start:start + T], x)
-            return
-        with nogil:
-            for b in range(B):
-                for h in range(H):
-                    for t in range(T):
-                        dst = &self.raw[layer, kv, b, h, start + t, 0]
-                        row = src + b * s[0] + h * s[1] + t * s[2]
-                        if s[3] == size:
-                            memcpy(dst, row, D * size)
-                        else:
-                            for d in range(D):
-                                memcpy(dst + d * size, row + d * s[3], size)
+    cdef bint _kernel_stores(self, cnp.ndarray x):
+        # keys or values (_plain_block) the kernel stores itself (kv_new): of
+        # the storage type, into int8 (_plain_block: C-contiguous float32), or
+        # float32 rows into halves (NumPy's cast took 2.8 ns an element, the
+        # kernel's ~0.1); else NumPy casts them
+        return cnp.PyArray_TYPE(x) == self.storage_num or self.storage == KV_I8 \
+            or (self.storage == KV_F16 and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+                and cnp.PyArray_STRIDES(x)[3] == 4)
+
+    cdef int _layer(self, Py_ssize_t layer, kv_layer *c) except -1:
+        # the arena's part of c for `layer` (checked): where its rows are
+        c.dtype = self.storage
+        c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
+        c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
+        c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
+        c.scale[0] = c.scale[1] = NULL
+        if self.scales is not None:
+            c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
+            c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
+        return 0
 
     cdef _run(self, Py_ssize_t layer, const Py_ssize_t *base, cnp.ndarray q, cnp.ndarray out,
-              int isa):
+              int isa, const kv_new *write):
         # the kernel on q, out (as attend checks them) for rows whose new
         # positions start at base[b], with the position map. base and the
         # ring heads are copied into rows (on the stack for up to 32 rows),
@@ -520,18 +511,19 @@ cdef class ArenaAccessor:
         cdef Py_ssize_t *rows
         _check_isa(isa)
         if 2 * self.B <= 64:
-            self._run_rows(layer, base, small, q, out, isa)
+            self._run_rows(layer, base, small, q, out, isa, write)
             return
         rows = <Py_ssize_t *>PyMem_Malloc(2 * self.B * sizeof(Py_ssize_t))
         if rows == NULL:
             raise MemoryError()
         try:
-            self._run_rows(layer, base, rows, q, out, isa)
+            self._run_rows(layer, base, rows, q, out, isa, write)
         finally:
             PyMem_Free(rows)
 
     cdef int _run_rows(self, Py_ssize_t layer, const Py_ssize_t *base, Py_ssize_t *rows,
-                       cnp.ndarray q, cnp.ndarray out, int isa) except -1:
+                       cnp.ndarray q, cnp.ndarray out, int isa,
+                       const kv_new *write) except -1:
         # _run with rows (2 B entries) for the copies: rows[b] the start of
         # row b's new positions, rows[B + b] its ring head (with a ring)
         cdef kv_layer c
@@ -549,14 +541,7 @@ cdef class ArenaAccessor:
             if self.ring_head != NULL and not 0 <= rows[self.B + b] < self.S - self.n_sink:
                 raise ValueError(f"ring_head[{b}] must be in [0, {self.S - self.n_sink}); "
                                  f"got {rows[self.B + b]}")
-        c.dtype = self.storage
-        c.B, c.H, c.S, c.D = self.B, self.H, self.S, self.D
-        c.data[0] = &self.raw[layer, 0, 0, 0, 0, 0]
-        c.data[1] = &self.raw[layer, 1, 0, 0, 0, 0]
-        c.scale[0] = c.scale[1] = NULL
-        if self.scales is not None:
-            c.scale[0] = &self.scale[layer, 0, 0, 0, 0]
-            c.scale[1] = &self.scale[layer, 1, 0, 0, 0]
+        self._layer(layer, &c)
         c.n_sink = self.n_sink
         c.ring_head = rows + self.B if self.ring_head != NULL else NULL
         c.rope_cos, c.rope_sin = self.rope_cos, self.rope_sin
@@ -570,6 +555,7 @@ cdef class ArenaAccessor:
             qq.os[i] = cnp.PyArray_STRIDES(out)[i] // cnp.PyArray_ITEMSIZE(out)
         qq.Hq, qq.T = cnp.PyArray_DIMS(q)[1], cnp.PyArray_DIMS(q)[2]
         qq.base = starts
+        qq.write = write
         work = 0
         for b in range(c.B):
             work += starts[b] + qq.T
@@ -650,6 +636,7 @@ cdef class ArenaAccessor:
         """
         cdef Py_ssize_t B = self.B, H = self.H, D = self.D, S = self.S, T, b, kv
         cdef Py_ssize_t xs[3]
+        cdef kv_layer c
         cdef cnp.ndarray own
         cdef const Py_ssize_t *at
         cdef const float *rows[2]
@@ -676,11 +663,10 @@ cdef class ArenaAccessor:
         xs[0], xs[1], xs[2] = H * T * D, T * D, D
         rows[0] = <const float *>cnp.PyArray_DATA(key)
         rows[1] = <const float *>cnp.PyArray_DATA(value)
+        self._layer(layer, &c)
         with nogil:
             for kv in range(2):
-                kv_store(rows[kv], xs, self.storage, &self.raw[layer, kv, 0, 0, 0, 0],
-                         &self.scale[layer, kv, 0, 0, 0] if self.storage == KV_I8 else NULL,
-                         at, B, H, S, D, T, isa)
+                kv_store(&c, kv, rows[kv], xs, at, T, isa)
 
     def move(self, src, dst, count):
         """In row b, move positions src[b] .. src[b] + count[b] - 1 to dst[b] onwards.

@@ -66,11 +66,12 @@ _Static_assert(KV_BLK_ASKED <= KV_BLK, "the stack arrays are sized for KV_BLK ro
 #define KV_CONVERT_FROM 2
 #endif
 
-/* one layer of the arena as the kernel reads it */
+/* one layer of the arena as the kernel reads it (and writes a call's new
+ * rows into, see kv_new) */
 typedef struct {
     int dtype;                   /* KV_F16 .. KV_I8 */
-    const void *data[2];         /* keys, values: (B, H, S, D), C-contiguous */
-    const float *scale[2];       /* int8 only: (B, H, S), else NULL */
+    void *data[2];               /* keys, values: (B, H, S, D), C-contiguous */
+    float *scale[2];             /* int8 only: (B, H, S), else NULL */
     ptrdiff_t B, H, S, D;
     /* position map: ring_head NULL is linear (slot = position); else row b
        keeps n_sink sinks in slots [0, n_sink) and its window in a ring of
@@ -91,7 +92,21 @@ typedef struct {
     ptrdiff_t Hq, T;             /* Hq = G * H */
     const ptrdiff_t *base;       /* (B,): query t of row b sits at position base[b] + t
                                     and sees positions [0, base[b] + t] */
+    const struct kv_new *write;  /* new keys and values to store first, or NULL */
 } kv_query;
+
+/* the keys (kv 0) and values (1) of a call's new positions, (B, H, T, D),
+ * which kv_attend stores at positions base[b] .. base[b] + T - 1 of row b
+ * before any of them is read: in the item of (row, head) when that is its
+ * only item, so that both threads write and each new row is written right
+ * before it is read; else all of them before the items start. As they are
+ * when of the storage type (elements stride[3] apart); else float32 rows
+ * of D consecutive floats, stored as halves or as int8 with a scale each */
+typedef struct kv_new {
+    const void *rows[2];         /* NULL: stored by the caller */
+    ptrdiff_t stride[2][4];      /* in elements, along b, h, t, d */
+    int as_stored[2];            /* of the storage type, else float32 */
+} kv_new;
 
 /* how one call is cut into work items: (row * H + head, query tile, chunk) */
 typedef struct {
@@ -434,36 +449,71 @@ static int kv_best_isa(void)
     return KV_ISA_BASELINE;
 }
 
+/* one row of D elements into the stored row `at` ((b * H + h) * S + slot)
+ * of keys (kv 0) or values (1): copied when `src` has the storage type
+ * (`as_stored`, elements `step` apart), else float32 (consecutive) as
+ * halves or as int8 with its scale, on instruction set `isa` */
+static void kv_put_row(const kv_layer *c, int kv, ptrdiff_t at, const void *src,
+                       ptrdiff_t step, int as_stored, int isa)
+{
+    const ptrdiff_t D = c->D, size = kv_elem_bytes[c->dtype];
+    char *dst = (char *)c->data[kv] + at * D * size;
+    if (as_stored && step == 1)
+        memcpy(dst, src, D * size);
+    else if (as_stored)
+        for (ptrdiff_t d = 0; d < D; d++)
+            memcpy(dst + d * size, (const char *)src + d * step * size, size);
+    else if (c->dtype == KV_I8)
+        c->scale[kv][at] = kv_variants[isa][0].quantize((const float *)src, (int8_t *)dst, D);
+    else
+        kv_variants[isa][0].half((const float *)src, (uint16_t *)dst, D);
+}
+
+/* the new keys and values of (row b, head h) at the slots of positions
+ * base[b] .. base[b] + T - 1 (kv_new) */
+static void kv_write_new(const kv_layer *c, const kv_query *q, ptrdiff_t b, ptrdiff_t h,
+                         int isa)
+{
+    const kv_new *w = q->write;
+    for (int kv = 0; kv < 2; kv++) {
+        if (!w->rows[kv]) continue;
+        const ptrdiff_t *s = w->stride[kv];
+        const ptrdiff_t size = w->as_stored[kv] ? kv_elem_bytes[c->dtype] : 4;  /* float32 */
+        for (ptrdiff_t t = 0; t < q->T; t++) {
+            const char *src = (const char *)w->rows[kv] + (b * s[0] + h * s[1] + t * s[2]) * size;
+            const ptrdiff_t at = (b * c->H + h) * c->S + kv_slot(c, b, q->base[b] + t);
+            kv_put_row(c, kv, at, src, s[3], w->as_stored[kv], isa);
+        }
+    }
+}
+
 typedef struct {
     const kv_job *job;
     kv_item_fn fn;
+    int write, isa;              /* write: an item is one (row, head), its new rows first */
 } kv_task_ctx;
 
 static int kv_run_item(void *ctx, ptrdiff_t item)
 {
     const kv_task_ctx *t = (const kv_task_ctx *)ctx;
+    if (t->write) kv_write_new(t->job->c, t->job->q, item / t->job->c->H, item % t->job->c->H,
+                               t->isa);
     return t->fn(t->job, item);
 }
 
 /* int8 and float16 storage: the float32 rows x[b, h, t] (D consecutive
  * floats each, rows xs[0], xs[1], xs[2] floats apart along b, h, t) into
- * slot slots[b * T + t] of (b, h) in data, on instruction set `isa`: as
- * halves (dtype KV_F16), or as int8 with one scale (absmax / 127) each in
- * scale (KV_I8) */
-static void kv_store(const float *x, const ptrdiff_t xs[3], int dtype, void *data, float *scale,
-                     const ptrdiff_t *slots, ptrdiff_t B, ptrdiff_t H, ptrdiff_t S, ptrdiff_t D,
-                     ptrdiff_t T, int isa)
+ * slot slots[b * T + t] of (b, h) of keys (kv 0) or values (1), on
+ * instruction set `isa`: as halves (KV_F16), or as int8 with one scale
+ * (absmax / 127) each (KV_I8) */
+static void kv_store(const kv_layer *c, int kv, const float *x, const ptrdiff_t xs[3],
+                     const ptrdiff_t *slots, ptrdiff_t T, int isa)
 {
-    const kv_quantize_fn quantize = kv_variants[isa][0].quantize;
-    const kv_half_fn half = kv_variants[isa][0].half;
-    for (ptrdiff_t b = 0; b < B; b++)
-        for (ptrdiff_t h = 0; h < H; h++)
-            for (ptrdiff_t t = 0; t < T; t++) {
-                const float *row = x + b * xs[0] + h * xs[1] + t * xs[2];
-                const ptrdiff_t slot = (b * H + h) * S + slots[b * T + t];
-                if (dtype == KV_I8) scale[slot] = quantize(row, (int8_t *)data + slot * D, D);
-                else half(row, (uint16_t *)data + slot * D, D);
-            }
+    for (ptrdiff_t b = 0; b < c->B; b++)
+        for (ptrdiff_t h = 0; h < c->H; h++)
+            for (ptrdiff_t t = 0; t < T; t++)
+                kv_put_row(c, kv, (b * c->H + h) * c->S + slots[b * T + t],
+                           x + b * xs[0] + h * xs[1] + t * xs[2], 1, 0, isa);
 }
 
 /* attention of q over one layer, into q->out, on run_threads threads
@@ -494,7 +544,7 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     const ptrdiff_t fit = KV_BLK_BYTES / row_bytes;
     const ptrdiff_t blk = ask ? KV_BLK_ASKED : kv_max(KV_BLK_ASKED, kv_min(KV_BLK, fit));
     kv_job job = {c, q, G, Tq, 1, 1, 1, NULL, ask, blk, (ask || stream) && few ? KV_STEP : blk};
-    if (stream && isa > KV_ISA_AVX2) isa = KV_ISA_AVX2;
+    const int read_isa = stream && isa > KV_ISA_AVX2 ? KV_ISA_AVX2 : isa;
     job.n_qtiles = (q->T + job.Tq - 1) / job.Tq;
     /* chunks: enough work items to keep every thread busy, none shorter than
      * 256; in a call too small to wake workers (sparse calls run on the
@@ -509,12 +559,17 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     job.chunk_len = (job.chunk_len + job.blk - 1) / job.blk * job.blk;
     job.n_chunks = (longest + job.chunk_len - 1) / job.chunk_len;
 
+    /* the new rows: by each (row, head)'s item when it has one, else now */
+    const int write_in_items = q->write && units * job.n_chunks == c->B * c->H;
+    for (ptrdiff_t bh = 0; q->write && !write_in_items && bh < c->B * c->H; bh++)
+        kv_write_new(c, q, bh / c->H, bh % c->H, isa);
+
     const size_t real = dbl ? sizeof(double) : sizeof(float);
     if (job.n_chunks > 1) {
         job.partial = malloc((size_t)(c->B * q->Hq * q->T * job.n_chunks * (2 + c->D)) * real);
         if (!job.partial) return -1;
     }
-    kv_task_ctx task = {&job, kv_variants[isa][dbl].item};
+    kv_task_ctx task = {&job, kv_variants[read_isa][dbl].item, write_in_items, isa};
     int status = kv_parallel(units * job.n_chunks, run_threads, large, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);
@@ -522,7 +577,7 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
         for (ptrdiff_t b = 0; acc && b < c->B; b++)
             for (ptrdiff_t head = 0; head < q->Hq; head++)
                 for (ptrdiff_t t = 0; t < q->T; t++)
-                    kv_variants[isa][dbl].merge(&job, b, head, t, acc);
+                    kv_variants[read_isa][dbl].merge(&job, b, head, t, acc);
         free(acc);
     }
     free(job.partial);

@@ -1184,14 +1184,20 @@ def test_accessor_index_arrays_are_copied_before_use(tmp_path):
                                            np.array([4, 0], np.intp))
         assert np.array_equal(arena, want)
 
-        # attend_plain's tracked lengths inside the arena: its store turns
-        # them into 10**18 before the kernel reads them, which it refuses
+        # attend_plain's tracked lengths inside the arena: the kernel's store
+        # of the new keys turns them into ~10**18. The call goes on with the
+        # lengths it began with (copied), and the next sees them changed: the
+        # one-step path declines, the general one refuses them
         arena = np.zeros((1, 2, 2, 1, 8, 4), np.float32)
         acc = _arena.ArenaAccessor(arena, 1)
         lengths = arena[0, 0, 0, 0, 0].view(np.intp)
         lengths[:] = 0
         acc.track(lengths, np.zeros(2, np.intp), np.zeros(1, np.intp))
+        acc.see_lengths()
         k = np.ones((2, 1, 1, 4), np.float32)
-        refused(ValueError, r"base\\[0\\] must be in \\[0, 7\\]", acc.attend_plain, 0, k, k,
-                k, None, 0, False)
+        assert np.array_equal(acc.attend_plain(0, k, k, k, None, 0, False), k)
+        assert lengths.tolist() == [np.ones(2, np.float32).view(np.intp)[0]] * 2
+        assert acc.attend_plain(0, k, k, k, None, 0, False) is None
+        refused(ValueError, r"base\\[0\\] must be in \\[0, 7\\]", acc.attend, 0, lengths, k,
+                np.empty_like(k), 0)
     ''', tmp_path)

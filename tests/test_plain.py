@@ -29,9 +29,10 @@ CASES = [  # B, H, G, D, S, cached (every row), T
 ]
 
 
-def twins(rng, dtype, B, H, D, S, cached, n=3, **options):
+def twins(rng, dtype, B, H, D, S, cached, n=3, num_threads=1, **options):
     """``n`` caches holding the same random positions, every row ``cached`` long."""
-    caches = [KVCache(B, S, 2, H, D, dtype=dtype, num_threads=1, **options) for _ in range(n)]
+    caches = [KVCache(B, S, 2, H, D, dtype=dtype, num_threads=num_threads, **options)
+              for _ in range(n)]
     if cached:
         k, v = rng.standard_normal((2, B, H, cached, D))
         for cache in caches:
@@ -82,6 +83,34 @@ def test_plain_calls_equal_the_general_path(B, H, G, D, S, cached, T, dtype, isa
     assert taken.tobytes() == got.tobytes() == want.tobytes()
     assert state(public) == state(general)
     assert direct._arena.tobytes() == general._arena.tobytes()
+
+
+SPREAD = [  # B, H, G, S, cached, T: calls of two threads' work (> 256 KiB of K and V)
+    (2, 4, 1, 600, 512, 1),      # eight (row, head) items: each stores its own new rows
+    (2, 4, 2, 600, 512, 5),
+    (1, 1, 1, 2100, 2047, 1),    # one row cut into chunks: its new rows stored first
+    (1, 1, 3, 2100, 2040, 7),
+]
+
+
+@pytest.mark.parametrize("layout", ["model", "strided"])
+@pytest.mark.parametrize("dtype", STORAGE, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("B,H,G,S,cached,T", SPREAD)
+def test_new_rows_are_stored_before_any_thread_reads_them(B, H, G, S, cached, T, dtype, layout,
+                                                          rng):
+    # the kernel stores a plain call's keys and values itself, in the item that
+    # reads them or before all items: on two threads, the same bits as the
+    # general path, which stores them before the kernel starts
+    direct, general = twins(rng, dtype, B, H, 64, S, cached, n=2, num_threads=2)
+    for _ in range(3):      # the cache's timing may run a call on either thread count
+        q, k, v = plain_inputs(rng, dtype, B, H, G, 64, T, layout)
+        taken = try_plain(direct, 1, q, k, v)
+        want = general.attend(np.intp(1), q, k, v)
+        assert taken is not None, "a plain call must take the one-step path"
+        assert taken.tobytes() == want.tobytes()
+        assert direct._arena.tobytes() == general._arena.tobytes()
+        direct.advance(T)
+        general.advance(T)
 
 
 CASTS = [(np.float16, np.float32), (np.float16, np.float64), (np.float32, np.float64),
