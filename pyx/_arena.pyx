@@ -144,6 +144,14 @@ cdef Py_ssize_t WAKE_MIN_BYTES = 4 << 20
 # timing compares one thread with one
 cdef Py_ssize_t EXPLORE_EVERY = 16
 cdef Py_ssize_t EXPLORE_MOST = 256
+# a try that lost by a factor r (its rate over the chosen count's) cost 2 (r
+# - 1) calls' time; the next comes after at least 2 EXPLORE_SHARE (r - 1)
+# calls (up to EXPLORE_LONGEST), so that tries cost at most 1/EXPLORE_SHARE
+# of the time: 8 x 12 x 1024 decode (2 threads ~0.93 ms, 1 thread ~1.8)
+# tried 1 thread at calls 16, 48, 112, 240, 496, ..: 1.2% of its first
+# 1,100 calls (a bench case) and 0.7% after; now every ~490 calls
+cdef double EXPLORE_SHARE = 256
+cdef Py_ssize_t EXPLORE_LONGEST = 1024
 
 
 cdef class ArenaAccessor:
@@ -579,7 +587,7 @@ cdef class ArenaAccessor:
         cdef int exploring = 0
         cdef int status
         cdef long long start
-        cdef double rate
+        cdef double rate, costly
         if many != self.chosen:
             # the rates changed the choice: the machine (another process, a
             # BLAS's spinning workers) or one call changed, and may change
@@ -608,7 +616,10 @@ cdef class ArenaAccessor:
         if exploring and self.until_explore <= 0:
             if (self.seconds_per_byte[many] > self.seconds_per_byte[not many]) \
                     and self.seconds_per_byte[not many] > 0:      # it lost again
-                self.explore_every = min(2 * self.explore_every, EXPLORE_MOST)
+                costly = 2 * EXPLORE_SHARE * (self.seconds_per_byte[many]
+                                              / self.seconds_per_byte[not many] - 1)
+                self.explore_every = max(min(2 * self.explore_every, EXPLORE_MOST),
+                                         <Py_ssize_t>min(costly, EXPLORE_LONGEST))
             else:
                 self.explore_every = EXPLORE_EVERY
             self.until_explore = self.explore_every

@@ -475,24 +475,29 @@ periods = []
 for _ in range(1500):
     cache.attend(0, q, k, v)
     periods.append(cache._accessor.explore_every)
-print(max(periods))
+one, many = cache._accessor.thread_rates()
+print(max(periods), many / one)
 """
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
                     reason="needs os.sched_setaffinity (Linux) to put both threads on one CPU")
 def test_a_thread_count_that_keeps_losing_is_tried_less_often():
-    # on one CPU a second thread only adds its wake-up: each time it loses
-    # again, the next try comes twice as late, up to every 256th call (a
-    # try costs a call at the slower count; every 16th cost 5-6% of a
-    # small model's generation). On a loaded machine a try may win by
-    # chance and start the periods again at 16, so only the longest is
-    # checked. A subprocess: the pool's workers take the CPU affinity of
-    # the process that starts them
+    # on one CPU a second thread only adds its wake-up and the two threads'
+    # turns: each time it loses again, the next try comes twice as late, up
+    # to every 256th call (a try costs a call at the slower count; every
+    # 16th cost 5-6% of a small model's generation), and a try that lost by
+    # a factor r waits at least 512 (r - 1) calls, up to 1,024 (11-14x on
+    # the Xeon VM: 1,024). On a loaded machine a try may win by chance and
+    # start the periods again at 16, so only the longest is checked, and
+    # the last try's loss (the rates' ratio). A subprocess: the pool's
+    # workers take the CPU affinity of the process that starts them
     proc = subprocess.run([sys.executable, "-c", EXPLORING], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == 256, proc.stdout
+    longest, lost_by = float(proc.stdout.split()[0]), float(proc.stdout.split()[1])
+    assert 256 <= longest <= 1024, proc.stdout
+    assert lost_by < 3.5 or longest == 1024, proc.stdout
 
 
 RECOVERING = """
