@@ -89,14 +89,14 @@ static struct {
        written after every job, it would evict `generation`, which the
        spinning workers poll */
     _Alignas(64) atomic_llong last_end;
+    atomic_llong offered_end;    /* the same, of the last job offered to workers */
 } kv_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-             NULL, 0, 0, 0};
+             NULL, 0, 0, 0, 0};
 
 /* jobs closer together than this (from the end of one to the start of the
  * next, on any number of threads) keep a worker that took one spinning
- * until the next (KV_SPIN_NANOSECONDS, less the time it waited for the
- * caller's last item), so waking a sleeping one pays off in the jobs that
- * follow */
+ * until the next (it spins KV_SPIN_NANOSECONDS past the job's end), so
+ * waking a sleeping one pays off in the jobs that follow */
 #define KV_DENSE_NANOSECONDS 40000
 
 /* the monotonic clock in nanoseconds (also what KVCache times calls with) */
@@ -129,10 +129,16 @@ static void *kv_worker(void *arg)
     (void)arg;
     unsigned long seen = atomic_load(&kv_pool.generation);
     for (;;) {
-        /* wait for a new job: spin a little, then sleep */
+        /* wait for a new job: spin a little (from the later of now and the
+           end of the last job offered to workers: one that finished its
+           items before the caller did is not left with less), then sleep */
         const long long until = kv_nanoseconds() + KV_SPIN_NANOSECONDS;
-        while (atomic_load(&kv_pool.generation) == seen && kv_nanoseconds() < until)
+        while (atomic_load(&kv_pool.generation) == seen) {
+            const long long now = kv_nanoseconds();
+            if (now >= until && now >= atomic_load(&kv_pool.offered_end) + KV_SPIN_NANOSECONDS)
+                break;
             kv_pause();
+        }
         pthread_mutex_lock(&kv_pool.mu);
         while (atomic_load(&kv_pool.generation) == seen)
             pthread_cond_wait(&kv_pool.wake, &kv_pool.mu);
@@ -240,6 +246,7 @@ static int kv_parallel(ptrdiff_t n_items, int num_threads, int large, kv_task fn
         while (atomic_load(&job.inside) > 0)
             if (kv_nanoseconds() < until) kv_pause();
             else sched_yield();
+        atomic_store(&kv_pool.offered_end, kv_nanoseconds());
         pthread_mutex_unlock(&kv_pool.submit);
     } else {
         kv_drain(&job);
