@@ -174,7 +174,8 @@ class KVCache:
         one thread. Above that the kernel times itself on one thread and on
         ``num_threads``, runs the count that has been faster per byte, and
         tries the other for two calls every 16, half as often each time it
-        loses again (down to two in 256): next to a threaded BLAS whose idle
+        loses again (down to two in 256; a try that lost by a factor r waits
+        at least 512 (r - 1) calls, up to 1,024): next to a threaded BLAS whose idle
         workers spin on the cores, or with a model's work between the calls
         (waking the kernel's workers costs time), one thread can be the
         faster. The work is cut the same way whichever count runs, so

@@ -58,7 +58,7 @@ cdef extern from "kernel.h" nogil:
         int q_f64, out_f64
         Py_ssize_t Hq, T
         const Py_ssize_t *base
-        const kv_new *write
+        const kv_new *new_rows
     ctypedef struct kv_new:
         const void *rows[2]
         Py_ssize_t stride[2][4]
@@ -146,10 +146,11 @@ cdef Py_ssize_t EXPLORE_EVERY = 16
 cdef Py_ssize_t EXPLORE_MOST = 256
 # a try that lost by a factor r (its rate over the chosen count's) cost 2 (r
 # - 1) calls' time; the next comes after at least 2 EXPLORE_SHARE (r - 1)
-# calls (up to EXPLORE_LONGEST), so that tries cost at most 1/EXPLORE_SHARE
-# of the time: 8 x 12 x 1024 decode (2 threads ~0.93 ms, 1 thread ~1.8)
-# tried 1 thread at calls 16, 48, 112, 240, 496, ..: 1.2% of its first
-# 1,100 calls (a bench case) and 0.7% after; now every ~490 calls
+# calls, so that tries cost at most 1/EXPLORE_SHARE of the time (where the
+# cap, EXPLORE_LONGEST, allows: r <= 3). 8 x 12 x 1024 decode (2 threads
+# ~0.93 ms, 1 thread ~1.8) tried 1 thread at calls 16, 48, 112, 240, 496,
+# ..: 1.2% of its first 1,100 calls (a bench case) and 0.7% after; now
+# every ~480 calls
 cdef double EXPLORE_SHARE = 256
 cdef Py_ssize_t EXPLORE_LONGEST = 1024
 
@@ -251,7 +252,8 @@ cdef class ArenaAccessor:
         call), row b keeps n_sink sinks in slots [0, n_sink) and a ring after
         them whose oldest position is in slot n_sink + ring_head[b]; its
         values are checked at every call. With ``rope_cos``/``rope_sin``
-        (float32 (S, D / 2), C-contiguous), keys and queries are rotated by
+        (float32 (S, D / 2), C-contiguous, apart from the arena and its
+        scales), keys and queries are rotated by
         their logical positions, pairs (i, i + D / 2) or, with
         ``rope_interleaved``, (2i, 2i + 1). None turns either off.
         """
@@ -271,6 +273,9 @@ cdef class ArenaAccessor:
             raise ValueError(f"rope tables must be C-contiguous float32 ({self.S}, "
                              f"{self.D // 2}) with an even head_dim {self.D}; got "
                              f"{np.shape(rope_cos)} and {np.shape(rope_sin)}")
+        # the kernel stores new rows while other threads read the tables
+        if rope_cos is not None and (self._overlaps(rope_cos) or self._overlaps(rope_sin)):
+            raise ValueError("rope tables must not overlap the arena or its scales")
         self.ring_array, self.cos_array, self.sin_array = ring_head, rope_cos, rope_sin
         self.ring_head = NULL if ring_head is None else \
             <const Py_ssize_t *>cnp.PyArray_DATA(<cnp.ndarray>ring_head)
@@ -399,8 +404,9 @@ cdef class ArenaAccessor:
         cdef Py_ssize_t b, T
         cdef Py_ssize_t start
         cdef int narrow, kv, d
-        cdef kv_new write
+        cdef kv_new new_rows
         self._check_layer("attend_plain", layer)
+        _check_isa(isa)
         self._need_tracked()
         if not self._as_seen():
             return None
@@ -434,8 +440,8 @@ cdef class ArenaAccessor:
                     or not cnp.PyArray_ISNOTSWAPPED(oa) or not cnp.PyArray_IS_C_CONTIGUOUS(oa) \
                     or not cnp.PyArray_ISALIGNED(oa) or not cnp.PyArray_ISWRITEABLE(oa) \
                     or self._overlaps(oa) \
-                    or _overlap(oa, qa):
-                return None
+                    or _overlap(oa, qa) or _overlap(oa, ka) or _overlap(oa, va):
+                return None   # items write out while others read k and v
         # values: what the general path would refuse, it refuses itself
         narrow = cnp.PyArray_ITEMSIZE(qa) > (8 if self.compute_num == cnp.NPY_FLOAT64 else 4)
         if _values_need_general_path(qa, narrow, FLT_MAX, check_finite):
@@ -448,16 +454,16 @@ cdef class ArenaAccessor:
             self.written[0] = start + T
         # k and v as the kernel stores them (each (row, head)'s rows right
         # before it reads them, on every thread), or cast by NumPy now
-        write.rows[0] = write.rows[1] = NULL
+        new_rows.rows[0] = new_rows.rows[1] = NULL
         for kv, x in enumerate((ka, va)):
             if self._kernel_stores(x):
-                write.rows[kv] = cnp.PyArray_DATA(x)
-                write.as_stored[kv] = cnp.PyArray_TYPE(x) == self.storage_num
+                new_rows.rows[kv] = cnp.PyArray_DATA(x)
+                new_rows.as_stored[kv] = cnp.PyArray_TYPE(x) == self.storage_num
                 for d in range(4):
-                    write.stride[kv][d] = cnp.PyArray_STRIDES(x)[d] // cnp.PyArray_ITEMSIZE(x)
+                    new_rows.stride[kv][d] = cnp.PyArray_STRIDES(x)[d] // cnp.PyArray_ITEMSIZE(x)
             else:
                 cnp.PyArray_CopyInto(self.arena[layer, kv, :, :, start:start + T], x)
-        self._run(layer, self.seq_lens, qa, oa, isa, &write)
+        self._run(layer, self.seq_lens, qa, oa, isa, &new_rows)
         return oa
 
     cdef bint _plain_block(self, cnp.ndarray x):
@@ -510,7 +516,7 @@ cdef class ArenaAccessor:
         return 0
 
     cdef _run(self, Py_ssize_t layer, const Py_ssize_t *base, cnp.ndarray q, cnp.ndarray out,
-              int isa, const kv_new *write):
+              int isa, const kv_new *new_rows):
         # the kernel on q, out (as attend checks them) for rows whose new
         # positions start at base[b], with the position map. base and the
         # ring heads are copied into rows (on the stack for up to 32 rows),
@@ -519,19 +525,19 @@ cdef class ArenaAccessor:
         cdef Py_ssize_t *rows
         _check_isa(isa)
         if 2 * self.B <= 64:
-            self._run_rows(layer, base, small, q, out, isa, write)
+            self._run_rows(layer, base, small, q, out, isa, new_rows)
             return
         rows = <Py_ssize_t *>PyMem_Malloc(2 * self.B * sizeof(Py_ssize_t))
         if rows == NULL:
             raise MemoryError()
         try:
-            self._run_rows(layer, base, rows, q, out, isa, write)
+            self._run_rows(layer, base, rows, q, out, isa, new_rows)
         finally:
             PyMem_Free(rows)
 
     cdef int _run_rows(self, Py_ssize_t layer, const Py_ssize_t *base, Py_ssize_t *rows,
                        cnp.ndarray q, cnp.ndarray out, int isa,
-                       const kv_new *write) except -1:
+                       const kv_new *new_rows) except -1:
         # _run with rows (2 B entries) for the copies: rows[b] the start of
         # row b's new positions, rows[B + b] its ring head (with a ring)
         cdef kv_layer c
@@ -563,7 +569,7 @@ cdef class ArenaAccessor:
             qq.os[i] = cnp.PyArray_STRIDES(out)[i] // cnp.PyArray_ITEMSIZE(out)
         qq.Hq, qq.T = cnp.PyArray_DIMS(q)[1], cnp.PyArray_DIMS(q)[2]
         qq.base = starts
-        qq.write = write
+        qq.new_rows = new_rows
         work = 0
         for b in range(c.B):
             work += starts[b] + qq.T
@@ -592,8 +598,9 @@ cdef class ArenaAccessor:
             # the rates changed the choice: the machine (another process, a
             # BLAS's spinning workers) or one call changed, and may change
             # back, so the other count is tried again within 16 calls,
-            # whatever the period had grown to (up to 256 calls: 1.8 s of
-            # prefill calls at T = 512); if the change lasts, those tries
+            # whatever the period had grown to (up to 256 calls, 1.8 s of
+            # prefill calls at T = 512, or 1,024 after costly tries); if the
+            # change lasts, those tries
             # lose and spread out again
             if self.chosen != -1:
                 self.explore_every = EXPLORE_EVERY

@@ -92,7 +92,7 @@ typedef struct {
     ptrdiff_t Hq, T;             /* Hq = G * H */
     const ptrdiff_t *base;       /* (B,): query t of row b sits at position base[b] + t
                                     and sees positions [0, base[b] + t] */
-    const struct kv_new *write;  /* new keys and values to store first, or NULL */
+    const struct kv_new *new_rows;   /* keys and values to store first, or NULL */
 } kv_query;
 
 /* the keys (kv 0) and values (1) of a call's new positions, (B, H, T, D),
@@ -171,9 +171,9 @@ static const ptrdiff_t kv_elem_bytes[4] = {2, 4, 8, 1};
 
 /* the stored key (kv 0) or value (1) row at index at = (b * H + h) * S + slot,
  * and its int8 scale (NULL for float storage) */
-static inline const char *kv_stored_row(const kv_layer *c, int kv, ptrdiff_t at)
+static inline char *kv_stored_row(const kv_layer *c, int kv, ptrdiff_t at)
 {
-    return (const char *)c->data[kv] + at * c->D * kv_elem_bytes[c->dtype];
+    return (char *)c->data[kv] + at * c->D * kv_elem_bytes[c->dtype];
 }
 static inline const float *kv_stored_scale(const kv_layer *c, int kv, ptrdiff_t at)
 {
@@ -457,7 +457,7 @@ static void kv_put_row(const kv_layer *c, int kv, ptrdiff_t at, const void *src,
                        ptrdiff_t step, int as_stored, int isa)
 {
     const ptrdiff_t D = c->D, size = kv_elem_bytes[c->dtype];
-    char *dst = (char *)c->data[kv] + at * D * size;
+    char *dst = kv_stored_row(c, kv, at);
     if (as_stored && step == 1)
         memcpy(dst, src, D * size);
     else if (as_stored)
@@ -471,10 +471,10 @@ static void kv_put_row(const kv_layer *c, int kv, ptrdiff_t at, const void *src,
 
 /* the new keys and values of (row b, head h) at the slots of positions
  * base[b] .. base[b] + T - 1 (kv_new) */
-static void kv_write_new(const kv_layer *c, const kv_query *q, ptrdiff_t b, ptrdiff_t h,
+static void kv_store_new(const kv_layer *c, const kv_query *q, ptrdiff_t b, ptrdiff_t h,
                          int isa)
 {
-    const kv_new *w = q->write;
+    const kv_new *w = q->new_rows;
     for (int kv = 0; kv < 2; kv++) {
         if (!w->rows[kv]) continue;
         const ptrdiff_t *s = w->stride[kv];
@@ -490,14 +490,15 @@ static void kv_write_new(const kv_layer *c, const kv_query *q, ptrdiff_t b, ptrd
 typedef struct {
     const kv_job *job;
     kv_item_fn fn;
-    int write, isa;              /* write: an item is one (row, head), its new rows first */
+    int store_in_items;          /* an item is one (row, head): it stores its new rows */
+    int isa;
 } kv_task_ctx;
 
 static int kv_run_item(void *ctx, ptrdiff_t item)
 {
     const kv_task_ctx *t = (const kv_task_ctx *)ctx;
-    if (t->write) kv_write_new(t->job->c, t->job->q, item / t->job->c->H, item % t->job->c->H,
-                               t->isa);
+    const ptrdiff_t H = t->job->c->H;
+    if (t->store_in_items) kv_store_new(t->job->c, t->job->q, item / H, item % H, t->isa);
     return t->fn(t->job, item);
 }
 
@@ -516,7 +517,7 @@ static void kv_store(const kv_layer *c, int kv, const float *x, const ptrdiff_t 
                            x + b * xs[0] + h * xs[1] + t * xs[2], 1, 0, isa);
 }
 
-/* attention of q over one layer, into q->out, after storing q->write's
+/* attention of q over one layer, into q->out, after storing q->new_rows
  * new rows (kv_new), on run_threads threads (`large`: worth waking
  * sleeping ones, see kv_parallel); the work is cut for plan_threads, so
  * that the result does not depend on how many threads ran it. 0, or -1
@@ -561,16 +562,17 @@ static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_thr
     job.n_chunks = (longest + job.chunk_len - 1) / job.chunk_len;
 
     /* the new rows: by each (row, head)'s item when it has one, else now */
-    const int write_in_items = q->write && units * job.n_chunks == c->B * c->H;
-    for (ptrdiff_t bh = 0; q->write && !write_in_items && bh < c->B * c->H; bh++)
-        kv_write_new(c, q, bh / c->H, bh % c->H, isa);
+    const int store_in_items = q->new_rows && units * job.n_chunks == c->B * c->H;
+    if (q->new_rows && !store_in_items)
+        for (ptrdiff_t bh = 0; bh < c->B * c->H; bh++)
+            kv_store_new(c, q, bh / c->H, bh % c->H, isa);
 
     const size_t real = dbl ? sizeof(double) : sizeof(float);
     if (job.n_chunks > 1) {
         job.partial = malloc((size_t)(c->B * q->Hq * q->T * job.n_chunks * (2 + c->D)) * real);
         if (!job.partial) return -1;
     }
-    kv_task_ctx task = {&job, kv_variants[read_isa][dbl].item, write_in_items, isa};
+    kv_task_ctx task = {&job, kv_variants[read_isa][dbl].item, store_in_items, isa};
     int status = kv_parallel(units * job.n_chunks, run_threads, large, kv_run_item, &task);
     if (status == 0 && job.n_chunks > 1) {
         void *acc = malloc((size_t)c->D * real);

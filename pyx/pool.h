@@ -85,11 +85,12 @@ static struct {
     kv_pool_job *job;            /* the job on offer, or NULL */
     atomic_ulong generation;     /* bumped for every job offered */
     int started;
-    /* when the last job ended, in kv_nanoseconds(); on a line of its own:
-       written after every job, it would evict `generation`, which the
+    /* when the last job ended, in kv_nanoseconds(), and the last job
+       offered to workers (one a spinning worker joined); on a line apart:
+       written after every job, they would evict `generation`, which the
        spinning workers poll */
     _Alignas(64) atomic_llong last_end;
-    atomic_llong offered_end;    /* the same, of the last job offered to workers */
+    atomic_llong offered_end;
 } kv_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
              NULL, 0, 0, 0, 0};
 
@@ -129,9 +130,10 @@ static void *kv_worker(void *arg)
     (void)arg;
     unsigned long seen = atomic_load(&kv_pool.generation);
     for (;;) {
-        /* wait for a new job: spin a little (from the later of now and the
-           end of the last job offered to workers: one that finished its
-           items before the caller did is not left with less), then sleep */
+        /* wait for a new job: spin a little (until KV_SPIN_NANOSECONDS past
+           the later of now and the end of the last job offered, which a
+           spinning worker joins: one that finished its items before the
+           caller did is not left with less), then sleep */
         const long long until = kv_nanoseconds() + KV_SPIN_NANOSECONDS;
         while (atomic_load(&kv_pool.generation) == seen) {
             const long long now = kv_nanoseconds();

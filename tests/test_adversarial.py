@@ -979,6 +979,10 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
                 rope_cos=np.zeros((8, 3), np.float32), rope_sin=np.zeros((8, 3), np.float32))
         refused(ValueError, "rope tables must be", acc.positions,
                 rope_cos=np.zeros((8, 2)), rope_sin=np.zeros((8, 2)))
+        # tables in the arena: the kernel stores new rows while other threads read them
+        refused(ValueError, "rope tables must not overlap the arena", acc.positions,
+                rope_cos=np.zeros((8, 2), np.float32),
+                rope_sin=arena.reshape(-1)[16:32].reshape(8, 2))
         # the ring's values change between calls: checked at each, by both entry points
         ring = np.array([0, 0], np.intp)
         acc.positions(ring, 2)
@@ -1010,6 +1014,12 @@ def test_accessor_options_are_checked_in_every_build(tmp_path):
         frozen.flags.writeable = False
         refused(ValueError, "seq_lens must be", acc.track, frozen, ring, written)
         refused(RuntimeError, "call track", acc.lengths_unchanged)
+        # the one-step path checks its instruction set before it records or stores anything
+        acc.positions()
+        acc.track(lens, ring, written)
+        refused(ValueError, "isa must be in", acc.attend_plain, 0, q, q + 1, q + 1, None, 99,
+                False)
+        assert written.tolist() == [0] and not arena.any()
     ''', tmp_path)
 
 

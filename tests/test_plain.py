@@ -85,11 +85,12 @@ def test_plain_calls_equal_the_general_path(B, H, G, D, S, cached, T, dtype, isa
     assert direct._arena.tobytes() == general._arena.tobytes()
 
 
-SPREAD = [  # B, H, G, S, cached, T: calls of two threads' work (> 256 KiB of K and V)
-    (2, 4, 1, 600, 512, 1),      # eight (row, head) items: each stores its own new rows
-    (2, 4, 2, 600, 512, 5),
-    (1, 1, 1, 2100, 2047, 1),    # one row cut into chunks: its new rows stored first
-    (1, 1, 3, 2100, 2040, 7),
+SPREAD = [  # B, H, G, S, cached, T: calls that read 4 MiB or more of K and V in every
+    # storage type, which wake the pool's worker however far apart they come
+    (2, 8, 1, 2100, 2047, 1),    # 16 (row, head) items: each stores its own new rows
+    (2, 8, 2, 2100, 2044, 5),
+    (1, 1, 1, 32800, 32767, 1),  # one row cut into chunks: its new rows stored first
+    (1, 1, 3, 32800, 32761, 7),
 ]
 
 
@@ -202,6 +203,8 @@ def not_plain_cases():
         "k unaligned": ({}, np.float32, lambda c, q, k, v: (q, unaligned(k), v, None, False)),
         "k a view of the slots written": ({}, np.float32, view_of_the_slots_written),
         "out overlapping q": ({}, np.float32, lambda c, q, k, v: (q, k, v, q, False)),
+        "out holding k's bytes": ({}, np.float32, lambda c, q, k, v: sharing_out(q, k, v, 0)),
+        "out holding v's bytes": ({}, np.float32, lambda c, q, k, v: sharing_out(q, k, v, 1)),
         "q reversed, reaching back into out": ({}, np.float32, reaching_back),
         "out strided": ({}, np.float32,
                         lambda c, q, k, v: (q, k, v, np.empty(q.shape[::-1], q.dtype).T, False)),
@@ -223,6 +226,17 @@ def not_plain_cases():
                                  lambda c, q, k, v: (q[:, :1].repeat(3, axis=1), k, v, None,
                                                      False)),
     }
+
+
+def sharing_out(q, k, v, which):
+    """An out whose bytes hold k (which = 0) or v (1), read backwards: the
+    kernel's items store one (row, head)'s new rows while another writes
+    its output, so the general path, which stores them first, takes it."""
+    out = np.empty_like(q)
+    out[...] = (k, v)[which][::-1]
+    kv = [k, v]
+    kv[which] = out[::-1]
+    return q, kv[0], kv[1], out, False
 
 
 def reaching_back(cache, q, k, v):
