@@ -517,12 +517,12 @@ static void kv_store(const kv_layer *c, int kv, const float *x, const ptrdiff_t 
                            x + b * xs[0] + h * xs[1] + t * xs[2], 1, 0, isa);
 }
 
-/* attention of q over one layer, into q->out, after storing q->new_rows
- * new rows (kv_new), on run_threads threads (`large`: worth waking
- * sleeping ones, see kv_parallel); the work is cut for plan_threads, so
- * that the result does not depend on how many threads ran it. 0, or -1
- * when scratch memory could not be had (out is then incomplete; the new
- * rows are stored either way) */
+/* attention of q over one layer, into q->out, after storing the call's
+ * new rows (q->new_rows, kv_new), on run_threads threads (`large`: worth
+ * waking sleeping ones, see kv_parallel); the work is cut for
+ * plan_threads, so that the result does not depend on how many threads
+ * ran it. 0, or -1 when scratch memory could not be had (out is then
+ * incomplete; the new rows are stored either way) */
 static int kv_attend(const kv_layer *c, const kv_query *q, int isa, int plan_threads,
                      int run_threads, int large)
 {
