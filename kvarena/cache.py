@@ -175,10 +175,10 @@ class KVCache:
         ``num_threads``, runs the count that has been faster per byte, and
         tries the other for two calls every 16, half as often each time it
         loses again (down to two in 256; a try that lost by a factor r waits
-        at least 512 (r - 1) calls, up to 1,024): next to a threaded BLAS whose idle
-        workers spin on the cores, or with a model's work between the calls
-        (waking the kernel's workers costs time), one thread can be the
-        faster. The work is cut the same way whichever count runs, so
+        at least 512 (r - 1) calls, up to 1,024): next to a threaded BLAS
+        whose idle workers spin on the cores, or with a model's work between
+        the calls (waking the kernel's workers costs time), one thread can be
+        the faster. The work is cut the same way whichever count runs, so
         results do not depend on it. They may differ in the last bits
         between ``num_threads`` settings, or batches of different sizes,
         once a call splits long rows into chunks (flash-decoding): when it

@@ -600,8 +600,7 @@ cdef class ArenaAccessor:
             # back, so the other count is tried again within 16 calls,
             # whatever the period had grown to (up to 256 calls, 1.8 s of
             # prefill calls at T = 512, or 1,024 after costly tries); if the
-            # change lasts, those tries
-            # lose and spread out again
+            # change lasts, those tries lose and spread out again
             if self.chosen != -1:
                 self.explore_every = EXPLORE_EVERY
                 self.until_explore = min(self.until_explore, EXPLORE_EVERY)
